@@ -1,0 +1,167 @@
+"""The REST API under /api: status, control, config, metrics, clients, models and updates."""
+from __future__ import annotations
+
+import hmac
+from functools import wraps
+from typing import Any, Callable
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from app.rounds import Conflict, RoundLoop
+from shared.errors import ConfigError, UpdateRefused
+from shared.protocol import unpack_update
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def _loop() -> RoundLoop:
+    return current_app.extensions["meshfed"].loop
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+    return jsonify({"error": code, "message": message, **extra}), status
+
+
+def admin_required(view: Callable) -> Callable:
+    """Refuse unless the request carries the admin token (Authorization: Bearer <token>)."""
+
+    @wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        expected = current_app.extensions["meshfed"].config.admin_token
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return error(401, "unauthorized", "send the admin token printed at server start as "
+                                              "'Authorization: Bearer <token>'")
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+@bp.errorhandler(Conflict)
+def on_conflict(exc: Conflict) -> Any:
+    return error(409, "conflict", str(exc))
+
+
+@bp.errorhandler(ConfigError)
+def on_config_error(exc: ConfigError) -> Any:
+    return error(400, "invalid_config", "fix the fields listed in 'fields'", fields=exc.fields)
+
+
+@bp.get("/status")
+def status() -> Any:
+    return jsonify(_loop().status())
+
+
+@bp.post("/start")
+@admin_required
+def start() -> Any:
+    body = request.get_json(silent=True) or {}
+    run_id = _loop().start(new_run=bool(body.get("new_run", False)))
+    return jsonify({"run_id": run_id, "status": _loop().status()})
+
+
+@bp.post("/stop")
+@admin_required
+def stop() -> Any:
+    _loop().stop()
+    return jsonify({"stopping": True})
+
+
+@bp.get("/config")
+def get_config() -> Any:
+    return jsonify(_loop().run_config.to_dict())
+
+
+@bp.post("/config")
+@admin_required
+def set_config() -> Any:
+    changes = request.get_json(silent=True)
+    if changes is None:
+        return error(400, "invalid_config", "send a JSON object of field: value")
+    return jsonify(_loop().set_config(changes).to_dict())
+
+
+@bp.get("/metrics")
+def metrics() -> Any:
+    loop = _loop()
+    run_id = request.args.get("run_id", loop.run_id)
+    rounds = loop.store.rounds(run_id) if run_id else []
+    return jsonify({"run_id": run_id, "rounds": rounds})
+
+
+@bp.get("/clients")
+def clients() -> Any:
+    loop = _loop()
+    online = {s.client_id: s for s in loop.registry.online()}
+    rows = loop.store.clients()
+    for row in rows:
+        s = online.get(row["id"])
+        row["status"] = s.state if s else "offline"
+        row["resources"] = s.resources if s else {}
+    return jsonify({"clients": rows})
+
+
+@bp.get("/refusals")
+def refusals() -> Any:
+    return jsonify({"refusals": _loop().store.refusals(int(request.args.get("limit", 100)))})
+
+
+@bp.get("/models")
+def models() -> Any:
+    return jsonify({"current": _loop().global_version, "versions": _loop().store.versions()})
+
+
+@bp.get("/model/<version>")
+def model(version: str) -> Any:
+    loop = _loop()
+    if version == "latest":
+        number, data = loop.global_model()
+    elif version.isdigit() and loop.store.get_version(int(version)) is not None:
+        number, data = int(version), loop.store.read_model(int(version))
+    else:
+        number, data = None, None
+    if data is None:
+        return error(404, "no_such_version", f"no model version {version!r}; GET /api/models lists them")
+    row = loop.store.get_version(number)
+    return Response(data, mimetype="application/octet-stream", headers={
+        "X-Model-Version": str(number), "X-Model-SHA256": row["sha256"],
+        "Content-Disposition": f"attachment; filename=meshfed-model-v{number}.npz"})
+
+
+@bp.post("/rollback")
+@admin_required
+def rollback() -> Any:
+    body = request.get_json(silent=True) or {}
+    version = body.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        return error(400, "bad_request", "send {\"version\": <int>}; GET /api/models lists them")
+    try:
+        new = _loop().rollback(version)
+    except KeyError:
+        return error(404, "no_such_version", f"no model version {version}; GET /api/models lists them")
+    return jsonify({"rolled_back_to": version, "model_version": new})
+
+
+@bp.post("/update")
+def update() -> Any:
+    """Receive one packed, signed update (see shared/protocol.py)."""
+    loop = _loop()
+    client_hint = request.headers.get("X-Meshfed-Client")  # unverified; only to attribute refusals
+    limit = current_app.extensions["meshfed"].config.max_update_bytes
+    size = request.content_length
+    try:
+        if size is None:
+            raise UpdateRefused("malformed", "send a Content-Length header")
+        if size > limit:
+            raise UpdateRefused("too_large", f"body is {size} bytes, the limit is {limit}")
+        header, payload = unpack_update(request.get_data(cache=False))
+    except UpdateRefused as exc:
+        loop.count_refusal(client_hint, None, exc)
+        return error(413 if exc.reason == "too_large" else 400, exc.reason, str(exc), reason=exc.reason)
+    try:
+        loop.offer(header, payload)
+    except UpdateRefused as exc:
+        loop.count_refusal(header.client_id, header.round, exc)
+        status = 409 if exc.reason in ("stale_round", "no_open_round", "replay", "wrong_version") else 400
+        return error(status, exc.reason, str(exc), reason=exc.reason)
+    return jsonify({"accepted": True, "round": header.round})

@@ -1,0 +1,97 @@
+"""Server and run configuration: frozen dataclasses with commented defaults, validated once."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from shared.datasets import DATASET_NAMES
+from shared.errors import ConfigError
+from shared.models import MODEL_NAMES
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one training run does; editable through POST /api/config while no run is active."""
+
+    dataset: str = "fashion-mnist"  # the server evaluates the global model on this test split
+    model: str = "cnn"              # 'cnn' (McMahan CNN / CIFAR CNN by input shape) or 'mlp'
+    num_rounds: int = 5             # stop after this many completed rounds
+    fraction_fit: float = 1.0       # share of connected clients asked to train each round
+    min_fit_clients: int = 2        # a round starts only when this many clients are connected
+    max_fit_clients: int = 0        # cap on clients asked per round; 0 = no cap
+    quorum: float = 0.5             # at the deadline, aggregate if this share of the asked replied
+    round_timeout: float = 120.0    # seconds from asking to the deadline
+    local_epochs: int = 1           # E: local passes over each client's training split
+    lr: float = 0.05                # client SGD learning rate
+    batch_size: int = 32            # B: client minibatch size
+    max_batches: int = 0            # cap on local batches per round; 0 = no cap (E epochs)
+    target_accuracy: float = 0.0    # stop once test accuracy reaches this; 0 = off
+    seed: int = 0                   # seeds the initial model and client selection
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server process runs; fixed for its lifetime (read from argv/env by run_server.py)."""
+
+    state_dir: str = "state"            # SQLite database + model checkpoints live here
+    host: str = "127.0.0.1"
+    port: int = 5000
+    admin_token: str = ""               # required for every request that changes something
+    enrollment_token: str = ""          # clients present it when they register
+    data_dir: str | None = None         # dataset root; None = $MESHFED_DATA_DIR or ./data
+    eval_limit: int = 0                 # evaluate on the first N test samples; 0 = the whole split
+    max_update_bytes: int = 32 << 20    # an update body larger than this is refused ('too_large')
+    resume: bool = True                 # on start, resume a run that was active when we died
+    run: RunConfig = RunConfig()        # the run configuration used when no run is stored
+
+
+# field -> (type, check, what the check means)
+_CHECKS: dict[str, tuple[type, Any, str]] = {
+    "dataset": (str, lambda v: v in DATASET_NAMES, f"one of {', '.join(DATASET_NAMES)}"),
+    "model": (str, lambda v: v in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
+    "num_rounds": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "fraction_fit": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "min_fit_clients": (int, lambda v: 1 <= v <= 10_000, "an integer from 1 to 10000"),
+    "max_fit_clients": (int, lambda v: 0 <= v <= 10_000, "an integer from 0 (no cap) to 10000"),
+    "quorum": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "round_timeout": (float, lambda v: 1 <= v <= 86_400, "seconds from 1 to 86400"),
+    "local_epochs": (int, lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
+    "lr": (float, lambda v: 0 < v <= 10, "a number in (0, 10]"),
+    "batch_size": (int, lambda v: 1 <= v <= 65_536, "an integer from 1 to 65536"),
+    "max_batches": (int, lambda v: 0 <= v <= 10_000_000, "an integer >= 0 (0 = no cap)"),
+    "target_accuracy": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
+    "seed": (int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32-1"),
+}
+
+
+def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
+    """base with `changes` applied, or ConfigError listing every bad field and what it must be."""
+    if not isinstance(changes, dict):
+        raise ConfigError({"_": "expected a JSON object of field: value"})
+    errors: dict[str, str] = {}
+    clean: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name not in _CHECKS:
+            errors[name] = f"unknown field; known fields: {', '.join(_CHECKS)}"
+            continue
+        kind, check, meaning = _CHECKS[name]
+        try:
+            if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
+                raise ValueError
+            coerced = kind(value) if kind is not int else int(float(value))
+        except (TypeError, ValueError):
+            errors[name] = f"must be {meaning}"
+            continue
+        if not check(coerced):
+            errors[name] = f"must be {meaning}"
+        clean[name] = coerced
+    if errors:
+        raise ConfigError(errors)
+    result = dataclasses.replace(base, **clean)
+    if result.max_fit_clients and result.max_fit_clients < result.min_fit_clients:
+        raise ConfigError({"max_fit_clients": "must be 0 or at least min_fit_clients"})
+    return result

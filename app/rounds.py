@@ -1,0 +1,309 @@
+"""The federated round loop: select, ask, collect until quorum or deadline, aggregate, evaluate,
+persist, publish. No Flask here: the transport and the thread spawner are handed in.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from app.config import RunConfig, update_run_config
+from app.evaluator import Evaluator
+from app.registry import Registry
+from app.store import Store
+from app.verify import OpenRound, check_arrays, check_round, check_signature
+from shared.aggregate import apply_delta, weighted_average
+from shared.errors import MeshfedError, UpdateRefused
+from shared.models import weight_spec
+from shared.protocol import TrainRequest, UpdateHeader, decode_weights, encode_weights
+
+log = logging.getLogger("meshfed.rounds")
+
+
+class Transport(Protocol):
+    """The one seam between the loop and the network (Socket.IO in app/fl.py; a fake in unit tests)."""
+
+    def send_train(self, client_id: str, request: TrainRequest) -> bool: ...
+    def send_cancel(self, client_id: str, run_id: str, round_no: int) -> None: ...
+    def publish(self, event: str, data: dict[str, Any]) -> None: ...
+
+
+class Conflict(MeshfedError):
+    """The action does not fit the loop's current state (e.g. Start while running)."""
+
+
+class RoundLoop:
+    """Owns the global model and the run; thread-safe entry points for handlers."""
+
+    def __init__(self, store: Store, registry: Registry, transport: Transport,
+                 evaluator_for: Callable[[RunConfig], Evaluator], run_config: RunConfig, max_update_bytes: int,
+                 spawn: Callable[[Callable[[], None]], Any] | None = None):
+        self.store, self.registry, self.transport = store, registry, transport
+        self.evaluator_for = evaluator_for  # RunConfig -> Evaluator of its dataset and model
+        self.max_update_bytes = max_update_bytes
+        self._spawn = spawn or (lambda fn: threading.Thread(target=fn, daemon=True, name="round-loop").start())
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._active = False
+        self.state = "idle"                  # idle | waiting | training | aggregating | stopped | finished
+        self.run_id: str | None = None
+        self.run_config = run_config
+        self.round = 0                       # the round being played, or the last completed one
+        self._open: OpenRound | None = None
+        self._delivered: dict[str, tuple[dict[str, np.ndarray], int, dict[str, float]]] = {}
+        self._gone: set[str] = set()
+        self._round_refusals = 0
+        self._stop_reason = "stopped by operator"
+        self.global_version: int | None = None
+        self._global_bytes: bytes | None = None
+        self._global: dict[str, np.ndarray] = {}
+        self._load_latest()
+
+    # --- the global model ------------------------------------------------------------------------
+
+    def _load_latest(self) -> None:
+        """Adopt the stored run and newest model version, if any (after a restart)."""
+        run = self.store.latest_run()
+        if run is not None:
+            self.run_id, self.round = run["id"], run["completed_round"]
+            self.run_config = update_run_config(RunConfig(), run["config"])
+            self.state = run["status"] if run["status"] != "running" else "stopped"
+        latest = self.store.latest_version()
+        if latest is not None:
+            self._set_global(latest["version"], self.store.read_model(latest["version"]))
+
+    def _set_global(self, version: int, data: bytes) -> None:
+        self.global_version, self._global_bytes = version, data
+        self._global = decode_weights(data)
+
+    def global_model(self) -> tuple[int | None, bytes | None]:
+        """(version, encoded bytes) of the current global model, for GET /api/model/latest."""
+        with self._cond:
+            return self.global_version, self._global_bytes
+
+    # --- control ---------------------------------------------------------------------------------
+
+    def set_config(self, changes: dict[str, Any]) -> RunConfig:
+        with self._cond:
+            if self._active:
+                raise Conflict("the run configuration cannot change while a run is active; stop it first")
+            self.run_config = update_run_config(self.run_config, changes)
+            return self.run_config
+
+    def start(self, new_run: bool = False) -> str:
+        """Resume the stored run if it has rounds left (unless new_run), else begin a new one."""
+        with self._cond:
+            if self._active:
+                raise Conflict("a run is already active; stop it before starting another")
+            run = self.store.latest_run()
+            resumable = (run is not None and run["status"] in ("running", "stopped")
+                         and run["completed_round"] < run["config"]["num_rounds"])
+            if resumable and not new_run:
+                self.run_id, self.round = run["id"], run["completed_round"]
+                self.run_config = update_run_config(RunConfig(), run["config"])
+                self.store.set_run_status(self.run_id, "running")
+                log.info("resuming run %s after round %d", self.run_id, self.round)
+            else:
+                self.run_id, self.round = uuid.uuid4().hex[:12], 0
+                self.store.create_run(self.run_id, self.run_config.to_dict())
+                weights = self.evaluator_for(self.run_config).initial_weights(self.run_config.seed)
+                data = encode_weights(weights)
+                version = self.store.add_version(data, "init", run_id=self.run_id)
+                self._set_global(version, data)
+                log.info("new run %s, initial model version %d", self.run_id, version)
+            self._active, self.state = True, "waiting"
+            self._stop.clear()
+        self.transport.publish("training_started", {"run_id": self.run_id, "round": self.round})
+        self._spawn(self._run)
+        return self.run_id
+
+    def resume_if_interrupted(self) -> bool:
+        """Start again if the stored run was active when the server died."""
+        run = self.store.latest_run()
+        if run is not None and run["status"] == "running":
+            self.start()
+            return True
+        return False
+
+    def stop(self, reason: str = "stopped by operator") -> None:
+        with self._cond:
+            if not self._active:
+                raise Conflict("no run is active")
+            self._stop_reason = reason
+            self._stop.set()
+            self._cond.notify_all()
+
+    def rollback(self, version: int) -> int:
+        """Make a copy of stored `version` the new global model; returns the new version number."""
+        with self._cond:
+            if self._active:
+                raise Conflict("stop the run before rolling back")
+            if self.store.get_version(version) is None:
+                raise KeyError(version)
+            data = self.store.read_model(version)
+            row = self.store.get_version(version)
+            new = self.store.add_version(data, "rollback", run_id=self.run_id, parent=version,
+                                         accuracy=row["accuracy"], loss=row["loss"])
+            self._set_global(new, data)
+        self.transport.publish("status_update", self.status())
+        return new
+
+    def notify(self) -> None:
+        """Wake the loop (a client connected)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def client_gone(self, client_id: str) -> None:
+        """A client disconnected: the open round stops waiting for it."""
+        with self._cond:
+            self._gone.add(client_id)
+            self._cond.notify_all()
+
+    # --- updates ---------------------------------------------------------------------------------
+
+    def offer(self, header: UpdateHeader, payload: bytes) -> None:
+        """Verify an update and add it to the open round, or raise UpdateRefused (model untouched)."""
+        check_signature(header, payload, self.store.client_key(header.client_id))
+        with self._cond:
+            open_round = self._open
+            check_round(header, open_round, set(self._delivered))
+        delta = check_arrays(payload, open_round)
+        with self._cond:  # the round may have closed while we decoded
+            check_round(header, self._open, set(self._delivered))
+            self._delivered[header.client_id] = (delta, header.num_examples, header.metrics)
+            self._cond.notify_all()
+        self.store.record_accepted(header.client_id, header.round)
+
+    def count_refusal(self, client_id: str | None, round_no: int | None, exc: UpdateRefused) -> None:
+        with self._cond:
+            self._round_refusals += 1
+        self.store.record_refusal(client_id, self.run_id, round_no, exc.reason, str(exc))
+        log.warning("refused update from %s: %s", client_id, exc)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            reason = None
+            while reason is None and not self._stop.is_set():
+                reason = self._play_round(self.round + 1)
+            status, reason = ("finished", reason) if reason else ("stopped", self._stop_reason)
+        except Exception:  # keep the server up; the run stops and says why
+            log.exception("round loop failed")
+            status, reason = "stopped", "error: see the server log"
+        self.store.set_run_status(self.run_id, status, reason)
+        with self._cond:
+            self._active, self._open, self.state = False, None, status
+        log.info("run %s %s: %s", self.run_id, status, reason)
+        self.transport.publish("training_stopped", {"run_id": self.run_id, "reason": reason})
+        self.transport.publish("status_update", self.status())
+
+    def _wait_for_clients(self, cfg: RunConfig) -> list[str] | None:
+        with self._cond:
+            self.state = "waiting"
+        self.transport.publish("status_update", self.status())
+        while not self._stop.is_set():
+            online = [s.client_id for s in self.registry.online()]
+            if len(online) >= cfg.min_fit_clients:
+                return online
+            with self._cond:
+                self._cond.wait(timeout=0.5)
+        return None
+
+    def _select(self, online: list[str], cfg: RunConfig, round_no: int) -> list[str]:
+        k = max(cfg.min_fit_clients, math.ceil(cfg.fraction_fit * len(online)))
+        if cfg.max_fit_clients:
+            k = min(k, cfg.max_fit_clients)
+        rng = random.Random(f"{cfg.seed}/{self.run_id}/{round_no}")
+        return sorted(rng.sample(online, min(k, len(online))))
+
+    def _play_round(self, round_no: int) -> str | None:
+        """Play one round; returns why the run finished, or None to go on."""
+        cfg = self.run_config
+        online = self._wait_for_clients(cfg)
+        if online is None:
+            return None
+        started = time.monotonic()
+        selected = self._select(online, cfg, round_no)
+        request = TrainRequest(run_id=self.run_id, round=round_no, model_version=self.global_version,
+                               local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                               max_batches=cfg.max_batches, deadline_s=cfg.round_timeout)
+        with self._cond:
+            self.round, self.state = round_no, "training"
+            self._open = OpenRound(self.run_id, round_no, self.global_version, frozenset(selected),
+                                   weight_spec(self._global), self.max_update_bytes)
+            self._delivered, self._gone, self._round_refusals = {}, set(), 0
+        self.transport.publish("status_update", self.status())
+        reached = {cid for cid in selected if self.transport.send_train(cid, request)}
+        deadline = started + cfg.round_timeout
+        with self._cond:
+            self._gone |= set(selected) - reached
+            while not self._stop.is_set():
+                pending = set(selected) - set(self._delivered) - self._gone
+                if not pending or time.monotonic() >= deadline:
+                    break
+                self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            delivered, self._open = dict(self._delivered), None
+            refusals = self._round_refusals
+        for cid in set(selected) - set(delivered):
+            self.transport.send_cancel(cid, self.run_id, round_no)
+        if self._stop.is_set():
+            return None
+        need = max(1, math.ceil(cfg.quorum * len(selected)))
+        if len(delivered) < need:
+            log.warning("round %d: %d of %d replied, quorum is %d; playing the round again",
+                        round_no, len(delivered), len(selected), need)
+            with self._cond:
+                self.round = round_no - 1
+            return None
+        return self._close_round(round_no, cfg, selected, delivered, refusals, started)
+
+    def _close_round(self, round_no: int, cfg: RunConfig, selected: list[str],
+                     delivered: dict[str, tuple[dict[str, np.ndarray], int, dict[str, float]]],
+                     refusals: int, started: float) -> str | None:
+        with self._cond:
+            self.state = "aggregating"
+        delta = weighted_average([(d, n) for d, n, _ in delivered.values()])
+        new_weights = apply_delta(self._global, delta)
+        t_eval = time.monotonic()
+        loss, accuracy = self.evaluator_for(cfg)(new_weights)
+        eval_seconds = time.monotonic() - t_eval
+        finished = None
+        if round_no >= cfg.num_rounds:
+            finished = "max_rounds"
+        elif cfg.target_accuracy and accuracy >= cfg.target_accuracy:
+            finished = "target_accuracy"
+        row = {"round": round_no, "accuracy": accuracy, "loss": loss, "num_clients": len(delivered),
+               "num_selected": len(selected), "num_refused": refusals,
+               "seconds": time.monotonic() - started,
+               "train_seconds": max((m.get("train_seconds", 0.0) for _, _, m in delivered.values()), default=0.0),
+               "eval_seconds": eval_seconds, "clients": sorted(delivered)}
+        data = encode_weights(new_weights)
+        version = self.store.commit_round(self.run_id, round_no, data, self.global_version, row, finished)
+        with self._cond:
+            self._set_global(version, data)
+        row["model_version"] = version
+        log.info("round %d/%d  accuracy %.4f  loss %.4f  clients %d/%d  %.2fs", round_no, cfg.num_rounds,
+                 accuracy, loss, len(delivered), len(selected), row["seconds"])
+        self.transport.publish("metrics_update", row)
+        return finished
+
+    # --- views -----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {"state": self.state, "active": self._active, "run_id": self.run_id, "round": self.round,
+                    "num_rounds": self.run_config.num_rounds,
+                    "model_version": self.global_version,
+                    "clients_online": len(self.registry.online()),
+                    "open_round": None if self._open is None else {
+                        "round": self._open.round, "selected": sorted(self._open.selected),
+                        "delivered": sorted(self._delivered)},
+                    "config": asdict(self.run_config)}

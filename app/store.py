@@ -1,0 +1,223 @@
+"""Persistent state: SQLite (WAL) for runs, rounds, clients, refusals and model versions;
+each model version is a .npz checkpoint written atomically (temp file, fsync, rename).
+
+A version row is committed only after its file is on disk, in the same transaction as the round
+that produced it, so a SIGKILL at any point leaves either the whole round or none of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import RegistrationRefused
+from shared.protocol import sha256_hex
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL, stop_reason TEXT,
+    completed_round INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS model_versions (
+    version INTEGER PRIMARY KEY, run_id TEXT, round INTEGER, source TEXT NOT NULL, parent INTEGER,
+    sha256 TEXT NOT NULL, path TEXT NOT NULL, accuracy REAL, loss REAL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, model_version INTEGER NOT NULL,
+    accuracy REAL, loss REAL, num_clients INTEGER, num_selected INTEGER, num_refused INTEGER,
+    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT,
+    PRIMARY KEY (run_id, round));
+CREATE TABLE IF NOT EXISTS clients (
+    id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
+    last_seen REAL, num_examples INTEGER, last_round INTEGER, accepted INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, client_id TEXT, run_id TEXT,
+    round INTEGER, reason TEXT NOT NULL, message TEXT);
+"""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write data to path so that a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Store:
+    """All durable server state under one directory; safe to call from several threads."""
+
+    def __init__(self, state_dir: str | Path):
+        self.root = Path(state_dir)
+        self.models_dir = self.root / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "meshfed.sqlite3", check_same_thread=False,
+                                   isolation_level=None)  # autocommit; transactions are explicit
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def _execute(self, *statements: tuple[str, tuple]) -> None:
+        """Run statements in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # --- runs ------------------------------------------------------------------------------------
+
+    def create_run(self, run_id: str, config: dict[str, Any]) -> None:
+        self._execute(("INSERT INTO runs (id, config, status, created) VALUES (?, ?, 'running', ?)",
+                       (run_id, json.dumps(config), time.time())))
+
+    def set_run_status(self, run_id: str, status: str, reason: str | None = None) -> None:
+        self._execute(("UPDATE runs SET status = ?, stop_reason = ? WHERE id = ?", (status, reason, run_id)))
+
+    def latest_run(self) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM runs ORDER BY created DESC, rowid DESC LIMIT 1")
+        if not rows:
+            return None
+        rows[0]["config"] = json.loads(rows[0]["config"])
+        return rows[0]
+
+    # --- model versions --------------------------------------------------------------------------
+
+    def _write_model(self, version: int, data: bytes) -> tuple[str, str]:
+        path = self.models_dir / f"v{version:06d}.npz"
+        write_atomic(path, data)
+        return path.name, sha256_hex(data)
+
+    def next_version(self) -> int:
+        rows = self._query("SELECT COALESCE(MAX(version), 0) AS v FROM model_versions")
+        return int(rows[0]["v"]) + 1
+
+    def add_version(self, data: bytes, source: str, run_id: str | None = None, parent: int | None = None,
+                    accuracy: float | None = None, loss: float | None = None) -> int:
+        """Store a model that no round produced (the initial model, a rollback); returns its version."""
+        version = self.next_version()
+        name, digest = self._write_model(version, data)
+        self._execute(("INSERT INTO model_versions (version, run_id, round, source, parent, sha256, path, "
+                       "accuracy, loss, created) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
+                       (version, run_id, source, parent, digest, name, accuracy, loss, time.time())))
+        return version
+
+    def commit_round(self, run_id: str, round_no: int, data: bytes, parent: int, row: dict[str, Any],
+                     finished: str | None = None) -> int:
+        """Durably record one completed round and the model it produced; returns the new version."""
+        version = self.next_version()
+        name, digest = self._write_model(version, data)
+        now = time.time()
+        statements = [
+            ("INSERT INTO model_versions (version, run_id, round, source, parent, sha256, path, accuracy, "
+             "loss, created) VALUES (?, ?, ?, 'round', ?, ?, ?, ?, ?, ?)",
+             (version, run_id, round_no, parent, digest, name, row["accuracy"], row["loss"], now)),
+            ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
+             "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
+              row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
+              json.dumps(row["clients"]))),
+            ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
+        ]
+        if finished:
+            statements.append(("UPDATE runs SET status = 'finished', stop_reason = ? WHERE id = ?",
+                               (finished, run_id)))
+        self._execute(*statements)
+        return version
+
+    def latest_version(self) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM model_versions ORDER BY version DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def get_version(self, version: int) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM model_versions WHERE version = ?", (version,))
+        return rows[0] if rows else None
+
+    def versions(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM model_versions ORDER BY version")
+
+    def read_model(self, version: int) -> bytes:
+        """The checkpoint bytes of `version`, checked against the recorded sha256."""
+        row = self.get_version(version)
+        if row is None:
+            raise KeyError(version)
+        data = (self.models_dir / row["path"]).read_bytes()
+        if sha256_hex(data) != row["sha256"]:
+            raise OSError(f"checkpoint of version {version} is corrupt (sha256 mismatch)")
+        return data
+
+    # --- rounds ----------------------------------------------------------------------------------
+
+    def rounds(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))
+        for r in rows:
+            r["clients"] = json.loads(r["clients"] or "[]")
+        return rows
+
+    # --- clients ---------------------------------------------------------------------------------
+
+    def pin_client(self, client_id: str, public_key: str, fingerprint: str, num_examples: int) -> bool:
+        """Pin the key on first registration; refuse a different key later. True if newly pinned."""
+        with self._lock:
+            row = self._db.execute("SELECT public_key FROM clients WHERE id = ?", (client_id,)).fetchone()
+            if row is not None and row["public_key"].strip() != public_key.strip():
+                raise RegistrationRefused(
+                    f"client id {client_id!r} is pinned to another key; use its original key, "
+                    "or ask the operator to remove the client")
+            self._db.execute(
+                "INSERT INTO clients (id, public_key, fingerprint, registered, last_seen, num_examples) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, "
+                "num_examples = excluded.num_examples",
+                (client_id, public_key, fingerprint, time.time(), time.time(), num_examples))
+            return row is None
+
+    def client_key(self, client_id: str) -> str | None:
+        rows = self._query("SELECT public_key FROM clients WHERE id = ?", (client_id,))
+        return rows[0]["public_key"] if rows else None
+
+    def record_accepted(self, client_id: str, round_no: int) -> None:
+        self._execute(("UPDATE clients SET accepted = accepted + 1, last_round = ?, last_seen = ? WHERE id = ?",
+                       (round_no, time.time(), client_id)))
+
+    def record_refusal(self, client_id: str | None, run_id: str | None, round_no: int | None,
+                       reason: str, message: str) -> None:
+        self._execute(
+            ("INSERT INTO refusals (time, client_id, run_id, round, reason, message) VALUES (?, ?, ?, ?, ?, ?)",
+             (time.time(), client_id, run_id, round_no, reason, message[:500])),
+            ("UPDATE clients SET refused = refused + 1 WHERE id = ?", (client_id,)))
+
+    def clients(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT id, fingerprint, registered, last_seen, num_examples, last_round, accepted, "
+                           "refused FROM clients ORDER BY id")
+        reasons = self._query("SELECT client_id, reason, COUNT(*) AS n FROM refusals GROUP BY client_id, reason")
+        for r in rows:
+            r["refusals"] = {x["reason"]: x["n"] for x in reasons if x["client_id"] == r["id"]}
+        return rows
+
+    def refusals(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM refusals ORDER BY id DESC LIMIT ?", (limit,))

@@ -1,0 +1,89 @@
+"""Checks an update must pass before it may touch a round. Each refusal has a stable reason code:
+
+  protocol_version  header speaks another protocol version
+  unknown_client    no key is pinned for this client id (register first)
+  bad_signature     RSA-PSS signature does not verify against the pinned key
+  payload_mismatch  sha256 of the payload differs from the signed one
+  wrong_run         update is for another run
+  no_open_round     no round is collecting updates now
+  stale_round       update is for a round that already closed (or for a future one)
+  wrong_version     update was trained from a model version other than this round's
+  not_selected      client was not asked to train in this round
+  replay            client already delivered an update for this round
+  bad_examples      num_examples is not a positive integer within bounds
+  too_large         body or decoded weights exceed the configured limit
+  malformed         framing, header or .npz cannot be parsed
+  shape_mismatch    array names or shapes differ from the model's
+  dtype_mismatch    array dtypes differ from the model's
+  non_finite        NaN or infinity in the update
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared import crypto
+from shared.errors import UpdateRefused
+from shared.protocol import PROTOCOL_VERSION, UpdateHeader, decode_weights, sha256_hex
+
+MAX_EXAMPLES = 10_000_000  # a client claiming more examples than this is refused
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    """What the currently open round accepts."""
+
+    run_id: str
+    round: int
+    model_version: int
+    selected: frozenset[str]
+    spec: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype str) of the model
+    max_bytes: int
+
+
+def check_signature(header: UpdateHeader, payload: bytes, public_key_pem: str | None) -> None:
+    """Refuse unless protocol, pinned key, signature and payload hash all check out."""
+    if header.protocol != PROTOCOL_VERSION:
+        raise UpdateRefused("protocol_version", f"expected {PROTOCOL_VERSION}, got {header.protocol!r}")
+    if public_key_pem is None:
+        raise UpdateRefused("unknown_client", f"no key is pinned for {header.client_id!r}; register first")
+    if not crypto.verify(crypto.load_public_key(public_key_pem), header.canonical_bytes(), header.signature):
+        raise UpdateRefused("bad_signature", "signature does not verify against the client's pinned key")
+    if sha256_hex(payload) != header.payload_sha256:
+        raise UpdateRefused("payload_mismatch", "payload sha256 differs from the signed one")
+
+
+def check_round(header: UpdateHeader, open_round: OpenRound | None, delivered: set[str]) -> None:
+    """Refuse unless the update belongs to the open round, from a selected client, for the first time."""
+    if open_round is None:
+        raise UpdateRefused("no_open_round", "no round is collecting updates now; wait for the next request")
+    if header.run_id != open_round.run_id:
+        raise UpdateRefused("wrong_run", f"update is for run {header.run_id!r}, current is {open_round.run_id!r}")
+    if header.round != open_round.round:
+        raise UpdateRefused("stale_round", f"update is for round {header.round}, open round is {open_round.round}")
+    if header.model_version != open_round.model_version:
+        raise UpdateRefused("wrong_version", f"trained from version {header.model_version}, "
+                                             f"round {open_round.round} uses {open_round.model_version}")
+    if header.client_id not in open_round.selected:
+        raise UpdateRefused("not_selected", f"{header.client_id!r} was not asked to train in this round")
+    if header.client_id in delivered:
+        raise UpdateRefused("replay", f"{header.client_id!r} already delivered round {header.round}")
+    if not 0 < header.num_examples <= MAX_EXAMPLES:
+        raise UpdateRefused("bad_examples", f"num_examples must be in 1..{MAX_EXAMPLES}, got {header.num_examples}")
+
+
+def check_arrays(payload: bytes, open_round: OpenRound) -> dict[str, np.ndarray]:
+    """Decode the delta and refuse unless names, shapes and dtypes match and every value is finite."""
+    delta = decode_weights(payload, max_bytes=open_round.max_bytes)
+    if list(delta) != list(open_round.spec):
+        raise UpdateRefused("shape_mismatch", f"arrays {sorted(delta)[:4]}... do not match the model's names")
+    for name, (shape, dtype) in open_round.spec.items():
+        array = delta[name]
+        if tuple(array.shape) != shape:
+            raise UpdateRefused("shape_mismatch", f"{name} has shape {tuple(array.shape)}, expected {shape}")
+        if array.dtype.str != dtype:
+            raise UpdateRefused("dtype_mismatch", f"{name} has dtype {array.dtype.str}, expected {dtype}")
+        if not np.isfinite(array).all():
+            raise UpdateRefused("non_finite", f"{name} contains NaN or infinity")
+    return delta

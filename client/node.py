@@ -1,0 +1,188 @@
+"""The client's connection to the server: register over Socket.IO, train on request, post signed updates.
+
+Control arrives on /fl; the model is fetched and the update posted over HTTP (shared/protocol.py).
+python-socketio reconnects by itself (with backoff) when the server goes away and comes back.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import requests
+import socketio
+
+from client.trainer import LocalTrainer
+from shared import crypto
+from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_TRAIN, EV_WELCOME, NAMESPACE, TrainRequest,
+                             UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex)
+
+log = logging.getLogger("meshfed.client")
+# Registration refusals that retrying cannot fix (see app/fl.py): the client exits with a message.
+FATAL_REFUSALS = ("bad_client_id", "bad_enrollment_token", "key_mismatch", "bad_public_key")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    client_id: str
+    server_address: str            # http://host:port of the server (or of nginx in front of it)
+    enrollment_token: str
+    key_dir: str = "keys"          # where <client_id>.pem lives (created 0600 on first run)
+    local_epochs: int | None = None  # None = use the server's value; set to override for this client
+    lr: float | None = None
+    batch_size: int | None = None
+    http_timeout: float = 60.0     # seconds for one model download or update upload
+
+
+class Node:
+    """One client process: Socket.IO for control, HTTP for weights, one worker thread for training."""
+
+    def __init__(self, config: NodeConfig, trainer: LocalTrainer):
+        self.config, self.trainer = config, trainer
+        self.key = crypto.load_or_create_key(config.key_dir, config.client_id)
+        self.fingerprint = crypto.fingerprint(crypto.public_pem(self.key))
+        self.http = requests.Session()
+        self.sio = socketio.Client(reconnection=True, reconnection_attempts=0, reconnection_delay=0.5,
+                                   reconnection_delay_max=5.0)
+        self._requests: queue.Queue[TrainRequest] = queue.Queue()
+        self._cancelled: set[tuple[str, int]] = set()
+        self._model_cache: tuple[int, dict] | None = None
+        self.fatal: str | None = None
+        self.stats = {"accepted": 0, "refused": 0}
+        self.sio.on("connect", self._on_connect, namespace=NAMESPACE)
+        self.sio.on("disconnect", self._on_disconnect, namespace=NAMESPACE)
+        self.sio.on("connect_error", self._on_connect_error, namespace=NAMESPACE)
+        self.sio.on(EV_WELCOME, self._on_welcome, namespace=NAMESPACE)
+        self.sio.on(EV_TRAIN, self._on_train, namespace=NAMESPACE)
+        self.sio.on(EV_CANCEL, self._on_cancel, namespace=NAMESPACE)
+
+    # --- Socket.IO handlers: record and return; the worker thread does the work ------------------
+
+    def _on_connect(self) -> None:
+        log.info("connected to %s", self.config.server_address)
+
+    def _on_disconnect(self, *_: Any) -> None:
+        log.warning("disconnected from the server; reconnecting in the background")
+
+    def _on_connect_error(self, data: Any) -> None:
+        message = data.get("message", str(data)) if isinstance(data, dict) else str(data)
+        if message.startswith(FATAL_REFUSALS):
+            self.fatal = message
+        log.warning("connection refused: %s", message)
+
+    def _on_welcome(self, data: dict[str, Any]) -> None:
+        log.info("registered as %s (%s), run %s", data.get("client_id"), data.get("fingerprint"), data.get("run_id"))
+
+    def _on_train(self, data: dict[str, Any]) -> None:
+        self._requests.put(TrainRequest.from_dict(data))
+
+    def _on_cancel(self, data: dict[str, Any]) -> None:
+        self._cancelled.add((str(data.get("run_id")), int(data.get("round", -1))))
+
+    # --- main loop -------------------------------------------------------------------------------
+
+    def auth(self) -> dict[str, Any]:
+        return {"client_id": self.config.client_id, "public_key": crypto.public_pem(self.key),
+                "enrollment_token": self.config.enrollment_token, "num_examples": self.trainer.num_examples}
+
+    def connect(self, stop: threading.Event) -> bool:
+        """Connect, retrying with backoff until it works, a fatal refusal, or stop; True if connected."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                self.sio.connect(self.config.server_address, namespaces=[NAMESPACE], auth=self.auth(),
+                                 transports=["websocket"], wait_timeout=10)
+                return True
+            except socketio.exceptions.ConnectionError as exc:
+                if self.fatal:
+                    log.error("the server refused this client: %s", self.fatal)
+                    return False
+                log.info("server not reachable (%s); retrying in %.1fs", exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        return False
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Serve train requests until stop is set; returns a process exit code."""
+        stop = stop or threading.Event()
+        if not self.connect(stop):
+            return 2 if self.fatal else 0
+        try:
+            while not stop.is_set():
+                if self.fatal:
+                    log.error("the server refused this client: %s", self.fatal)
+                    return 2
+                try:
+                    request = self._requests.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                while not self._requests.empty():  # only the newest request matters
+                    request = self._requests.get_nowait()
+                if (request.run_id, request.round) in self._cancelled:
+                    continue
+                self.handle(request)
+        finally:
+            self.sio.disconnect()
+        return 0
+
+    def handle(self, request: TrainRequest) -> None:
+        """Fetch the model, train, sign and post the update; log the server's verdict."""
+        self._emit_status("training")
+        try:
+            global_weights = self.fetch_model(request.model_version)
+            c = self.config
+            delta, metrics = self.trainer.fit(
+                global_weights, c.local_epochs or request.local_epochs, c.lr or request.lr,
+                c.batch_size or request.batch_size, request.max_batches, seed=request.round)
+            metrics.update(self._resources())
+            verdict = self.post_update(request, delta, metrics)
+            log.info("round %d: trained %d batches in %.2fs, held-out acc %.4f -> %s", request.round,
+                     metrics["batches"], metrics["train_seconds"], metrics["eval_accuracy"], verdict)
+        except requests.RequestException as exc:
+            log.warning("round %d lost: server unreachable (%s)", request.round, exc)
+        finally:
+            self._emit_status("idle")
+
+    def fetch_model(self, version: int) -> dict:
+        if self._model_cache is None or self._model_cache[0] != version:
+            r = self.http.get(f"{self.config.server_address}/api/model/{version}", timeout=self.config.http_timeout)
+            r.raise_for_status()
+            if sha256_hex(r.content) != r.headers.get("X-Model-SHA256"):
+                raise requests.RequestException(f"model version {version} arrived corrupted")
+            self._model_cache = (version, decode_weights(r.content))
+        return self._model_cache[1]
+
+    def sign_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float]) -> bytes:
+        """Encode, hash, sign: the exact bytes POSTed to /api/update."""
+        payload = encode_weights(delta)
+        header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
+                              client_id=self.config.client_id, num_examples=self.trainer.num_examples,
+                              payload_sha256=sha256_hex(payload), metrics=metrics)
+        header = UpdateHeader(**{**header.__dict__, "signature": crypto.sign(self.key, header.canonical_bytes())})
+        return pack_update(header, payload)
+
+    def post_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float]) -> str:
+        body = self.sign_update(request, delta, metrics)
+        r = self.http.post(f"{self.config.server_address}/api/update", data=body, timeout=self.config.http_timeout,
+                           headers={"Content-Type": "application/octet-stream",
+                                    "X-Meshfed-Client": self.config.client_id})
+        reply = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
+        if r.ok:
+            self.stats["accepted"] += 1
+            return "accepted"
+        self.stats["refused"] += 1
+        return f"refused ({reply.get('reason', r.status_code)}: {reply.get('message', '')})"
+
+    def _resources(self) -> dict[str, float]:
+        proc = psutil.Process()
+        return {"cpu_percent": proc.cpu_percent(interval=None), "memory_mb": proc.memory_info().rss / 2**20}
+
+    def _emit_status(self, state: str) -> None:
+        try:
+            self.sio.emit(EV_CLIENT_STATUS, {"state": state, **self._resources()}, namespace=NAMESPACE)
+        except socketio.exceptions.SocketIOError:
+            pass  # not connected right now; the next status will tell

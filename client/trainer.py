@@ -1,0 +1,72 @@
+"""Local training on one client's own partition: global weights in, signed-ready delta out."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.aggregate import subtract
+from shared.datasets import load_split, to_tensors
+from shared.models import build_model, get_weights, set_weights
+from shared.partition import partition, train_holdout
+from shared.training import evaluate, train
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    partition: str = "dirichlet"   # iid | dirichlet | shards
+    alpha: float = 0.5             # Dirichlet concentration (smaller = more label skew)
+    num_clients: int = 1           # how many partitions the dataset is cut into
+    client_index: int = 0          # which partition is ours
+    seed: int = 0                  # the same seed on every client gives disjoint partitions
+    max_samples: int = 0           # keep at most this many of our samples (0 = all); for quick runs
+
+
+class LocalTrainer:
+    """Holds this client's train/held-out tensors and a model; only our partition is kept."""
+
+    def __init__(self, data: DataConfig, model_name: str = "cnn"):
+        if not 0 <= data.client_index < data.num_clients:
+            raise ValueError(f"client index {data.client_index} is outside 0..{data.num_clients - 1}")
+        split = load_split(data.dataset, train=True, data_dir=data.data_dir)
+        mine = partition(split.labels, data.partition, data.num_clients, data.alpha, data.seed)[data.client_index]
+        if data.max_samples:
+            mine = np.random.default_rng(data.seed).permutation(mine)[:data.max_samples]
+        train_idx, holdout_idx = train_holdout(mine, seed=data.seed + data.client_index)
+        self.x, self.y = to_tensors(split, train_idx)                 # (N, C, H, W), (N,)
+        self.x_hold, self.y_hold = to_tensors(split, holdout_idx)
+        self.labels = np.bincount(split.labels[mine], minlength=10)  # class histogram of our partition
+        del split                                                     # drop everyone else's samples
+        self.model = build_model(model_name, tuple(self.x.shape[1:]))
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.y)
+
+    def fit(self, global_weights: Weights, epochs: int, lr: float, batch_size: int, max_batches: int = 0,
+            seed: int = 0) -> tuple[Weights, dict[str, float]]:
+        """Train from global_weights; returns (delta = local - global, metrics)."""
+        set_weights(self.model, global_weights)
+        started = time.perf_counter()
+        stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed)
+        train_seconds = time.perf_counter() - started
+        eval_loss, eval_acc = self.evaluate()
+        delta = subtract(get_weights(self.model), global_weights)
+        return delta, {"train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
+                       "examples": stats["examples"], "batches": stats["batches"],
+                       "eval_loss": eval_loss, "eval_accuracy": eval_acc, "train_seconds": train_seconds}
+
+    def evaluate(self, weights: Weights | None = None) -> tuple[float, float]:
+        """(loss, accuracy) on our held-out 20%, of `weights` or of the current local model."""
+        if weights is not None:
+            set_weights(self.model, weights)
+        if len(self.y_hold) == 0:
+            return 0.0, 0.0
+        with torch.no_grad():
+            return evaluate(self.model, self.x_hold, self.y_hold)

@@ -1,0 +1,62 @@
+"""Run a meshfed client: python run_client.py --client-id c0 --server-address http://127.0.0.1:5000 ..."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+import torch
+
+from client.node import Node, NodeConfig
+from client.trainer import DataConfig, LocalTrainer
+from shared.log import setup_logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--client-id", required=True)
+    p.add_argument("--server-address", default="http://127.0.0.1:5000")
+    p.add_argument("--dataset", default="fashion-mnist", help="mnist | fashion-mnist | cifar10 | synthetic")
+    p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
+    p.add_argument("--model", default="cnn", help="cnn | mlp (must match the server's)")
+    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--num-clients", type=int, default=1, help="number of partitions")
+    p.add_argument("--client-index", type=int, default=0, help="our partition, 0-based")
+    p.add_argument("--seed", type=int, default=0, help="partition seed (same on every client)")
+    p.add_argument("--max-samples", type=int, default=0, help="use at most N of our samples (0 = all)")
+    p.add_argument("--batch-size", type=int, default=None, help="override the server's batch size")
+    p.add_argument("--lr", type=float, default=None, help="override the server's learning rate")
+    p.add_argument("--local-epochs", type=int, default=None, help="override the server's local epochs")
+    p.add_argument("--key-dir", default="keys", help="RSA key directory (key file mode 0600)")
+    p.add_argument("--enrollment-token", default=os.environ.get("MESHFED_ENROLLMENT_TOKEN"),
+                   help="the server's enrollment token (default $MESHFED_ENROLLMENT_TOKEN)")
+    p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads (1 when several share a CPU)")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-file", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, args.log_file)
+    if not args.enrollment_token:
+        sys.exit("error: pass --enrollment-token (printed by run_server.py) or set MESHFED_ENROLLMENT_TOKEN")
+    torch.set_num_threads(args.torch_threads)
+    trainer = LocalTrainer(DataConfig(
+        dataset=args.dataset, data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
+        num_clients=args.num_clients, client_index=args.client_index, seed=args.seed,
+        max_samples=args.max_samples), model_name=args.model)
+    node = Node(NodeConfig(client_id=args.client_id, server_address=args.server_address.rstrip("/"),
+                           enrollment_token=args.enrollment_token, key_dir=args.key_dir,
+                           local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size), trainer)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return node.run(stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

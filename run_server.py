@@ -1,0 +1,84 @@
+"""Run the meshfed server: python run_server.py --dataset fashion-mnist --num-rounds 5 --start"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+
+import torch
+
+from app import create_app
+from app.config import RunConfig, ServerConfig, update_run_config
+from shared.log import setup_logging
+
+D = RunConfig()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--state-dir", default="state", help="SQLite + checkpoints; restart on it to resume")
+    p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
+    p.add_argument("--admin-token", default=os.environ.get("MESHFED_ADMIN_TOKEN"),
+                   help="admin token (default $MESHFED_ADMIN_TOKEN, else generated and printed)")
+    p.add_argument("--enrollment-token", default=os.environ.get("MESHFED_ENROLLMENT_TOKEN"),
+                   help="token clients register with (default $MESHFED_ENROLLMENT_TOKEN, else generated)")
+    p.add_argument("--dataset", default=D.dataset)
+    p.add_argument("--model", default=D.model)
+    p.add_argument("--num-rounds", type=int, default=D.num_rounds)
+    p.add_argument("--min-clients", type=int, default=D.min_fit_clients, help="clients needed to start a round")
+    p.add_argument("--max-clients", type=int, default=D.max_fit_clients, help="cap per round (0 = none)")
+    p.add_argument("--fraction-fit", type=float, default=D.fraction_fit)
+    p.add_argument("--quorum", type=float, default=D.quorum, help="share of asked clients needed at the deadline")
+    p.add_argument("--round-timeout", type=float, default=D.round_timeout, help="round deadline in seconds")
+    p.add_argument("--local-epochs", type=int, default=D.local_epochs)
+    p.add_argument("--lr", type=float, default=D.lr)
+    p.add_argument("--batch-size", type=int, default=D.batch_size)
+    p.add_argument("--max-batches", type=int, default=D.max_batches, help="cap local batches per round (0 = none)")
+    p.add_argument("--target-accuracy", type=float, default=D.target_accuracy)
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test samples (0 = all)")
+    p.add_argument("--max-update-mb", type=float, default=32.0, help="largest update body accepted")
+    p.add_argument("--start", action="store_true", help="start a run at once (else: POST /api/start)")
+    p.add_argument("--no-resume", action="store_true", help="do not resume a run that was active at a crash")
+    p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads for evaluation")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-file", default=None)
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    run = update_run_config(RunConfig(), {
+        "dataset": args.dataset, "model": args.model, "num_rounds": args.num_rounds,
+        "min_fit_clients": args.min_clients, "max_fit_clients": args.max_clients,
+        "fraction_fit": args.fraction_fit, "quorum": args.quorum, "round_timeout": args.round_timeout,
+        "local_epochs": args.local_epochs, "lr": args.lr, "batch_size": args.batch_size,
+        "max_batches": args.max_batches, "target_accuracy": args.target_accuracy, "seed": args.seed})
+    return ServerConfig(
+        state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
+        admin_token=args.admin_token or secrets.token_urlsafe(24),
+        enrollment_token=args.enrollment_token or secrets.token_urlsafe(24),
+        eval_limit=args.eval_limit, max_update_bytes=int(args.max_update_mb * (1 << 20)),
+        resume=not args.no_resume, run=run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_level, args.log_file)
+    torch.set_num_threads(args.torch_threads)
+    config = build_config(args)
+    app = create_app(config)
+    meshfed = app.extensions["meshfed"]
+    resumed = config.resume and meshfed.loop.resume_if_interrupted()
+    if args.start and not resumed:
+        meshfed.loop.start()
+    url = f"http://{config.host}:{config.port}/"
+    print(f"meshfed server on {url}\n  admin token:      {config.admin_token}\n"
+          f"  enrollment token: {config.enrollment_token}", flush=True)
+    meshfed.socketio.run(app, host=config.host, port=config.port, allow_unsafe_werkzeug=True,
+                         use_reloader=False, log_output=False)
+
+
+if __name__ == "__main__":
+    main()

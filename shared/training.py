@@ -1,0 +1,50 @@
+"""Plain PyTorch local training and evaluation, shared by clients, the server and the mesh."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
+          max_batches: int = 0, seed: int = 0) -> dict[str, float]:
+    """SGD on (x, y) for `epochs` passes (or `max_batches` batches if > 0); returns loss/accuracy/batches."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    loss_sum, correct, seen, batches = 0.0, 0, 0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            xb, yb = x[idx], y[idx]                       # xb: (B, C, H, W), yb: (B,)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = nn.functional.cross_entropy(logits, yb)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(idx)
+            batches += 1
+            if max_batches and batches >= max_batches:
+                return _summary(loss_sum, correct, seen, batches)
+    return _summary(loss_sum, correct, seen, batches)
+
+
+def _summary(loss_sum: float, correct: int, seen: int, batches: int) -> dict[str, float]:
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
+            "examples": float(seen), "batches": float(batches)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of model on (x, y)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start:start + batch_size])
+        yb = y[start:start + batch_size]
+        loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    n = max(len(x), 1)
+    return loss_sum / n, correct / n
