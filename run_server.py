@@ -57,8 +57,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "max_batches": args.max_batches, "target_accuracy": args.target_accuracy, "seed": args.seed})
     return ServerConfig(
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
-        admin_token=args.admin_token or secrets.token_urlsafe(24),
-        enrollment_token=args.enrollment_token or secrets.token_urlsafe(24),
+        admin_token=args.admin_token or secrets.token_hex(16),
+        enrollment_token=args.enrollment_token or secrets.token_hex(16),
         eval_limit=args.eval_limit, max_update_bytes=int(args.max_update_mb * (1 << 20)),
         resume=not args.no_resume, run=run)
 

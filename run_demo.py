@@ -1,0 +1,222 @@
+"""One-shot demo: a server and N clients as separate processes on 127.0.0.1, one line per round,
+then a report (report.json + accuracy/loss PNG). Every process it starts is stopped, also on Ctrl-C.
+
+    python run_demo.py --dataset fashion-mnist --num-clients 3 --num-rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+ROOT = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A server and clients as real processes on 127.0.0.1, each stopped by PID on exit.
+
+    Used by the demo, the integration tests and the benchmarks alike.
+    """
+
+    def __init__(self, workdir: str | Path, port: int | None = None, log_to_files: bool = True):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_token = secrets.token_hex(16)
+        self.enrollment_token = secrets.token_hex(16)
+        self.log_to_files = log_to_files
+        self.server: subprocess.Popen | None = None
+        self.clients: dict[str, subprocess.Popen] = {}
+        self._logs: list[Any] = []
+
+    def _spawn(self, script: str, args: list[str], log_name: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        out = open(self.workdir / log_name, "ab") if self.log_to_files else subprocess.DEVNULL
+        if self.log_to_files:
+            self._logs.append(out)
+        return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=self.workdir, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def start_server(self, *args: str, state_dir: str = "state") -> subprocess.Popen:
+        self.server = self._spawn("run_server.py", [
+            "--port", str(self.port), "--state-dir", state_dir, f"--admin-token={self.admin_token}",
+            f"--enrollment-token={self.enrollment_token}", *args], "server.log")
+        return self.server
+
+    def start_client(self, client_id: str, *args: str) -> subprocess.Popen:
+        self.clients[client_id] = self._spawn("run_client.py", [
+            "--client-id", client_id, "--server-address", self.url, f"--enrollment-token={self.enrollment_token}",
+            *(args if "--key-dir" in args else ("--key-dir", "keys", *args))], f"{client_id}.log")
+        return self.clients[client_id]
+
+    def api(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if admin else {}
+        return requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def wait_until(self, predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+        """Poll predicate until it returns something truthy; raise TimeoutError naming `what`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except requests.RequestException:
+                pass
+            if self.server is not None and self.server.poll() is not None:
+                raise RuntimeError(f"server exited with {self.server.returncode} while waiting for {what}; "
+                                   f"see {self.workdir / 'server.log'}")
+            time.sleep(every)
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self.wait_until(lambda: self.api("GET", "/api/status").ok, timeout, "the server to answer")
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.api("GET", "/api/metrics").json()["rounds"]
+
+    def status(self) -> dict[str, Any]:
+        return self.api("GET", "/api/status").json()
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+            proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        """SIGTERM every process we started, then SIGKILL what is left after 10 s."""
+        procs = [p for p in [*self.clients.values(), self.server] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_all()
+
+
+def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy and loss per round, side by side, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] for r in rounds]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(xs, [100 * r["accuracy"] for r in rounds], marker="o")
+    ax1.set(xlabel="round", ylabel="test accuracy (%)", title="global model accuracy")
+    ax2.plot(xs, [r["loss"] for r in rounds], marker="o", color="tab:red")
+    ax2.set(xlabel="round", ylabel="test loss", title="global model loss")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion-mnist", help="mnist | fashion-mnist | cifar10 | synthetic")
+    p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
+    p.add_argument("--num-clients", type=int, default=3)
+    p.add_argument("--num-rounds", type=int, default=5)
+    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-samples", type=int, default=0, help="samples per client (0 = whole partition)")
+    p.add_argument("--eval-limit", type=int, default=0, help="server test samples (0 = whole test split)")
+    p.add_argument("--port", type=int, default=5000, help="server port on 127.0.0.1 (0 = any free port)")
+    p.add_argument("--report-dir", default="demo-report")
+    p.add_argument("--work-dir", default=None, help="state, keys and logs (default: a fresh temp dir)")
+    p.add_argument("--round-timeout", type=float, default=300.0)
+    p.add_argument("--keep-open", action="store_true", help="keep the server up after the last round")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(args.work_dir or tempfile.mkdtemp(prefix="meshfed-demo-"))
+    report_dir = Path(args.report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))  # run the cleanup below on SIGTERM too
+    with Cluster(workdir, port=args.port or None) as cluster:
+        cluster.start_server("--dataset", args.dataset, "--num-rounds", str(args.num_rounds),
+                             "--min-clients", str(args.num_clients), "--local-epochs", str(args.local_epochs),
+                             "--lr", str(args.lr), "--batch-size", str(args.batch_size),
+                             "--eval-limit", str(args.eval_limit), "--round-timeout", str(args.round_timeout),
+                             *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
+        for i in range(args.num_clients):
+            cluster.start_client(f"client-{i}", "--dataset", args.dataset, "--partition", args.partition,
+                                 "--alpha", str(args.alpha), "--num-clients", str(args.num_clients),
+                                 "--client-index", str(i), "--max-samples", str(args.max_samples),
+                                 *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
+        cluster.wait_ready()
+        print(f"dashboard: {cluster.url}/   (admin token {cluster.admin_token}; logs in {workdir})", flush=True)
+        cluster.api("POST", "/api/start", admin=True).raise_for_status()
+        printed: list[dict[str, Any]] = []
+        try:
+            while len(printed) < args.num_rounds:
+                rows = cluster.wait_until(lambda: [r for r in cluster.rounds() if r["round"] > len(printed)],
+                                          args.round_timeout * 2, f"round {len(printed) + 1}", every=0.5)
+                for r in rows:
+                    print(f"round {r['round']:>3}/{args.num_rounds}  accuracy {100 * r['accuracy']:6.2f}%  "
+                          f"loss {r['loss']:.4f}  clients {r['num_clients']}/{r['num_selected']}  "
+                          f"{r['seconds']:6.2f}s", flush=True)
+                printed.extend(rows)
+                if cluster.status()["state"] == "finished":
+                    break
+        except KeyboardInterrupt:
+            print("interrupted; stopping every process", flush=True)
+            return 130
+        report = {"dataset": args.dataset, "num_clients": args.num_clients, "partition": args.partition,
+                  "alpha": args.alpha, "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "num_clients",
+                                                                        "seconds")} for r in printed]}
+        (report_dir / "report.json").write_text(json.dumps(report, indent=2))
+        plot(printed, report_dir / "accuracy_loss.png",
+             f"meshfed: {args.dataset}, {args.num_clients} clients, {args.partition}")
+        print(f"report: {report_dir / 'report.json'}, plot: {report_dir / 'accuracy_loss.png'}", flush=True)
+        if args.keep_open:
+            print(f"server stays up at {cluster.url}/ ; Ctrl-C to stop", flush=True)
+            try:
+                cluster.server.wait()
+            except KeyboardInterrupt:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

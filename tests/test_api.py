@@ -1,0 +1,85 @@
+"""Handlers without a network: Flask's test client and Flask-SocketIO's test client."""
+import pytest
+
+from app import create_app
+from app.config import RunConfig, ServerConfig
+from shared import crypto
+from shared.protocol import NAMESPACE
+
+ADMIN, ENROLL = "admin-secret", "enroll-secret"
+
+
+@pytest.fixture
+def app(tmp_path):
+    cfg = ServerConfig(state_dir=str(tmp_path / "state"), admin_token=ADMIN, enrollment_token=ENROLL,
+                       run=RunConfig(dataset="synthetic", model="mlp"))
+    app = create_app(cfg)
+    yield app
+    app.extensions["meshfed"].store.close()
+
+
+@pytest.fixture(scope="module")
+def pem():
+    return crypto.public_pem(crypto.generate_key())
+
+
+def sio_client(app, **auth):
+    socketio = app.extensions["meshfed"].socketio
+    return socketio.test_client(app, namespace=NAMESPACE, auth=auth)
+
+
+@pytest.mark.parametrize("path", ["/api/start", "/api/stop", "/api/config", "/api/rollback"])
+def test_changes_need_the_admin_token(app, path):
+    client = app.test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = client.post(path, json={}, headers=headers)
+        assert r.status_code == 401
+        assert "admin token" in r.get_json()["message"]
+
+
+def test_reads_are_open_and_json(app):
+    client = app.test_client()
+    assert client.get("/api/status").get_json()["state"] == "idle"
+    assert client.get("/api/config").get_json()["dataset"] == "synthetic"
+    assert client.get("/api/metrics").get_json()["rounds"] == []
+    r = client.get("/api/model/99")
+    assert r.status_code == 404 and "GET /api/models" in r.get_json()["message"]
+
+
+def test_invalid_config_gets_field_errors_and_changes_nothing(app):
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    r = client.post("/api/config", json={"num_rounds": -1, "lr": "x"}, headers=auth)
+    assert r.status_code == 400
+    assert set(r.get_json()["fields"]) == {"num_rounds", "lr"}
+    assert client.get("/api/config").get_json()["num_rounds"] == RunConfig().num_rounds
+    r = client.post("/api/config", json={"num_rounds": 9}, headers=auth)
+    assert r.status_code == 200 and r.get_json()["num_rounds"] == 9
+
+
+def test_stop_without_a_run_is_a_conflict(app):
+    r = app.test_client().post("/api/stop", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 409 and "no run" in r.get_json()["message"]
+
+
+def test_registration_needs_the_enrollment_token(app, pem):
+    assert not sio_client(app, client_id="c1", public_key=pem, enrollment_token="wrong").is_connected(NAMESPACE)
+    assert not sio_client(app, client_id="bad id!", public_key=pem, enrollment_token=ENROLL).is_connected(NAMESPACE)
+    assert not sio_client(app, client_id="c1", public_key="junk", enrollment_token=ENROLL).is_connected(NAMESPACE)
+    ok = sio_client(app, client_id="c1", public_key=pem, enrollment_token=ENROLL)
+    assert ok.is_connected(NAMESPACE)
+    assert any(m["name"] == "welcome" for m in ok.get_received(NAMESPACE))
+
+
+def test_key_is_pinned_on_first_registration(app, pem):
+    first = sio_client(app, client_id="c1", public_key=pem, enrollment_token=ENROLL)
+    assert first.is_connected(NAMESPACE)
+    first.disconnect(namespace=NAMESPACE)
+    other = crypto.public_pem(crypto.generate_key())
+    assert not sio_client(app, client_id="c1", public_key=other, enrollment_token=ENROLL).is_connected(NAMESPACE)
+    assert sio_client(app, client_id="c1", public_key=pem, enrollment_token=ENROLL).is_connected(NAMESPACE)
+
+
+def test_unsigned_garbage_update_is_refused_with_a_reason(app):
+    r = app.test_client().post("/api/update", data=b"hello", headers={"X-Meshfed-Client": "c9"})
+    assert r.status_code == 400 and r.get_json()["reason"] == "malformed"

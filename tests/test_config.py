@@ -1,0 +1,24 @@
+import pytest
+
+from app.config import RunConfig, update_run_config
+from shared.errors import ConfigError
+
+
+def test_valid_changes_are_coerced():
+    cfg = update_run_config(RunConfig(), {"num_rounds": "7", "lr": 0.1, "dataset": "synthetic"})
+    assert (cfg.num_rounds, cfg.lr, cfg.dataset) == (7, 0.1, "synthetic")
+
+
+def test_every_bad_field_is_reported_with_what_it_must_be():
+    with pytest.raises(ConfigError) as info:
+        update_run_config(RunConfig(), {"num_rounds": 0, "lr": "fast", "dataset": "imagenet", "bogus": 1,
+                                        "batch_size": 2.5})
+    f = info.value.fields
+    assert set(f) == {"num_rounds", "lr", "dataset", "bogus", "batch_size"}
+    assert "1 to 100000" in f["num_rounds"] and "fashion-mnist" in f["dataset"]
+
+
+def test_cross_field_check():
+    with pytest.raises(ConfigError) as info:
+        update_run_config(RunConfig(), {"min_fit_clients": 5, "max_fit_clients": 2})
+    assert "max_fit_clients" in info.value.fields

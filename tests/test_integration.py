@@ -1,0 +1,171 @@
+"""Real server and client processes on 127.0.0.1: learning, failures, crash-resume, bad updates."""
+from __future__ import annotations
+
+import queue
+import signal
+import time
+
+import numpy as np
+import requests
+import socketio
+
+from shared import crypto
+from shared.protocol import (EV_TRAIN, NAMESPACE, UpdateHeader, decode_weights, encode_weights, pack_update,
+                             sha256_hex)
+
+SMALL_FMNIST = ["--dataset", "fashion-mnist", "--partition", "iid"]
+
+
+def start_clients(cluster, n, *extra):
+    for i in range(n):
+        cluster.start_client(f"c{i}", *SMALL_FMNIST, "--num-clients", str(n), "--client-index", str(i), *extra)
+
+
+def verify_all_versions(cluster):
+    """Every stored version downloads, matches its recorded sha256 and decodes without pickle."""
+    listing = cluster.api("GET", "/api/models").json()
+    for row in listing["versions"]:
+        r = cluster.api("GET", f"/api/model/{row['version']}")
+        assert r.status_code == 200
+        assert sha256_hex(r.content) == row["sha256"] == r.headers["X-Model-SHA256"]
+        assert decode_weights(r.content)["conv1.weight"].shape == (32, 1, 5, 5)
+    return listing
+
+
+def test_three_clients_learn_fashion_mnist_and_every_version_verifies(cluster, fmnist):
+    cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", "3", "--min-clients", "3",
+                         "--eval-limit", "2000", "--start")
+    start_clients(cluster, 3, "--max-samples", "1500")
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 240, "3 rounds")
+    rounds = cluster.rounds()
+    acc = [r["accuracy"] for r in rounds]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["num_clients"] == 3 for r in rounds)
+    assert acc[0] > 0.3, acc           # chance is 0.1
+    assert acc[2] > acc[0], acc        # and it keeps learning
+    listing = verify_all_versions(cluster)
+    assert [v["source"] for v in listing["versions"]] == ["init", "round", "round", "round"]
+
+    # Rollback to the round-1 model: a new version with the same bytes becomes the global model.
+    v1 = rounds[0]["model_version"]
+    assert cluster.api("POST", "/api/rollback", json={"version": v1}).status_code == 401
+    r = cluster.api("POST", "/api/rollback", admin=True, json={"version": v1})
+    assert r.status_code == 200, r.text
+    new = r.json()["model_version"]
+    latest = cluster.api("GET", "/api/model/latest")
+    assert latest.headers["X-Model-Version"] == str(new)
+    assert latest.content == cluster.api("GET", f"/api/model/{v1}").content
+    clients = cluster.api("GET", "/api/clients").json()["clients"]
+    assert {c["id"] for c in clients} == {"c0", "c1", "c2"} and all(c["accepted"] == 3 for c in clients)
+
+
+def test_client_and_server_killed_mid_run_the_run_still_completes(cluster, fmnist):
+    server_args = ["--dataset", "fashion-mnist", "--num-rounds", "5", "--min-clients", "2", "--quorum", "0.5",
+                   "--round-timeout", "120", "--eval-limit", "1000"]
+    cluster.start_server(*server_args, "--start")
+    start_clients(cluster, 3, "--max-samples", "2500")
+
+    # SIGKILL c2 while it trains in round 1: the round closes on the other two, long before the deadline.
+    def open_with_all_three():
+        open_round = cluster.status().get("open_round") or {}
+        return open_round if open_round.get("selected") == ["c0", "c1", "c2"] else None
+
+    killed_in = cluster.wait_until(open_with_all_three, 120, "a round that asks all three clients")["round"]
+    cluster.kill(cluster.clients["c2"], signal.SIGKILL)
+    first = cluster.wait_until(lambda: [r for r in cluster.rounds() if r["round"] == killed_in], 120,
+                               f"round {killed_in} to close")[0]
+    assert first["num_selected"] == 3 and first["num_clients"] == 2
+    assert first["seconds"] < 60, first  # closed because c2 vanished, not at the 120 s deadline
+
+    # SIGKILL the server after the next round (mid-run), restart it on the same state dir.
+    cluster.wait_until(lambda: len(cluster.rounds()) >= killed_in + 1, 120, f"round {killed_in + 1}")
+    before = cluster.api("GET", "/api/models").json()["versions"]
+    cluster.kill(cluster.server, signal.SIGKILL)
+    restart_at = time.monotonic()
+    cluster.start_server(*server_args)  # no --start: it resumes the interrupted run by itself
+    cluster.wait_ready()
+    status = cluster.status()
+    resumed_from = status["round"]
+    assert status["run_id"] == first["run_id"] and resumed_from >= 2
+
+    # The surviving clients reconnect by themselves; the run finishes all 5 rounds.
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 300, "the resumed run to finish")
+    rounds = cluster.rounds()
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    assert {r["run_id"] for r in rounds} == {first["run_id"]}
+    after = cluster.api("GET", "/api/models").json()["versions"]
+    assert [v["sha256"] for v in after[:len(before)]] == [v["sha256"] for v in before]  # no version lost
+    verify_all_versions(cluster)
+    assert set(rounds[-1]["clients"]) == {"c0", "c1"}
+    assert time.monotonic() - restart_at < 200
+
+
+def _evil_update(key, request, weights, client_id="evil", num_examples=10):
+    payload = encode_weights(weights)
+    h = UpdateHeader(run_id=request["run_id"], round=request["round"], model_version=request["model_version"],
+                     client_id=client_id, num_examples=num_examples, payload_sha256=sha256_hex(payload))
+    h = UpdateHeader(**{**h.__dict__, "signature": crypto.sign(key, h.canonical_bytes())})
+    return pack_update(h, payload)
+
+
+def test_bad_updates_are_refused_with_reasons_and_change_nothing(cluster, tmp_path):
+    cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "2", "--min-clients", "1",
+                         "--quorum", "1", "--round-timeout", "120", "--max-update-mb", "2", "--start")
+    cluster.wait_ready()
+    key, wrong_key = crypto.generate_key(), crypto.generate_key()
+    requests_q: queue.Queue = queue.Queue()
+    sio = socketio.Client(reconnection=False)
+    sio.on(EV_TRAIN, requests_q.put, namespace=NAMESPACE)
+    sio.connect(cluster.url, namespaces=[NAMESPACE], transports=["websocket"],
+                auth={"client_id": "evil", "public_key": crypto.public_pem(key),
+                      "enrollment_token": cluster.enrollment_token, "num_examples": 10})
+    try:
+        req = requests_q.get(timeout=60)
+        base = cluster.api("GET", f"/api/model/{req['model_version']}")
+        weights = decode_weights(base.content)
+        zeros = {k: np.zeros_like(v) for k, v in weights.items()}
+
+        def post(body):
+            return requests.post(cluster.url + "/api/update", data=body, timeout=30,
+                                 headers={"X-Meshfed-Client": "evil"})
+
+        def refused(body, reason, status=400):
+            r = post(body)
+            assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
+            assert reason in r.json()["message"]
+
+        nan = {**zeros, "net.1.weight": np.full_like(zeros["net.1.weight"], np.nan)}
+        shape = {**zeros, "net.1.bias": np.zeros(7, np.float32)}
+        refused(_evil_update(wrong_key, req, zeros), "bad_signature")
+        refused(_evil_update(key, req, nan), "non_finite")
+        refused(_evil_update(key, req, shape), "shape_mismatch")
+        refused(_evil_update(key, req, zeros, num_examples=0), "bad_examples")
+        refused(b"MFU1" + b"\0" * (20 << 20), "too_large", 413)  # 10x the 2 MB limit
+        refused(b"junk", "malformed")
+
+        # Nothing changed: same global version and bytes, server up, round still open.
+        latest = cluster.api("GET", "/api/model/latest")
+        assert latest.headers["X-Model-SHA256"] == base.headers["X-Model-SHA256"]
+        assert cluster.status()["open_round"]["round"] == 1
+
+        good1 = _evil_update(key, req, zeros)
+        assert post(good1).status_code == 200
+        req2 = requests_q.get(timeout=60)
+        assert req2["round"] == 2
+        refused(good1, "stale_round", 409)  # replay of round 1 in round 2
+        good2 = _evil_update(key, req2, zeros)
+        assert post(good2).status_code == 200
+        cluster.wait_until(lambda: cluster.status()["state"] == "finished", 60, "round 2 to close")
+        refused(good2, "no_open_round", 409)  # replay after the run ended
+    finally:
+        sio.disconnect()
+
+    evil = next(c for c in cluster.api("GET", "/api/clients").json()["clients"] if c["id"] == "evil")
+    assert evil["accepted"] == 2
+    assert evil["refusals"] == {"bad_signature": 1, "non_finite": 1, "shape_mismatch": 1, "bad_examples": 1,
+                                "too_large": 1, "malformed": 1, "stale_round": 1, "no_open_round": 1}
+
+    # Same client id, another key: the real client process is refused and exits with a reason.
+    impostor = cluster.start_client("evil", "--dataset", "synthetic", "--model", "mlp", "--key-dir", "other-keys")
+    assert impostor.wait(timeout=90) == 2
+    assert "key_mismatch" in (cluster.workdir / "evil.log").read_text()
