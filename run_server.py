@@ -70,12 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     config = build_config(args)
     app = create_app(config)
     meshfed = app.extensions["meshfed"]
+    meshfed.start_background()
     resumed = config.resume and meshfed.loop.resume_if_interrupted()
     if args.start and not resumed:
         meshfed.loop.start()
     url = f"http://{config.host}:{config.port}/"
-    print(f"meshfed server on {url}\n  admin token:      {config.admin_token}\n"
-          f"  enrollment token: {config.enrollment_token}", flush=True)
+    print(f"meshfed server on {url}\n  dashboard:        {url}?token={config.admin_token}\n"
+          f"  admin token:      {config.admin_token}\n  enrollment token: {config.enrollment_token}", flush=True)
     meshfed.socketio.run(app, host=config.host, port=config.port, allow_unsafe_werkzeug=True,
                          use_reloader=False, log_output=False)
 

@@ -91,14 +91,7 @@ def metrics() -> Any:
 
 @bp.get("/clients")
 def clients() -> Any:
-    loop = _loop()
-    online = {s.client_id: s for s in loop.registry.online()}
-    rows = loop.store.clients()
-    for row in rows:
-        s = online.get(row["id"])
-        row["status"] = s.state if s else "offline"
-        row["resources"] = s.resources if s else {}
-    return jsonify({"clients": rows})
+    return jsonify({"clients": current_app.extensions["meshfed"].clients_view()})
 
 
 @bp.get("/refusals")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from typing import Any
+from typing import Any, Callable
 
 from flask import request
 from flask_socketio import ConnectionRefusedError, SocketIO
@@ -24,8 +24,10 @@ DASHBOARD_NAMESPACE = "/dashboard"
 class SocketTransport:
     """Transport for the round loop: train/cancel to one client on /fl, publish to dashboards."""
 
-    def __init__(self, socketio: SocketIO, registry: Registry):
+    def __init__(self, socketio: SocketIO, registry: Registry,
+                 observers: list[Callable[[str, dict[str, Any]], None]] | None = None):
         self.socketio, self.registry = socketio, registry
+        self.observers = observers or []  # also told of every published event (the monitor's alerts)
 
     def send_train(self, client_id: str, request_: TrainRequest) -> bool:
         session = self.registry.get(client_id)
@@ -42,6 +44,8 @@ class SocketTransport:
 
     def publish(self, event: str, data: dict[str, Any]) -> None:
         self.socketio.emit(event, data, namespace=DASHBOARD_NAMESPACE)
+        for observer in self.observers:
+            observer(event, data)
 
 
 def register_handlers(socketio: SocketIO, store: Store, registry: Registry, loop: RoundLoop,

@@ -186,6 +186,8 @@ class RoundLoop:
             self._round_refusals += 1
         self.store.record_refusal(client_id, self.run_id, round_no, exc.reason, str(exc))
         log.warning("refused update from %s: %s", client_id, exc)
+        self.transport.publish("update_refused", {"client_id": client_id, "round": round_no,
+                                                  "reason": exc.reason, "message": str(exc)})
 
     # --- the loop --------------------------------------------------------------------------------
 

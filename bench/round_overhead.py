@@ -1,0 +1,78 @@
+"""Framework-overhead benchmark: 10 real client processes, McMahan CNN, 1 training batch per round.
+
+Per round the server records its wall time, the slowest client's training time and its own
+evaluation time; overhead = wall - training - evaluation (orchestration, model download, update
+upload, signature and array verification, aggregation, checkpointing). Also start-up: from
+launching the processes, and from POST /api/start with clients connected, to the end of round 1.
+
+    python bench/round_overhead.py --out bench/results/round_overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from run_demo import Cluster  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 4), "p90": round(pct(values, 0.9), 4),
+            "max": round(max(values), 4)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-clients", type=int, default=10)
+    p.add_argument("--num-rounds", type=int, default=20)
+    p.add_argument("--eval-limit", type=int, default=1000, help="server test samples evaluated per round")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    with Cluster(tempfile.mkdtemp(prefix="meshfed-overhead-")) as cluster:
+        launched = time.monotonic()
+        cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", str(args.num_rounds),
+                             "--min-clients", str(args.num_clients), "--max-batches", "1", "--quorum", "1",
+                             "--eval-limit", str(args.eval_limit), "--start")
+        for i in range(args.num_clients):
+            cluster.start_client(f"c{i}", "--dataset", "fashion-mnist", "--partition", "iid", "--max-samples", "320",
+                                 "--num-clients", str(args.num_clients), "--client-index", str(i))
+        cluster.wait_until(lambda: cluster.rounds(), 300, "round 1", every=0.05)
+        cold_start = time.monotonic() - launched
+        cluster.wait_until(lambda: cluster.status()["state"] == "finished", 600, "all rounds", every=0.2)
+        rounds = cluster.rounds()
+
+        # Warm start: a second run on the same, already connected clients.
+        started = time.monotonic()
+        cluster.api("POST", "/api/start", admin=True, json={"new_run": True}).raise_for_status()
+        cluster.wait_until(lambda: cluster.rounds(), 120, "round 1 of the second run", every=0.02)
+        warm_start = time.monotonic() - started
+    wall = [r["seconds"] for r in rounds]
+    train = [r["train_seconds"] for r in rounds]
+    evals = [r["eval_seconds"] for r in rounds]
+    overhead = [w - t - e for w, t, e in zip(wall, train, evals)]
+    result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "rounds": len(rounds),
+              "round_wall_s": summary(wall), "client_training_s": summary(train),
+              "server_evaluation_s": summary(evals), "overhead_s": summary(overhead),
+              "startup_from_launch_s": round(cold_start, 2), "startup_from_start_clients_connected_s":
+                  round(warm_start, 2),
+              "targets": {"overhead_median_s": 0.1, "startup_s": 3.0},
+              "peer_flower_1_42": {"simulation_overhead_s": 0.24, "deployment_round_s": 42,
+                                   "startup_s": [13, 72]}}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The /dashboard Socket.IO namespace: live updates to browsers and their control events.
+
+server -> browser: status_update, metrics_update (one round), metrics_history (all rounds of the run),
+  training_started, training_stopped, clients_update, models_update, system_update, alert,
+  update_refused
+browser -> server (each answers through the Socket.IO acknowledgement):
+  request_status, request_metrics, start_training {new_run}, stop_training,
+  update_config {field: value}, rollback_model {version}
+"""
+from __future__ import annotations
+
+import time
+from functools import wraps
+from typing import Any, Callable
+
+from flask import session
+from flask_socketio import ConnectionRefusedError, SocketIO, emit
+
+from dashboard import token_ok
+from dashboard.monitor import SAMPLE_SECONDS, Monitor
+from shared.errors import ConfigError, MeshfedError
+
+NAMESPACE = "/dashboard"
+
+
+def register_dashboard(socketio: SocketIO, meshfed: Any, monitor: Monitor) -> None:
+    """Attach the /dashboard handlers; `meshfed` is app.extensions['meshfed']."""
+    loop = meshfed.loop
+
+    def admin_only(handler: Callable) -> Callable:
+        @wraps(handler)
+        def wrapped(*args: Any) -> Any:
+            if session.get("admin") is not True:
+                return {"ok": False, "error": "unauthorized: log in with the admin token"}
+            try:
+                return {"ok": True, **(handler(*args) or {})}
+            except ConfigError as exc:
+                return {"ok": False, "error": "invalid configuration", "fields": exc.fields}
+            except (MeshfedError, KeyError) as exc:
+                return {"ok": False, "error": str(exc)}
+        return wrapped
+
+    @socketio.on("connect", namespace=NAMESPACE)
+    def connect(auth: Any = None) -> None:
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if session.get("admin") is not True and not token_ok(token):
+            raise ConnectionRefusedError("unauthorized: open /?token=<admin token> or log in first")
+        session["admin"] = True  # this socket's session (Flask-SocketIO keeps one per connection)
+
+    @socketio.on("request_status", namespace=NAMESPACE)
+    @admin_only
+    def request_status() -> dict[str, Any]:
+        emit("status_update", loop.status())
+        emit("clients_update", {"clients": meshfed.clients_view()})
+        emit("models_update", models(loop))
+        emit("system_history", monitor.snapshot())
+        return {}
+
+    @socketio.on("request_metrics", namespace=NAMESPACE)
+    @admin_only
+    def request_metrics() -> dict[str, Any]:
+        emit("metrics_history", {"run_id": loop.run_id, "rounds": loop.store.rounds(loop.run_id) if loop.run_id else []})
+        return {}
+
+    @socketio.on("start_training", namespace=NAMESPACE)
+    @admin_only
+    def start_training(data: Any = None) -> dict[str, Any]:
+        new_run = bool(data.get("new_run")) if isinstance(data, dict) else False
+        return {"run_id": loop.start(new_run=new_run)}
+
+    @socketio.on("stop_training", namespace=NAMESPACE)
+    @admin_only
+    def stop_training(*_: Any) -> dict[str, Any]:
+        loop.stop()
+        return {}
+
+    @socketio.on("update_config", namespace=NAMESPACE)
+    @admin_only
+    def update_config(data: Any = None) -> dict[str, Any]:
+        return {"config": loop.set_config(data if isinstance(data, dict) else {}).to_dict()}
+
+    @socketio.on("rollback_model", namespace=NAMESPACE)
+    @admin_only
+    def rollback_model(data: Any = None) -> dict[str, Any]:
+        version = data.get("version") if isinstance(data, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise MeshfedError("send {version: <int>}")
+        new = loop.rollback(version)
+        socketio.emit("models_update", models(loop), namespace=NAMESPACE)
+        return {"model_version": new}
+
+
+def models(loop: Any) -> dict[str, Any]:
+    return {"current": loop.global_version, "versions": loop.store.versions()}
+
+
+def feed(socketio: SocketIO, meshfed: Any, monitor: Monitor) -> None:
+    """Background task: every SAMPLE_SECONDS, sample resources and push the client table."""
+    while True:
+        monitor.sample()
+        socketio.emit("clients_update", {"clients": meshfed.clients_view()}, namespace=NAMESPACE)
+        time.sleep(SAMPLE_SECONDS)

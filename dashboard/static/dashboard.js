@@ -1,0 +1,236 @@
+// meshfed dashboard: one Socket.IO connection to /dashboard, Chart.js charts, Bootstrap tables.
+// Events are documented in dashboard/events.py. Everything is rendered with textContent (no HTML
+// from the server is trusted).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const socket = io("/dashboard", { transports: ["websocket"] });
+const state = { rounds: [], status: null, system: [] };
+window.meshfed = state;  // handy in the browser console and for the browser tests
+
+// --- charts -----------------------------------------------------------------------------------
+function lineChart(id, datasets, yOptions = {}) {
+  return new Chart($(id), {
+    type: "line",
+    data: { labels: [], datasets: datasets.map((d) => ({ data: [], tension: 0.2, pointRadius: 3, ...d })) },
+    options: { animation: false, maintainAspectRatio: false, scales: { x: { title: { display: true, text: "round" } }, y: yOptions } },
+  });
+}
+const charts = {
+  accuracy: lineChart("chart-accuracy", [{ label: "accuracy %", borderColor: "#0d6efd" }], { suggestedMin: 0, suggestedMax: 100 }),
+  loss: lineChart("chart-loss", [{ label: "loss", borderColor: "#dc3545" }], { suggestedMin: 0 }),
+  duration: new Chart($("chart-duration"), {
+    type: "bar", data: { labels: [], datasets: [{ label: "seconds", data: [], backgroundColor: "#6c757d" }] },
+    options: { animation: false, maintainAspectRatio: false },
+  }),
+  clients: new Chart($("chart-clients"), {
+    type: "bar",
+    data: { labels: [], datasets: [
+      { label: "participating", data: [], backgroundColor: "#198754" },
+      { label: "refused updates", data: [], backgroundColor: "#dc3545" }] },
+    options: { animation: false, maintainAspectRatio: false, scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } } },
+  }),
+  system: new Chart($("chart-system"), {
+    type: "line",
+    data: { labels: [], datasets: [
+      { label: "CPU %", data: [], borderColor: "#fd7e14", pointRadius: 0 },
+      { label: "memory %", data: [], borderColor: "#6f42c1", pointRadius: 0 }] },
+    options: { animation: false, maintainAspectRatio: false, scales: { y: { min: 0, max: 100 } } },
+  }),
+};
+state.charts = charts;
+
+function drawRounds() {
+  const r = state.rounds;
+  const labels = r.map((x) => x.round);
+  for (const c of [charts.accuracy, charts.loss, charts.duration, charts.clients]) c.data.labels = labels;
+  charts.accuracy.data.datasets[0].data = r.map((x) => +(100 * x.accuracy).toFixed(2));
+  charts.loss.data.datasets[0].data = r.map((x) => x.loss);
+  charts.duration.data.datasets[0].data = r.map((x) => +x.seconds.toFixed(2));
+  charts.clients.data.datasets[0].data = r.map((x) => x.num_clients);
+  charts.clients.data.datasets[1].data = r.map((x) => x.num_refused);
+  for (const c of [charts.accuracy, charts.loss, charts.duration, charts.clients]) c.update();
+  const last = r[r.length - 1];
+  $("stat-accuracy").textContent = last ? (100 * last.accuracy).toFixed(2) + "%" : "–";
+  $("stat-loss").textContent = last ? last.loss.toFixed(4) : "–";
+}
+
+function drawSystem() {
+  const s = state.system.slice(-150);
+  charts.system.data.labels = s.map((x) => new Date(x.time * 1000).toLocaleTimeString());
+  charts.system.data.datasets[0].data = s.map((x) => x.cpu_percent);
+  charts.system.data.datasets[1].data = s.map((x) => x.memory_percent);
+  charts.system.update();
+}
+
+// --- tables -----------------------------------------------------------------------------------
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+const STATUS_BADGE = { training: "primary", idle: "success", online: "info", offline: "secondary", mesh: "warning" };
+const since = (t) => (t ? Math.max(0, Math.round(Date.now() / 1000 - t)) + " s ago" : "–");
+
+function drawClients(clients) {
+  const body = $("clients-body");
+  body.replaceChildren();
+  for (const c of clients) {
+    const row = body.insertRow();
+    row.dataset.client = c.id;
+    cell(row, c.id, "fw-semibold");
+    cell(row, c.fingerprint.slice(0, 27) + "…", "mono");
+    const badge = document.createElement("span");
+    badge.className = `badge text-bg-${STATUS_BADGE[c.status] || "secondary"} client-status`;
+    badge.textContent = c.status;
+    row.insertCell().append(badge);
+    cell(row, since(c.last_seen));
+    cell(row, c.num_examples ?? "–");
+    cell(row, c.last_round ?? "–");
+    cell(row, c.accepted);
+    cell(row, Object.entries(c.refusals).map(([k, v]) => `${k}: ${v}`).join(", ") || "none");
+    cell(row, c.resources.cpu_percent?.toFixed(0) ?? "–");
+    cell(row, c.resources.memory_mb?.toFixed(0) ?? "–");
+  }
+  if (!clients.length) cell(body.insertRow(), "No client has registered yet.", "text-secondary").colSpan = 10;
+}
+
+function drawModels(data) {
+  const body = $("models-body");
+  body.replaceChildren();
+  for (const v of [...data.versions].reverse()) {
+    const row = body.insertRow();
+    cell(row, v.version + (v.version === data.current ? " (current)" : ""), "fw-semibold");
+    cell(row, v.source + (v.parent ? ` of v${v.parent}` : ""));
+    cell(row, v.round ?? "–");
+    cell(row, v.accuracy == null ? "–" : (100 * v.accuracy).toFixed(2) + "%");
+    cell(row, v.sha256.slice(0, 16) + "…", "mono");
+    cell(row, new Date(v.created * 1000).toLocaleString());
+    const actions = row.insertCell();
+    const link = document.createElement("a");
+    link.href = `/api/model/${v.version}`;
+    link.textContent = "download";
+    link.className = "btn btn-sm btn-outline-secondary me-1";
+    const rollback = document.createElement("button");
+    rollback.className = "btn btn-sm btn-outline-warning";
+    rollback.textContent = "Rollback";
+    rollback.disabled = v.version === data.current || (state.status && state.status.active);
+    rollback.onclick = () => socket.emit("rollback_model", { version: v.version }, (ack) =>
+      say("models-message", ack.ok ? `rolled back: new version ${ack.model_version}` : ack.error, ack.ok));
+    actions.append(link, rollback);
+  }
+}
+
+function addAlert(a) {
+  const list = $("alerts");
+  if (list.firstElementChild && list.firstElementChild.classList.contains("text-secondary")) list.replaceChildren();
+  const item = document.createElement("li");
+  item.className = "list-group-item";
+  const badge = document.createElement("span");
+  badge.className = `badge me-2 text-bg-${a.severity === "critical" ? "danger" : "warning"}`;
+  badge.textContent = a.severity;
+  const when = document.createElement("span");
+  when.className = "text-secondary small ms-2";
+  when.textContent = new Date(a.time * 1000).toLocaleTimeString();
+  item.append(badge, document.createTextNode(a.message), when);
+  list.prepend(item);
+}
+
+// --- config form --------------------------------------------------------------------------------
+const CONFIG_FIELDS = [
+  ["dataset", "Dataset", ["fashion-mnist", "mnist", "cifar10", "synthetic"]], ["model", "Model", ["cnn", "mlp"]],
+  ["num_rounds", "Rounds"], ["min_fit_clients", "Min clients"], ["max_fit_clients", "Max clients per round (0 = all)"],
+  ["fraction_fit", "Fraction of clients per round"], ["local_epochs", "Local epochs"], ["lr", "Learning rate"],
+  ["batch_size", "Batch size"], ["max_batches", "Max local batches (0 = all)"], ["quorum", "Quorum"],
+  ["round_timeout", "Round timeout (s)"], ["target_accuracy", "Target accuracy (0 = off)"], ["seed", "Seed"],
+];
+function buildForm() {
+  const box = $("config-fields");
+  for (const [name, label, options] of CONFIG_FIELDS) {
+    const col = document.createElement("div");
+    col.className = "col-12 col-sm-6 col-lg-3";
+    const lab = document.createElement("label");
+    lab.className = "form-label small mb-0";
+    lab.htmlFor = "cfg-" + name;
+    lab.textContent = label;
+    const input = document.createElement(options ? "select" : "input");
+    input.className = options ? "form-select form-select-sm" : "form-control form-control-sm";
+    input.id = "cfg-" + name;
+    input.name = name;
+    for (const o of options || []) input.add(new Option(o, o));
+    const feedback = document.createElement("div");
+    feedback.className = "invalid-feedback";
+    feedback.id = "err-" + name;
+    col.append(lab, input, feedback);
+    box.append(col);
+  }
+}
+function fillForm(config) {
+  for (const [name] of CONFIG_FIELDS) {
+    const input = $("cfg-" + name);
+    if (document.activeElement !== input) input.value = config[name];
+  }
+}
+function say(id, text, ok) {
+  $(id).textContent = text;
+  $(id).className = `small ms-2 ${ok ? "text-success" : "text-danger"}`;
+}
+
+// --- socket events ------------------------------------------------------------------------------
+socket.on("connect", () => {
+  socket.emit("request_status");
+  socket.emit("request_metrics");
+});
+socket.on("connect_error", (err) => {
+  $("state").textContent = "disconnected";
+  if (String(err.message).startsWith("unauthorized")) window.location = "/login";
+});
+socket.on("disconnect", () => { $("state").textContent = "disconnected"; });
+socket.on("status_update", (s) => {
+  state.status = s;
+  $("state").textContent = s.state;
+  $("state").className = `badge text-bg-${{ training: "primary", waiting: "info", aggregating: "primary", finished: "success", stopped: "warning" }[s.state] || "secondary"}`;
+  $("round").textContent = s.round;
+  $("num-rounds").textContent = s.num_rounds;
+  $("stat-online").textContent = s.clients_online;
+  $("stat-version").textContent = s.model_version ?? "–";
+  $("btn-start").disabled = s.active;
+  $("btn-stop").disabled = !s.active;
+  $("btn-save").disabled = s.active;
+  fillForm(s.config);
+});
+socket.on("metrics_history", (m) => { state.rounds = m.rounds; drawRounds(); });
+socket.on("metrics_update", (row) => {
+  state.rounds = state.rounds.filter((r) => r.round !== row.round).concat([row]);
+  drawRounds();
+  socket.emit("request_status");
+});
+socket.on("training_started", () => socket.emit("request_metrics"));
+socket.on("training_stopped", (d) => say("control-message", `run ${d.run_id} ended: ${d.reason}`, true));
+socket.on("clients_update", (d) => drawClients(d.clients));
+socket.on("models_update", drawModels);
+socket.on("system_history", (d) => { state.system = d.samples; drawSystem(); d.alerts.forEach(addAlert); });
+socket.on("system_update", (s) => { state.system.push(s); drawSystem(); });
+socket.on("alert", addAlert);
+
+$("btn-start").onclick = () => socket.emit("start_training", { new_run: $("new-run").checked }, (ack) =>
+  say("control-message", ack.ok ? `started run ${ack.run_id}` : ack.error, ack.ok));
+$("btn-stop").onclick = () => socket.emit("stop_training", (ack) =>
+  say("control-message", ack.ok ? "stopping…" : ack.error, ack.ok));
+$("config-form").onsubmit = (event) => {
+  event.preventDefault();
+  const changes = {};
+  for (const [name] of CONFIG_FIELDS) {
+    changes[name] = $("cfg-" + name).value;
+    $("cfg-" + name).classList.remove("is-invalid");
+  }
+  socket.emit("update_config", changes, (ack) => {
+    if (ack.ok) { say("config-message", "saved", true); socket.emit("request_status"); return; }
+    for (const [name, message] of Object.entries(ack.fields || {})) {
+      if ($("cfg-" + name)) { $("cfg-" + name).classList.add("is-invalid"); $("err-" + name).textContent = message; }
+    }
+    say("config-message", ack.error, false);
+  });
+};
+buildForm();

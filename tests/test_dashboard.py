@@ -1,0 +1,147 @@
+"""The dashboard: /dashboard Socket.IO without a browser, then a real headless Chromium."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from app import create_app
+from app.config import RunConfig, ServerConfig
+from tests.conftest import ROOT
+
+ADMIN = "dash-admin"
+NS = "/dashboard"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def app(tmp_path):
+    app = create_app(ServerConfig(state_dir=str(tmp_path), admin_token=ADMIN, enrollment_token="e",
+                                  run=RunConfig(dataset="synthetic", model="mlp")))
+    yield app
+    app.extensions["meshfed"].store.close()
+
+
+def sio(app, **kwargs):
+    return app.extensions["meshfed"].socketio.test_client(app, namespace=NS, **kwargs)
+
+
+def test_unauthenticated_dashboard_is_refused(app):
+    assert not sio(app).is_connected(NS)
+    assert not sio(app, auth={"token": "wrong"}).is_connected(NS)
+    page = app.test_client().get("/")
+    assert page.status_code == 302 and page.headers["Location"].endswith("/login")
+    assert app.test_client().post("/login", data={"token": "nope"}).status_code == 401
+
+
+def test_token_in_url_sets_an_httponly_cookie_that_admits_the_socket(app):
+    browser = app.test_client()
+    r = browser.get(f"/?token={ADMIN}")
+    assert r.status_code == 302 and "token" not in r.headers["Location"]
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert browser.get("/").status_code == 200
+    client = sio(app, flask_test_client=browser)
+    assert client.is_connected(NS)
+    client.emit("request_status", namespace=NS)
+    names = {m["name"] for m in client.get_received(NS)}
+    assert {"status_update", "clients_update", "models_update", "system_history"} <= names
+
+
+def test_invalid_config_gets_field_errors_over_socketio(app):
+    client = sio(app, auth={"token": ADMIN})
+    ack = client.emit("update_config", {"num_rounds": 0, "lr": "x", "dataset": "imagenet"}, namespace=NS,
+                      callback=True)
+    assert ack["ok"] is False and set(ack["fields"]) == {"num_rounds", "lr", "dataset"}
+    ack = client.emit("update_config", {"num_rounds": "4"}, namespace=NS, callback=True)
+    assert ack["ok"] is True and ack["config"]["num_rounds"] == 4
+    ack = client.emit("stop_training", namespace=NS, callback=True)
+    assert ack == {"ok": False, "error": "no run is active"}
+
+
+def test_control_events_without_a_token_do_nothing(app):
+    client = sio(app)
+    assert not client.is_connected(NS)
+    with pytest.raises(RuntimeError):  # not connected: the event cannot even be sent
+        client.emit("start_training", {}, namespace=NS)
+    assert app.extensions["meshfed"].loop.status()["active"] is False
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("Debian's chromium is required for the browser test; run `bash .ci/setup.sh`")
+    return path
+
+
+def test_dashboard_in_chromium_live_rounds_start_stop_and_screenshots(cluster):
+    from playwright.sync_api import sync_playwright
+
+    cluster.start_server("--dataset", "synthetic", "--num-rounds", "200", "--min-clients", "2",
+                         "--max-batches", "5", "--eval-limit", "300")
+    for i in range(2):
+        cluster.start_client(f"c{i}", "--dataset", "synthetic", "--partition", "iid", "--num-clients", "2",
+                             "--client-index", str(i), "--max-samples", "300")
+    cluster.wait_ready()
+    ARTIFACTS.mkdir(exist_ok=True)
+    errors: list[str] = []
+    foreign: list[str] = []
+
+    def on_request(request):
+        url = urlparse(request.url)
+        if url.scheme in ("http", "https", "ws", "wss") and url.hostname not in ("127.0.0.1", "localhost"):
+            foreign.append(request.url)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", on_request)
+
+            page.goto(cluster.url + "/")
+            assert page.url.endswith("/login")
+            page.fill("#token", cluster.admin_token)
+            page.click("#login")
+            page.wait_for_function("document.querySelectorAll('#clients-body tr[data-client]').length === 2",
+                                   timeout=30_000)
+            page.wait_for_function("document.getElementById('state').textContent === 'idle'", timeout=10_000)
+
+            page.click("#control-tab")
+            page.click("#btn-start")
+            page.wait_for_function("window.meshfed.charts.accuracy.data.labels.length >= 1", timeout=90_000)
+            assert int(page.text_content("#round")) >= 1
+            statuses = page.eval_on_selector_all(".client-status", "els => els.map(e => e.textContent)")
+            assert len(statuses) == 2 and set(statuses) <= {"training", "idle"}, statuses
+            page.wait_for_function("window.meshfed.charts.accuracy.data.labels.length >= 3", timeout=90_000)
+            page.click("button[data-bs-target='#tab-overview']")
+            page.wait_for_selector("#tab-overview.show.active")
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-1440.png"), full_page=True)
+
+            page.click("#control-tab")
+            page.click("#btn-stop")
+            page.wait_for_function("document.getElementById('state').textContent === 'stopped'", timeout=60_000)
+            assert cluster.status()["state"] == "stopped"
+
+            page.fill("#cfg-num_rounds", "-3")
+            page.click("#btn-save")
+            page.wait_for_selector("#cfg-num_rounds.is-invalid", timeout=10_000)
+            assert "1 to 100000" in page.text_content("#err-num_rounds")
+
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.click("button[data-bs-target='#tab-overview']")
+            page.wait_for_selector("#tab-overview.show.active")
+            page.wait_for_timeout(300)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            page.screenshot(path=str(ARTIFACTS / "dashboard-390.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == [], errors
+    assert foreign == [], foreign
+    assert Path(ARTIFACTS / "dashboard-1440.png").stat().st_size > 10_000
