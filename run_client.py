@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-index", type=int, default=0, help="our partition, 0-based")
     p.add_argument("--seed", type=int, default=0, help="partition seed (same on every client)")
     p.add_argument("--max-samples", type=int, default=0, help="use at most N of our samples (0 = all)")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of our samples held out for local eval")
     p.add_argument("--batch-size", type=int, default=None, help="override the server's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the server's learning rate")
     p.add_argument("--local-epochs", type=int, default=None, help="override the server's local epochs")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = LocalTrainer(DataConfig(
         dataset=args.dataset, data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
         num_clients=args.num_clients, client_index=args.client_index, seed=args.seed,
-        max_samples=args.max_samples), model_name=args.model)
+        max_samples=args.max_samples, holdout=args.holdout), model_name=args.model)
     node = Node(NodeConfig(client_id=args.client_id, server_address=args.server_address.rstrip("/"),
                            enrollment_token=args.enrollment_token, key_dir=args.key_dir,
                            local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size), trainer)

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=D.lr)
     p.add_argument("--batch-size", type=int, default=D.batch_size)
     p.add_argument("--max-batches", type=int, default=D.max_batches, help="cap local batches per round (0 = none)")
+    p.add_argument("--partition", default=D.partition, help="'' = clients' own; iid|dirichlet|shards for all")
+    p.add_argument("--alpha", type=float, default=D.alpha, help="Dirichlet alpha when --partition dirichlet")
     p.add_argument("--target-accuracy", type=float, default=D.target_accuracy)
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test samples (0 = all)")
@@ -54,7 +56,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "min_fit_clients": args.min_clients, "max_fit_clients": args.max_clients,
         "fraction_fit": args.fraction_fit, "quorum": args.quorum, "round_timeout": args.round_timeout,
         "local_epochs": args.local_epochs, "lr": args.lr, "batch_size": args.batch_size,
-        "max_batches": args.max_batches, "target_accuracy": args.target_accuracy, "seed": args.seed})
+        "max_batches": args.max_batches, "partition": args.partition, "alpha": args.alpha, "target_accuracy": args.target_accuracy, "seed": args.seed})
     return ServerConfig(
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
         admin_token=args.admin_token or secrets.token_hex(16),

@@ -8,6 +8,7 @@ from typing import Any
 from shared.datasets import DATASET_NAMES
 from shared.errors import ConfigError
 from shared.models import MODEL_NAMES
+from shared.partition import PARTITION_NAMES
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class RunConfig:
     lr: float = 0.05                # client SGD learning rate
     batch_size: int = 32            # B: client minibatch size
     max_batches: int = 0            # cap on local batches per round; 0 = no cap (E epochs)
+    partition: str = ""             # '' = each client keeps its own --partition; else every client
+                                    # re-partitions (iid | dirichlet | shards): for simulations
+    alpha: float = 0.5              # Dirichlet concentration when partition is 'dirichlet'
     target_accuracy: float = 0.0    # stop once test accuracy reaches this; 0 = off
     seed: int = 0                   # seeds the initial model and client selection
 
@@ -63,6 +67,9 @@ _CHECKS: dict[str, tuple[type, Any, str]] = {
     "lr": (float, lambda v: 0 < v <= 10, "a number in (0, 10]"),
     "batch_size": (int, lambda v: 1 <= v <= 65_536, "an integer from 1 to 65536"),
     "max_batches": (int, lambda v: 0 <= v <= 10_000_000, "an integer >= 0 (0 = no cap)"),
+    "partition": (str, lambda v: v in ("",) + PARTITION_NAMES,
+                  f"'' (clients' own) or one of {', '.join(PARTITION_NAMES)}"),
+    "alpha": (float, lambda v: 0.001 <= v <= 1000, "a number from 0.001 to 1000"),
     "target_accuracy": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
     "seed": (int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32-1"),
 }

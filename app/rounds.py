@@ -236,7 +236,8 @@ class RoundLoop:
         selected = self._select(online, cfg, round_no)
         request = TrainRequest(run_id=self.run_id, round=round_no, model_version=self.global_version,
                                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                               max_batches=cfg.max_batches, deadline_s=cfg.round_timeout)
+                               max_batches=cfg.max_batches, deadline_s=cfg.round_timeout,
+                               partition=cfg.partition, alpha=cfg.alpha)
         with self._cond:
             self.round, self.state = round_no, "training"
             self._open = OpenRound(self.run_id, round_no, self.global_version, frozenset(selected),
@@ -264,6 +265,7 @@ class RoundLoop:
                         round_no, len(delivered), len(selected), need)
             with self._cond:
                 self.round = round_no - 1
+            self._stop.wait(1.0)  # do not spin when clients keep vanishing
             return None
         return self._close_round(round_no, cfg, selected, delivered, refusals, started)
 

@@ -133,6 +133,9 @@ class Node:
         """Fetch the model, train, sign and post the update; log the server's verdict."""
         self._emit_status("training")
         try:
+            if request.partition and self.trainer.repartition(request.partition, request.alpha):
+                log.info("re-partitioned as %s (alpha %s): %d training samples", request.partition, request.alpha,
+                         self.trainer.num_examples)
             global_weights = self.fetch_model(request.model_version)
             c = self.config
             delta, metrics = self.trainer.fit(
@@ -175,7 +178,7 @@ class Node:
             self.stats["accepted"] += 1
             return "accepted"
         self.stats["refused"] += 1
-        return f"refused ({reply.get('reason', r.status_code)}: {reply.get('message', '')})"
+        return f"refused ({reply.get('message', r.status_code)})"
 
     def _resources(self) -> dict[str, float]:
         proc = psutil.Process()

@@ -1,6 +1,7 @@
 """Local training on one client's own partition: global weights in, signed-ready delta out."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 from shared.aggregate import subtract
 from shared.datasets import load_split, to_tensors
 from shared.models import build_model, get_weights, set_weights
-from shared.partition import partition, train_holdout
+from shared.partition import HOLDOUT_FRACTION, partition, train_holdout
 from shared.training import evaluate, train
 
 Weights = dict[str, np.ndarray]
@@ -26,6 +27,7 @@ class DataConfig:
     client_index: int = 0          # which partition is ours
     seed: int = 0                  # the same seed on every client gives disjoint partitions
     max_samples: int = 0           # keep at most this many of our samples (0 = all); for quick runs
+    holdout: float = HOLDOUT_FRACTION  # share of our samples kept out of training for local evaluation
 
 
 class LocalTrainer:
@@ -34,16 +36,28 @@ class LocalTrainer:
     def __init__(self, data: DataConfig, model_name: str = "cnn"):
         if not 0 <= data.client_index < data.num_clients:
             raise ValueError(f"client index {data.client_index} is outside 0..{data.num_clients - 1}")
+        self.data = data
+        self._load(data)
+        self.model = build_model(model_name, tuple(self.x.shape[1:]))
+
+    def repartition(self, scheme: str, alpha: float) -> bool:
+        """Switch to another partitioning of the same dataset (the server's run config asked); True if changed."""
+        if (scheme, alpha) == (self.data.partition, self.data.alpha):
+            return False
+        self.data = dataclasses.replace(self.data, partition=scheme, alpha=alpha)
+        self._load(self.data)
+        return True
+
+    def _load(self, data: DataConfig) -> None:
         split = load_split(data.dataset, train=True, data_dir=data.data_dir)
         mine = partition(split.labels, data.partition, data.num_clients, data.alpha, data.seed)[data.client_index]
         if data.max_samples:
             mine = np.random.default_rng(data.seed).permutation(mine)[:data.max_samples]
-        train_idx, holdout_idx = train_holdout(mine, seed=data.seed + data.client_index)
+        train_idx, holdout_idx = train_holdout(mine, seed=data.seed + data.client_index, fraction=data.holdout)
         self.x, self.y = to_tensors(split, train_idx)                 # (N, C, H, W), (N,)
         self.x_hold, self.y_hold = to_tensors(split, holdout_idx)
         self.labels = np.bincount(split.labels[mine], minlength=10)  # class histogram of our partition
         del split                                                     # drop everyone else's samples
-        self.model = build_model(model_name, tuple(self.x.shape[1:]))
 
     @property
     def num_examples(self) -> int:

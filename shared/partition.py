@@ -57,8 +57,11 @@ def partition(labels: np.ndarray, scheme: str, num_clients: int, alpha: float = 
     raise ValueError(f"unknown partition {scheme!r}; choose one of {', '.join(PARTITION_NAMES)}")
 
 
-def train_holdout(indices: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split one client's indices into (train 80%, held-out 20%), seeded."""
+def train_holdout(indices: np.ndarray, seed: int = 0,
+                  fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's indices into (train, held-out `fraction`), seeded."""
+    if not 0 <= fraction < 1:
+        raise ValueError("the held-out fraction must be in [0, 1)")
     shuffled = np.random.default_rng(seed).permutation(indices)
-    n_hold = int(round(len(shuffled) * HOLDOUT_FRACTION))
+    n_hold = int(round(len(shuffled) * fraction))
     return np.sort(shuffled[n_hold:]), np.sort(shuffled[:n_hold])

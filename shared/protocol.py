@@ -45,6 +45,8 @@ class TrainRequest:
     batch_size: int
     max_batches: int = 0      # 0 = no cap; >0 stops local training after that many batches
     deadline_s: float = 0.0   # seconds the client has before the round closes without it
+    partition: str = ""       # '' = keep the client's own partition; else re-partition this way
+    alpha: float = 0.5        # Dirichlet concentration for partition 'dirichlet'
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

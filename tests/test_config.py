@@ -22,3 +22,10 @@ def test_cross_field_check():
     with pytest.raises(ConfigError) as info:
         update_run_config(RunConfig(), {"min_fit_clients": 5, "max_fit_clients": 2})
     assert "max_fit_clients" in info.value.fields
+
+
+def test_partition_is_checked():
+    assert update_run_config(RunConfig(), {"partition": "shards"}).partition == "shards"
+    with pytest.raises(ConfigError) as info:
+        update_run_config(RunConfig(), {"partition": "random", "alpha": 0})
+    assert set(info.value.fields) == {"partition", "alpha"}

@@ -124,6 +124,13 @@ def test_dashboard_in_chromium_live_rounds_start_stop_and_screenshots(cluster):
             page.wait_for_timeout(300)
             page.screenshot(path=str(ARTIFACTS / "dashboard-1440.png"), full_page=True)
 
+            # A second browser that arrives mid-run sees the whole history, not only new points.
+            late = browser.new_page(viewport={"width": 1440, "height": 900})
+            late.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            late.goto(f"{cluster.url}/?token={cluster.admin_token}")
+            late.wait_for_function("window.meshfed.charts.accuracy.data.labels.length >= 3", timeout=10_000)
+            late.close()
+
             page.click("#control-tab")
             page.click("#btn-stop")
             page.wait_for_function("document.getElementById('state').textContent === 'stopped'", timeout=60_000)
@@ -145,3 +152,22 @@ def test_dashboard_in_chromium_live_rounds_start_stop_and_screenshots(cluster):
     assert errors == [], errors
     assert foreign == [], foreign
     assert Path(ARTIFACTS / "dashboard-1440.png").stat().st_size > 10_000
+
+
+def test_alert_rules():
+    from dashboard.monitor import Monitor
+
+    seen = []
+    m = Monitor(lambda event, data: seen.append((event, data)))
+    for r, acc in enumerate([0.5, 0.6, 0.55], start=1):
+        m.observe("metrics_update", {"round": r, "accuracy": acc})
+    assert seen == []  # one drop is not an alert
+    m.observe("metrics_update", {"round": 4, "accuracy": 0.5})
+    assert [d["kind"] for e, d in seen if e == "alert"] == ["accuracy"]
+    for _ in range(3):
+        m.observe("update_refused", {"client_id": "c7", "reason": "non_finite"})
+    alerts = [d for e, d in seen if e == "alert"]
+    assert alerts[-1]["kind"] == "client" and "c7" in alerts[-1]["message"] and "non_finite" in alerts[-1]["message"]
+    m.observe("update_refused", {"client_id": "c7", "reason": "non_finite"})
+    assert len([1 for e, _ in seen if e == "alert"]) == 2  # raised once, not on every refusal
+    assert m.sample()["memory_percent"] > 0 and m.snapshot()["samples"]

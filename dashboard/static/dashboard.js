@@ -140,6 +140,7 @@ function addAlert(a) {
 // --- config form --------------------------------------------------------------------------------
 const CONFIG_FIELDS = [
   ["dataset", "Dataset", ["fashion-mnist", "mnist", "cifar10", "synthetic"]], ["model", "Model", ["cnn", "mlp"]],
+  ["partition", "Partition", ["", "iid", "dirichlet", "shards"]], ["alpha", "Dirichlet alpha"],
   ["num_rounds", "Rounds"], ["min_fit_clients", "Min clients"], ["max_fit_clients", "Max clients per round (0 = all)"],
   ["fraction_fit", "Fraction of clients per round"], ["local_epochs", "Local epochs"], ["lr", "Learning rate"],
   ["batch_size", "Batch size"], ["max_batches", "Max local batches (0 = all)"], ["quorum", "Quorum"],
@@ -158,7 +159,7 @@ function buildForm() {
     input.className = options ? "form-select form-select-sm" : "form-control form-control-sm";
     input.id = "cfg-" + name;
     input.name = name;
-    for (const o of options || []) input.add(new Option(o, o));
+    for (const o of options || []) input.add(new Option(o || "each client's own", o));
     const feedback = document.createElement("div");
     feedback.className = "invalid-feedback";
     feedback.id = "err-" + name;
