@@ -107,17 +107,15 @@ def models() -> Any:
 @bp.get("/model/<version>")
 def model(version: str) -> Any:
     loop = _loop()
-    if version == "latest":
-        number, data = loop.global_model()
-    elif version.isdigit() and loop.store.get_version(int(version)) is not None:
-        number, data = int(version), loop.store.read_model(int(version))
-    else:
-        number, data = None, None
+    number, data, digest = loop.global_model()  # the current version is served from memory
+    if version != "latest" and (not version.isdigit() or int(version) != number):
+        row = loop.store.get_version(int(version)) if version.isdigit() else None
+        number, data, digest = (None, None, None) if row is None else (
+            row["version"], loop.store.read_model(row["version"]), row["sha256"])
     if data is None:
         return error(404, "no_such_version", f"no model version {version!r}; GET /api/models lists them")
-    row = loop.store.get_version(number)
     return Response(data, mimetype="application/octet-stream", headers={
-        "X-Model-Version": str(number), "X-Model-SHA256": row["sha256"],
+        "X-Model-Version": str(number), "X-Model-SHA256": digest,
         "Content-Disposition": f"attachment; filename=meshfed-model-v{number}.npz"})
 
 

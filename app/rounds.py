@@ -22,7 +22,7 @@ from app.verify import OpenRound, check_arrays, check_round, check_signature
 from shared.aggregate import apply_delta, weighted_average
 from shared.errors import MeshfedError, UpdateRefused
 from shared.models import weight_spec
-from shared.protocol import TrainRequest, UpdateHeader, decode_weights, encode_weights
+from shared.protocol import TrainRequest, UpdateHeader, decode_weights, encode_weights, sha256_hex
 
 log = logging.getLogger("meshfed.rounds")
 
@@ -63,6 +63,7 @@ class RoundLoop:
         self._stop_reason = "stopped by operator"
         self.global_version: int | None = None
         self._global_bytes: bytes | None = None
+        self._global_sha256: str | None = None
         self._global: dict[str, np.ndarray] = {}
         self._load_latest()
 
@@ -79,14 +80,14 @@ class RoundLoop:
         if latest is not None:
             self._set_global(latest["version"], self.store.read_model(latest["version"]))
 
-    def _set_global(self, version: int, data: bytes) -> None:
-        self.global_version, self._global_bytes = version, data
-        self._global = decode_weights(data)
+    def _set_global(self, version: int, data: bytes, weights: dict[str, np.ndarray] | None = None) -> None:
+        self.global_version, self._global_bytes, self._global_sha256 = version, data, sha256_hex(data)
+        self._global = weights if weights is not None else decode_weights(data)
 
-    def global_model(self) -> tuple[int | None, bytes | None]:
-        """(version, encoded bytes) of the current global model, for GET /api/model/latest."""
+    def global_model(self) -> tuple[int | None, bytes | None, str | None]:
+        """(version, encoded bytes, sha256) of the current global model, served from memory."""
         with self._cond:
-            return self.global_version, self._global_bytes
+            return self.global_version, self._global_bytes, self._global_sha256
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -177,7 +178,8 @@ class RoundLoop:
         delta = check_arrays(payload, open_round)
         with self._cond:  # the round may have closed while we decoded
             check_round(header, self._open, set(self._delivered))
-            self._delivered[header.client_id] = (delta, header.num_examples, header.metrics)
+            metrics = {**header.metrics, "arrived": time.monotonic()}
+            self._delivered[header.client_id] = (delta, header.num_examples, metrics)
             self._cond.notify_all()
         self.store.record_accepted(header.client_id, header.round)
 
@@ -274,8 +276,10 @@ class RoundLoop:
                      refusals: int, started: float) -> str | None:
         with self._cond:
             self.state = "aggregating"
+        t_aggregate = time.monotonic()
         delta = weighted_average([(d, n) for d, n, _ in delivered.values()])
         new_weights = apply_delta(self._global, delta)
+        aggregate_seconds = time.monotonic() - t_aggregate
         t_eval = time.monotonic()
         loss, accuracy = self.evaluator_for(cfg)(new_weights)
         eval_seconds = time.monotonic() - t_eval
@@ -288,11 +292,16 @@ class RoundLoop:
                "num_selected": len(selected), "num_refused": refusals,
                "seconds": time.monotonic() - started,
                "train_seconds": max((m.get("train_seconds", 0.0) for _, _, m in delivered.values()), default=0.0),
-               "eval_seconds": eval_seconds, "clients": sorted(delivered)}
+               "eval_seconds": eval_seconds, "clients": sorted(delivered),
+               "timings": {  # where the round's time went (bench/round_overhead.py reports these)
+                   "aggregate": aggregate_seconds,
+                   "last_update_arrived": max(m["arrived"] for _, _, m in delivered.values()) - started,
+                   "client_fetch_max": max(m.get("fetch_seconds", 0.0) for _, _, m in delivered.values()),
+                   "client_total_max": max(m.get("client_seconds", 0.0) for _, _, m in delivered.values())}}
         data = encode_weights(new_weights)
         version = self.store.commit_round(self.run_id, round_no, data, self.global_version, row, finished)
         with self._cond:
-            self._set_global(version, data)
+            self._set_global(version, data, new_weights)
         row["model_version"] = version
         log.info("round %d/%d  accuracy %.4f  loss %.4f  clients %d/%d  %.2fs", round_no, cfg.num_rounds,
                  accuracy, loss, len(delivered), len(selected), row["seconds"])

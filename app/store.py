@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS model_versions (
 CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_version INTEGER NOT NULL,
     accuracy REAL, loss REAL, num_clients INTEGER, num_selected INTEGER, num_refused INTEGER,
-    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT,
+    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT,
     PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
@@ -137,11 +137,11 @@ class Store:
              "loss, created) VALUES (?, ?, ?, 'round', ?, ?, ?, ?, ?, ?)",
              (version, run_id, round_no, parent, digest, name, row["accuracy"], row["loss"], now)),
             ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
-             "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients) "
-             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
               row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
-              json.dumps(row["clients"]))),
+              json.dumps(row["clients"]), json.dumps(row.get("timings", {})))),
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
         if finished:
@@ -177,6 +177,7 @@ class Store:
         rows = self._query("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))
         for r in rows:
             r["clients"] = json.loads(r["clients"] or "[]")
+            r["timings"] = json.loads(r["timings"] or "{}")
         return rows
 
     # --- clients ---------------------------------------------------------------------------------

@@ -60,9 +60,17 @@ def main() -> None:
     train = [r["train_seconds"] for r in rounds]
     evals = [r["eval_seconds"] for r in rounds]
     overhead = [w - t - e for w, t, e in zip(wall, train, evals)]
+    timing = {k: summary([r["timings"][k] for r in rounds]) for k in rounds[0]["timings"]}
+    # after the last update arrived: aggregation, checkpoint + SQLite commit, publishing (evaluation excluded)
+    closing = [w - r["timings"]["last_update_arrived"] - e for w, r, e in zip(wall, rounds, evals)]
+    # end-to-end: time between consecutive round ends (includes checkpointing and the next dispatch)
+    periods = [b["ended"] - a["ended"] for a, b in zip(rounds, rounds[1:])]
+    period_overhead = [p - b["train_seconds"] - b["eval_seconds"] for p, b in zip(periods, rounds[1:])]
     result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "rounds": len(rounds),
               "round_wall_s": summary(wall), "client_training_s": summary(train),
               "server_evaluation_s": summary(evals), "overhead_s": summary(overhead),
+              "round_period_s": summary(periods), "overhead_per_period_s": summary(period_overhead),
+              "breakdown_s": {**timing, "server_close_excluding_eval": summary(closing)},
               "startup_from_launch_s": round(cold_start, 2), "startup_from_start_clients_connected_s":
                   round(warm_start, 2),
               "targets": {"overhead_median_s": 0.1, "startup_s": 3.0},

@@ -131,17 +131,20 @@ class Node:
 
     def handle(self, request: TrainRequest) -> None:
         """Fetch the model, train, sign and post the update; log the server's verdict."""
+        received = time.perf_counter()
         self._emit_status("training")
         try:
             if request.partition and self.trainer.repartition(request.partition, request.alpha):
                 log.info("re-partitioned as %s (alpha %s): %d training samples", request.partition, request.alpha,
                          self.trainer.num_examples)
             global_weights = self.fetch_model(request.model_version)
+            fetch_seconds = time.perf_counter() - received
             c = self.config
             delta, metrics = self.trainer.fit(
                 global_weights, c.local_epochs or request.local_epochs, c.lr or request.lr,
                 c.batch_size or request.batch_size, request.max_batches, seed=request.round)
-            metrics.update(self._resources())
+            metrics.update(self._resources(), fetch_seconds=fetch_seconds,
+                           client_seconds=time.perf_counter() - received)
             verdict = self.post_update(request, delta, metrics)
             log.info("round %d: trained %d batches in %.2fs, held-out acc %.4f -> %s", request.round,
                      metrics["batches"], metrics["train_seconds"], metrics["eval_accuracy"], verdict)

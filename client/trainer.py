@@ -72,9 +72,11 @@ class LocalTrainer:
         train_seconds = time.perf_counter() - started
         eval_loss, eval_acc = self.evaluate()
         delta = subtract(get_weights(self.model), global_weights)
+        prepare_seconds = time.perf_counter() - started - train_seconds
         return delta, {"train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                        "examples": stats["examples"], "batches": stats["batches"],
-                       "eval_loss": eval_loss, "eval_accuracy": eval_acc, "train_seconds": train_seconds}
+                       "eval_loss": eval_loss, "eval_accuracy": eval_acc, "train_seconds": train_seconds,
+                       "prepare_seconds": prepare_seconds}
 
     def evaluate(self, weights: Weights | None = None) -> tuple[float, float]:
         """(loss, accuracy) on our held-out 20%, of `weights` or of the current local model."""

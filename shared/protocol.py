@@ -91,13 +91,12 @@ def encode_weights(weights: dict[str, np.ndarray]) -> bytes:
 def decode_weights(data: bytes, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Inverse of encode_weights; refuses pickled objects and archives that expand past max_bytes."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            expanded = sum(info.file_size for info in zf.infolist())
-        if max_bytes is not None and expanded > max_bytes:
-            raise UpdateRefused("too_large", f"weights expand to {expanded} bytes, limit is {max_bytes}")
         # Never set allow_pickle=True here: these bytes come from the network or from disk.
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {name[:-4] if name.endswith(".npy") else name: npz[name] for name in npz.files}
+            expanded = sum(info.file_size for info in npz.zip.infolist())  # declared sizes, before reading
+            if max_bytes is not None and expanded > max_bytes:
+                raise UpdateRefused("too_large", f"weights expand to {expanded} bytes, limit is {max_bytes}")
+            return {name: npz[name] for name in npz.files}
     except UpdateRefused:
         raise
     except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled object), EOFError, ...
