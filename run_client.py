@@ -9,6 +9,7 @@ import threading
 
 import torch
 
+from client.behaviour import Behaviour
 from client.node import Node, NodeConfig
 from client.trainer import DataConfig, LocalTrainer
 from shared.log import setup_logging
@@ -31,6 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="override the server's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the server's learning rate")
     p.add_argument("--local-epochs", type=int, default=None, help="override the server's local epochs")
+    p.add_argument("--attack", default="", choices=["", "sign_flip", "scale", "gaussian", "label_flip"],
+                   help="simulate a Byzantine client (tests, demos)")
+    p.add_argument("--attack-scale", type=float, default=10.0, help="sign_flip/scale factor, gaussian std")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds to wait before posting each update")
+    p.add_argument("--dropout-prob", type=float, default=0.0, help="chance of skipping a round")
+    p.add_argument("--slowdown", type=float, default=1.0, help="> 1: do only 1/slowdown of the local work")
     p.add_argument("--key-dir", default="keys", help="RSA key directory (key file mode 0600)")
     p.add_argument("--enrollment-token", default=os.environ.get("MESHFED_ENROLLMENT_TOKEN"),
                    help="the server's enrollment token (default $MESHFED_ENROLLMENT_TOKEN)")
@@ -49,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     trainer = LocalTrainer(DataConfig(
         dataset=args.dataset, data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
         num_clients=args.num_clients, client_index=args.client_index, seed=args.seed,
-        max_samples=args.max_samples, holdout=args.holdout), model_name=args.model)
+        max_samples=args.max_samples, holdout=args.holdout,
+        flip_labels=args.attack == "label_flip"), model_name=args.model)
+    behaviour = Behaviour(attack=args.attack, attack_scale=args.attack_scale, delay=args.delay,
+                          dropout_prob=args.dropout_prob, slowdown=args.slowdown, seed=args.client_index)
     node = Node(NodeConfig(client_id=args.client_id, server_address=args.server_address.rstrip("/"),
                            enrollment_token=args.enrollment_token, key_dir=args.key_dir,
-                           local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size), trainer)
+                           local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size), trainer,
+                behaviour)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

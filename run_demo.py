@@ -163,6 +163,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-dir", default="demo-report")
     p.add_argument("--work-dir", default=None, help="state, keys and logs (default: a fresh temp dir)")
     p.add_argument("--round-timeout", type=float, default=300.0)
+    p.add_argument("--strategy", default="fedavg", help="aggregation strategy (see run_server.py --help)")
+    p.add_argument("--byzantine-f", type=int, default=0, help="attackers the strategy tolerates (Krum, Bulyan)")
+    p.add_argument("--malicious", type=int, default=0, help="make the last K clients attackers")
+    p.add_argument("--attack", default="sign_flip", help="their attack: sign_flip scale gaussian label_flip")
     p.add_argument("--keep-open", action="store_true", help="keep the server up after the last round")
     return p.parse_args(argv)
 
@@ -178,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                              "--min-clients", str(args.num_clients), "--local-epochs", str(args.local_epochs),
                              "--lr", str(args.lr), "--batch-size", str(args.batch_size),
                              "--eval-limit", str(args.eval_limit), "--round-timeout", str(args.round_timeout),
+                             "--strategy", args.strategy, "--byzantine-f", str(args.byzantine_f),
                              *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
         for i in range(args.num_clients):
             cluster.start_client(f"client-{i}", "--dataset", args.dataset, "--partition", args.partition,
                                  "--alpha", str(args.alpha), "--num-clients", str(args.num_clients),
                                  "--client-index", str(i), "--max-samples", str(args.max_samples),
+                                 *(["--attack", args.attack] if i >= args.num_clients - args.malicious else []),
                                  *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
         cluster.wait_ready()
         print(f"dashboard: {cluster.url}/   (admin token {cluster.admin_token}; logs in {workdir})", flush=True)

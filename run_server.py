@@ -9,6 +9,7 @@ import torch
 
 from app import create_app
 from app.config import RunConfig, ServerConfig, update_run_config
+from app.strategy import load_modules
 from shared.log import setup_logging
 
 D = RunConfig()
@@ -38,6 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batches", type=int, default=D.max_batches, help="cap local batches per round (0 = none)")
     p.add_argument("--partition", default=D.partition, help="'' = clients' own; iid|dirichlet|shards for all")
     p.add_argument("--alpha", type=float, default=D.alpha, help="Dirichlet alpha when --partition dirichlet")
+    p.add_argument("--strategy", default=D.strategy, help="fedavg fedprox fedadam fedyogi fedadagrad fedavgm "
+                   "krum multikrum median trimmed_mean bulyan, or one from --strategy-module")
+    p.add_argument("--strategy-module", action="append", default=[], help="import a module that registers strategies")
+    p.add_argument("--proximal-mu", type=float, default=D.proximal_mu, help="FedProx mu")
+    p.add_argument("--server-lr", type=float, default=D.server_lr, help="FedOpt/FedAvgM server learning rate")
+    p.add_argument("--beta1", type=float, default=D.beta1, help="FedOpt first moment / FedAvgM momentum")
+    p.add_argument("--beta2", type=float, default=D.beta2, help="FedAdam/FedYogi second moment")
+    p.add_argument("--tau", type=float, default=D.tau, help="FedOpt adaptivity")
+    p.add_argument("--byzantine-f", type=int, default=D.byzantine_f, help="attackers tolerated (Krum, Bulyan)")
+    p.add_argument("--multikrum-m", type=int, default=D.multikrum_m, help="Multi-Krum: updates averaged (0 = n-f)")
+    p.add_argument("--trim-beta", type=float, default=D.trim_beta, help="trimmed mean: share cut at each end")
+    p.add_argument("--anomaly-z", type=float, default=D.anomaly_z, help="flag updates beyond this z-score")
     p.add_argument("--target-accuracy", type=float, default=D.target_accuracy)
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test samples (0 = all)")
@@ -51,12 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
+    load_modules(args.strategy_module)  # user strategies register themselves before validation
     run = update_run_config(RunConfig(), {
         "dataset": args.dataset, "model": args.model, "num_rounds": args.num_rounds,
         "min_fit_clients": args.min_clients, "max_fit_clients": args.max_clients,
         "fraction_fit": args.fraction_fit, "quorum": args.quorum, "round_timeout": args.round_timeout,
         "local_epochs": args.local_epochs, "lr": args.lr, "batch_size": args.batch_size,
-        "max_batches": args.max_batches, "partition": args.partition, "alpha": args.alpha, "target_accuracy": args.target_accuracy, "seed": args.seed})
+        "max_batches": args.max_batches, "partition": args.partition, "alpha": args.alpha,
+        "strategy": args.strategy, "proximal_mu": args.proximal_mu, "server_lr": args.server_lr, "beta1": args.beta1,
+        "beta2": args.beta2, "tau": args.tau, "byzantine_f": args.byzantine_f, "multikrum_m": args.multikrum_m,
+        "trim_beta": args.trim_beta, "anomaly_z": args.anomaly_z, "target_accuracy": args.target_accuracy, "seed": args.seed})
     return ServerConfig(
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
         admin_token=args.admin_token or secrets.token_hex(16),

@@ -8,6 +8,7 @@ from typing import Any
 from shared.datasets import DATASET_NAMES
 from shared.errors import ConfigError
 from shared.models import MODEL_NAMES
+from app.strategy import STRATEGIES, min_updates
 from shared.partition import PARTITION_NAMES
 
 
@@ -31,6 +32,17 @@ class RunConfig:
                                     # re-partitions (iid | dirichlet | shards): for simulations
     alpha: float = 0.5              # Dirichlet concentration when partition is 'dirichlet'
     target_accuracy: float = 0.0    # stop once test accuracy reaches this; 0 = off
+    strategy: str = "fedavg"        # see app/strategy.py: fedavg fedprox fedadam fedyogi fedadagrad
+                                    # fedavgm krum multikrum median trimmed_mean bulyan (+ plug-ins)
+    proximal_mu: float = 0.0        # FedProx: clients add mu/2 * ||w - w_global||^2 (fedprox needs > 0)
+    server_lr: float = 0.1          # FedOpt / FedAvgM server learning rate (eta)
+    beta1: float = 0.9              # FedOpt first-moment decay; FedAvgM momentum
+    beta2: float = 0.99             # FedAdam / FedYogi second-moment decay
+    tau: float = 1e-3               # FedOpt adaptivity (epsilon); v starts at tau^2
+    byzantine_f: int = 0            # Krum / Multi-Krum / Bulyan: attackers tolerated per round
+    multikrum_m: int = 0            # Multi-Krum: updates averaged; 0 = n - f
+    trim_beta: float = 0.1          # trimmed mean: share cut from each end per coordinate
+    anomaly_z: float = 2.5          # flag updates whose norm or cosine-distance z-score exceeds this
     seed: int = 0                   # seeds the initial model and client selection
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +83,16 @@ _CHECKS: dict[str, tuple[type, Any, str]] = {
                   f"'' (clients' own) or one of {', '.join(PARTITION_NAMES)}"),
     "alpha": (float, lambda v: 0.001 <= v <= 1000, "a number from 0.001 to 1000"),
     "target_accuracy": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
+    "strategy": (str, lambda v: v in STRATEGIES, "a registered strategy (see app/strategy.py)"),
+    "proximal_mu": (float, lambda v: 0 <= v <= 100, "a number from 0 to 100"),
+    "server_lr": (float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
+    "beta1": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "beta2": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "tau": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "byzantine_f": (int, lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
+    "multikrum_m": (int, lambda v: 0 <= v <= 10_000, "an integer >= 0 (0 = n - f)"),
+    "trim_beta": (float, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "anomaly_z": (float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
     "seed": (int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32-1"),
 }
 
@@ -101,4 +123,11 @@ def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
     result = dataclasses.replace(base, **clean)
     if result.max_fit_clients and result.max_fit_clients < result.min_fit_clients:
         raise ConfigError({"max_fit_clients": "must be 0 or at least min_fit_clients"})
+    if result.strategy == "fedprox" and result.proximal_mu <= 0:
+        raise ConfigError({"proximal_mu": "fedprox needs proximal_mu > 0 (e.g. 0.01)"})
+    needed = min_updates(result)
+    if needed > result.min_fit_clients:
+        raise ConfigError({"min_fit_clients": f"{result.strategy} with byzantine_f={result.byzantine_f} needs "
+                                              f"at least {needed} clients per round (n > 2f + 2 for Krum, "
+                                              f"n >= 4f + 3 for Bulyan)"})
     return result

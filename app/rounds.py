@@ -19,7 +19,8 @@ from app.evaluator import Evaluator
 from app.registry import Registry
 from app.store import Store
 from app.verify import OpenRound, check_arrays, check_round, check_signature
-from shared.aggregate import apply_delta, weighted_average
+from app import strategy
+from shared.aggregate import anomaly_scores, flatten
 from shared.errors import MeshfedError, UpdateRefused
 from shared.models import weight_spec
 from shared.protocol import TrainRequest, UpdateHeader, decode_weights, encode_weights, sha256_hex
@@ -65,6 +66,7 @@ class RoundLoop:
         self._global_bytes: bytes | None = None
         self._global_sha256: str | None = None
         self._global: dict[str, np.ndarray] = {}
+        self._strategy_state: dict[str, np.ndarray] = {}  # saved with every checkpoint (app/strategy.py)
         self._load_latest()
 
     # --- the global model ------------------------------------------------------------------------
@@ -79,6 +81,8 @@ class RoundLoop:
         latest = self.store.latest_version()
         if latest is not None:
             self._set_global(latest["version"], self.store.read_model(latest["version"]))
+            state = self.store.read_state(latest["version"])
+            self._strategy_state = decode_weights(state) if state else {}
 
     def _set_global(self, version: int, data: bytes, weights: dict[str, np.ndarray] | None = None) -> None:
         self.global_version, self._global_bytes, self._global_sha256 = version, data, sha256_hex(data)
@@ -118,6 +122,7 @@ class RoundLoop:
                 data = encode_weights(weights)
                 version = self.store.add_version(data, "init", run_id=self.run_id)
                 self._set_global(version, data)
+                self._strategy_state = {}
                 log.info("new run %s, initial model version %d", self.run_id, version)
             self._active, self.state = True, "waiting"
             self._stop.clear()
@@ -153,6 +158,7 @@ class RoundLoop:
             new = self.store.add_version(data, "rollback", run_id=self.run_id, parent=version,
                                          accuracy=row["accuracy"], loss=row["loss"])
             self._set_global(new, data)
+            self._strategy_state = {}  # server-optimiser moments belong to the abandoned trajectory
         self.transport.publish("status_update", self.status())
         return new
 
@@ -239,7 +245,8 @@ class RoundLoop:
         request = TrainRequest(run_id=self.run_id, round=round_no, model_version=self.global_version,
                                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout,
-                               partition=cfg.partition, alpha=cfg.alpha)
+                               partition=cfg.partition, alpha=cfg.alpha,
+                               proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0)
         with self._cond:
             self.round, self.state = round_no, "training"
             self._open = OpenRound(self.run_id, round_no, self.global_version, frozenset(selected),
@@ -277,8 +284,16 @@ class RoundLoop:
         with self._cond:
             self.state = "aggregating"
         t_aggregate = time.monotonic()
-        delta = weighted_average([(d, n) for d, n, _ in delivered.values()])
-        new_weights = apply_delta(self._global, delta)
+        ids = sorted(delivered)  # a fixed order: the same updates give the same model, bit for bit
+        updates = [(delivered[cid][0], delivered[cid][1]) for cid in ids]
+        try:
+            new_weights, new_state = strategy.aggregate(cfg, self._global, updates, self._strategy_state)
+        except ValueError as exc:  # e.g. Krum with too few updates after dropouts
+            log.warning("round %d: %s; playing the round again", round_no, exc)
+            with self._cond:
+                self.round = round_no - 1
+            return None
+        flagged = self._flag_anomalies(ids, updates, new_weights, cfg.anomaly_z)
         aggregate_seconds = time.monotonic() - t_aggregate
         t_eval = time.monotonic()
         loss, accuracy = self.evaluator_for(cfg)(new_weights)
@@ -292,21 +307,35 @@ class RoundLoop:
                "num_selected": len(selected), "num_refused": refusals,
                "seconds": time.monotonic() - started,
                "train_seconds": max((m.get("train_seconds", 0.0) for _, _, m in delivered.values()), default=0.0),
-               "eval_seconds": eval_seconds, "clients": sorted(delivered),
+               "eval_seconds": eval_seconds, "clients": ids, "flagged": flagged,
+               "dropped": sorted(set(selected) - set(delivered)),
                "timings": {  # where the round's time went (bench/round_overhead.py reports these)
                    "aggregate": aggregate_seconds,
                    "last_update_arrived": max(m["arrived"] for _, _, m in delivered.values()) - started,
                    "client_fetch_max": max(m.get("fetch_seconds", 0.0) for _, _, m in delivered.values()),
                    "client_total_max": max(m.get("client_seconds", 0.0) for _, _, m in delivered.values())}}
         data = encode_weights(new_weights)
-        version = self.store.commit_round(self.run_id, round_no, data, self.global_version, row, finished)
+        state = encode_weights(new_state) if new_state else None
+        version = self.store.commit_round(self.run_id, round_no, data, self.global_version, row, finished, state)
         with self._cond:
             self._set_global(version, data, new_weights)
+            self._strategy_state = new_state
         row["model_version"] = version
         log.info("round %d/%d  accuracy %.4f  loss %.4f  clients %d/%d  %.2fs", round_no, cfg.num_rounds,
                  accuracy, loss, len(delivered), len(selected), row["seconds"])
         self.transport.publish("metrics_update", row)
         return finished
+
+    def _flag_anomalies(self, ids: list[str], updates: list[tuple[dict[str, np.ndarray], int]],
+                        new_weights: dict[str, np.ndarray], z: float) -> dict[str, dict[str, float]]:
+        """Clients whose update norm or cosine distance to the applied step is z-score > z."""
+        if len(updates) < 3:
+            return {}
+        x = np.stack([flatten(d) for d, _ in updates])
+        step = flatten(new_weights) - flatten(self._global)
+        scores = anomaly_scores(x, step)
+        return {cid: {k: round(float(v[i]), 4) for k, v in scores.items()} for i, cid in enumerate(ids)
+                if scores["norm_z"][i] > z or scores["cosine_z"][i] > z}
 
     # --- views -----------------------------------------------------------------------------------
 

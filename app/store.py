@@ -23,16 +23,17 @@ CREATE TABLE IF NOT EXISTS runs (
     completed_round INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS model_versions (
     version INTEGER PRIMARY KEY, run_id TEXT, round INTEGER, source TEXT NOT NULL, parent INTEGER,
-    sha256 TEXT NOT NULL, path TEXT NOT NULL, accuracy REAL, loss REAL, created REAL NOT NULL);
+    sha256 TEXT NOT NULL, path TEXT NOT NULL, accuracy REAL, loss REAL, created REAL NOT NULL,
+    state_path TEXT);
 CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_version INTEGER NOT NULL,
     accuracy REAL, loss REAL, num_clients INTEGER, num_selected INTEGER, num_refused INTEGER,
-    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT,
+    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT, flagged TEXT,
     PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
     last_seen REAL, num_examples INTEGER, last_round INTEGER, accepted INTEGER NOT NULL DEFAULT 0,
-    refused INTEGER NOT NULL DEFAULT 0);
+    refused INTEGER NOT NULL DEFAULT 0, flagged INTEGER NOT NULL DEFAULT 0, dropouts INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS refusals (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, client_id TEXT, run_id TEXT,
     round INTEGER, reason TEXT NOT NULL, message TEXT);
@@ -127,28 +128,48 @@ class Store:
         return version
 
     def commit_round(self, run_id: str, round_no: int, data: bytes, parent: int, row: dict[str, Any],
-                     finished: str | None = None) -> int:
-        """Durably record one completed round and the model it produced; returns the new version."""
+                     finished: str | None = None, state: bytes | None = None) -> int:
+        """Durably record one completed round, the model it produced and the strategy's state after it;
+        returns the new version. Only the two newest state files are kept."""
         version = self.next_version()
         name, digest = self._write_model(version, data)
+        state_name = None
+        if state is not None:
+            state_name = f"v{version:06d}.state.npz"
+            write_atomic(self.models_dir / state_name, state)
         now = time.time()
         statements = [
             ("INSERT INTO model_versions (version, run_id, round, source, parent, sha256, path, accuracy, "
-             "loss, created) VALUES (?, ?, ?, 'round', ?, ?, ?, ?, ?, ?)",
-             (version, run_id, round_no, parent, digest, name, row["accuracy"], row["loss"], now)),
+             "loss, created, state_path) VALUES (?, ?, ?, 'round', ?, ?, ?, ?, ?, ?, ?)",
+             (version, run_id, round_no, parent, digest, name, row["accuracy"], row["loss"], now, state_name)),
             ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
-             "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings) "
-             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings, flagged) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
               row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
-              json.dumps(row["clients"]), json.dumps(row.get("timings", {})))),
+              json.dumps(row["clients"]), json.dumps(row.get("timings", {})), json.dumps(row.get("flagged", {})))),
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
+        statements += [("UPDATE clients SET flagged = flagged + 1 WHERE id = ?", (cid,))
+                       for cid in row.get("flagged", {})]
+        statements += [("UPDATE clients SET dropouts = dropouts + 1 WHERE id = ?", (cid,))
+                       for cid in row.get("dropped", [])]
         if finished:
             statements.append(("UPDATE runs SET status = 'finished', stop_reason = ? WHERE id = ?",
                                (finished, run_id)))
         self._execute(*statements)
+        for old in self.models_dir.glob("v*.state.npz"):
+            if int(old.name[1:7]) < version - 1:
+                old.unlink(missing_ok=True)
         return version
+
+    def read_state(self, version: int) -> bytes | None:
+        """The strategy state saved with `version`, if any."""
+        row = self.get_version(version)
+        if row is None or not row.get("state_path"):
+            return None
+        path = self.models_dir / row["state_path"]
+        return path.read_bytes() if path.exists() else None
 
     def latest_version(self) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM model_versions ORDER BY version DESC LIMIT 1")
@@ -178,6 +199,7 @@ class Store:
         for r in rows:
             r["clients"] = json.loads(r["clients"] or "[]")
             r["timings"] = json.loads(r["timings"] or "{}")
+            r["flagged"] = json.loads(r["flagged"] or "{}")
         return rows
 
     # --- clients ---------------------------------------------------------------------------------
@@ -214,10 +236,14 @@ class Store:
 
     def clients(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT id, fingerprint, registered, last_seen, num_examples, last_round, accepted, "
-                           "refused FROM clients ORDER BY id")
+                           "refused, flagged, dropouts FROM clients ORDER BY id")
         reasons = self._query("SELECT client_id, reason, COUNT(*) AS n FROM refusals GROUP BY client_id, reason")
         for r in rows:
             r["refusals"] = {x["reason"]: x["n"] for x in reasons if x["client_id"] == r["id"]}
+            # reputation in [0, 1]: share of clean outcomes (accepted and not flagged) among all the
+            # client's outcomes (accepted, refused, dropped out), with one good and one bad pseudo-count
+            clean, total = r["accepted"] - r["flagged"], r["accepted"] + r["refused"] + r["dropouts"]
+            r["reputation"] = round((clean + 1) / (total + 2), 4)
         return rows
 
     def refusals(self, limit: int = 100) -> list[dict[str, Any]]:

@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import psutil
 import requests
 import socketio
 
+from client.behaviour import Behaviour, partial_batches, poison
 from client.trainer import LocalTrainer
 from shared import crypto
 from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_TRAIN, EV_WELCOME, NAMESPACE, TrainRequest,
@@ -41,8 +43,9 @@ class NodeConfig:
 class Node:
     """One client process: Socket.IO for control, HTTP for weights, one worker thread for training."""
 
-    def __init__(self, config: NodeConfig, trainer: LocalTrainer):
-        self.config, self.trainer = config, trainer
+    def __init__(self, config: NodeConfig, trainer: LocalTrainer, behaviour: Behaviour = Behaviour()):
+        self.config, self.trainer, self.behaviour = config, trainer, behaviour
+        self._rng = np.random.default_rng(behaviour.seed)
         self.key = crypto.load_or_create_key(config.key_dir, config.client_id)
         self.fingerprint = crypto.fingerprint(crypto.public_pem(self.key))
         self.http = requests.Session()
@@ -132,6 +135,10 @@ class Node:
     def handle(self, request: TrainRequest) -> None:
         """Fetch the model, train, sign and post the update; log the server's verdict."""
         received = time.perf_counter()
+        b = self.behaviour
+        if b.dropout_prob and self._rng.random() < b.dropout_prob:
+            log.info("round %d: dropping out (simulated, p=%.2f)", request.round, b.dropout_prob)
+            return
         self._emit_status("training")
         try:
             if request.partition and self.trainer.repartition(request.partition, request.alpha):
@@ -140,9 +147,14 @@ class Node:
             global_weights = self.fetch_model(request.model_version)
             fetch_seconds = time.perf_counter() - received
             c = self.config
-            delta, metrics = self.trainer.fit(
-                global_weights, c.local_epochs or request.local_epochs, c.lr or request.lr,
-                c.batch_size or request.batch_size, request.max_batches, seed=request.round)
+            epochs, batch_size = c.local_epochs or request.local_epochs, c.batch_size or request.batch_size
+            max_batches = partial_batches(self.trainer.num_examples, batch_size, epochs, b.slowdown,
+                                          request.max_batches)
+            delta, metrics = self.trainer.fit(global_weights, epochs, c.lr or request.lr, batch_size, max_batches,
+                                              seed=request.round, proximal_mu=request.proximal_mu)
+            delta = poison(delta, b.attack, b.attack_scale, self._rng)
+            if b.delay:
+                time.sleep(b.delay)
             metrics.update(self._resources(), fetch_seconds=fetch_seconds,
                            client_seconds=time.perf_counter() - received)
             verdict = self.post_update(request, delta, metrics)

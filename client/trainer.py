@@ -28,6 +28,7 @@ class DataConfig:
     seed: int = 0                  # the same seed on every client gives disjoint partitions
     max_samples: int = 0           # keep at most this many of our samples (0 = all); for quick runs
     holdout: float = HOLDOUT_FRACTION  # share of our samples kept out of training for local evaluation
+    flip_labels: bool = False      # train on labels 9 - y (the label_flip attack, client/behaviour.py)
 
 
 class LocalTrainer:
@@ -55,6 +56,8 @@ class LocalTrainer:
             mine = np.random.default_rng(data.seed).permutation(mine)[:data.max_samples]
         train_idx, holdout_idx = train_holdout(mine, seed=data.seed + data.client_index, fraction=data.holdout)
         self.x, self.y = to_tensors(split, train_idx)                 # (N, C, H, W), (N,)
+        if data.flip_labels:
+            self.y = int(split.labels.max()) - self.y
         self.x_hold, self.y_hold = to_tensors(split, holdout_idx)
         self.labels = np.bincount(split.labels[mine], minlength=10)  # class histogram of our partition
         del split                                                     # drop everyone else's samples
@@ -64,11 +67,11 @@ class LocalTrainer:
         return len(self.y)
 
     def fit(self, global_weights: Weights, epochs: int, lr: float, batch_size: int, max_batches: int = 0,
-            seed: int = 0) -> tuple[Weights, dict[str, float]]:
+            seed: int = 0, proximal_mu: float = 0.0) -> tuple[Weights, dict[str, float]]:
         """Train from global_weights; returns (delta = local - global, metrics)."""
         set_weights(self.model, global_weights)
         started = time.perf_counter()
-        stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed)
+        stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed, proximal_mu)
         train_seconds = time.perf_counter() - started
         eval_loss, eval_acc = self.evaluate()
         delta = subtract(get_weights(self.model), global_weights)

@@ -34,3 +34,131 @@ def apply_delta(weights: Weights, delta: Weights, scale: float = 1.0) -> Weights
 def subtract(a: Weights, b: Weights) -> Weights:
     """a - b per named array: the delta a client sends."""
     return {k: (a[k] - b[k]).astype(a[k].dtype) for k in a}
+
+
+# --- robust aggregation over flattened updates (rows = clients) -----------------------------------
+
+def flatten(weights: Weights) -> np.ndarray:
+    """All arrays of one update as one float32 vector, in name order."""
+    return np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in weights.values()])
+
+
+def unflatten(vector: np.ndarray, like: Weights) -> Weights:
+    """Inverse of flatten, shaped and typed like `like`."""
+    out, start = {}, 0
+    for name, a in like.items():
+        out[name] = vector[start:start + a.size].reshape(a.shape).astype(a.dtype)
+        start += a.size
+    return out
+
+
+def coordinate_median(x: np.ndarray) -> np.ndarray:
+    """Coordinate-wise median of rows x (n, d) (Yin et al. 2018)."""
+    return np.median(x, axis=0)
+
+
+def trimmed_mean(x: np.ndarray, beta: float) -> np.ndarray:
+    """Coordinate-wise mean after dropping the floor(beta*n) largest and smallest values (Yin et al. 2018)."""
+    n = x.shape[0]
+    k = int(np.floor(beta * n))
+    if not 0 <= beta < 0.5 or n - 2 * k < 1:
+        raise ValueError(f"trimmed mean needs 0 <= beta < 0.5 and rows left after trimming (n={n}, beta={beta})")
+    return np.sort(x, axis=0)[k:n - k].mean(axis=0)
+
+
+def pairwise_sq_distances(x: np.ndarray) -> np.ndarray:
+    """(n, n) squared Euclidean distances between rows, via one Gram matrix (float64)."""
+    x64 = x.astype(np.float64, copy=False)
+    sq = np.einsum("ij,ij->i", x64, x64)
+    d = sq[:, None] + sq[None, :] - 2.0 * (x64 @ x64.T)
+    np.fill_diagonal(d, 0.0)
+    return np.maximum(d, 0.0)
+
+
+def krum_scores(x: np.ndarray, f: int) -> np.ndarray:
+    """Krum score of each row: sum of squared distances to its n - f - 2 nearest others (Blanchard et al. 2017)."""
+    n = x.shape[0]
+    if n <= 2 * f + 2:
+        raise ValueError(f"Krum needs n > 2f + 2 updates; got n={n}, f={f}")
+    d = pairwise_sq_distances(x)
+    k = n - f - 2
+    return np.array([np.sort(np.delete(d[i], i))[:k].sum() for i in range(n)])
+
+
+def multikrum(x: np.ndarray, f: int, m: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the m rows with the lowest Krum scores (m=1 is Krum); returns (aggregate, chosen rows)."""
+    chosen = np.sort(np.argsort(krum_scores(x, f), kind="stable")[:m])
+    return x[chosen].mean(axis=0), chosen
+
+
+def bulyan(x: np.ndarray, f: int) -> np.ndarray:
+    """Bulyan (El Mhamdi et al. 2018): pick n-2f rows by repeated Krum, then per coordinate average
+    the n-4f values closest to the median. Needs n >= 4f + 3."""
+    n = x.shape[0]
+    if n < 4 * f + 3:
+        raise ValueError(f"Bulyan needs n >= 4f + 3 updates; got n={n}, f={f}")
+    remaining = list(range(n))
+    selected = []
+    for _ in range(n - 2 * f):
+        rows = x[remaining]
+        if len(remaining) > 2 * f + 2:
+            best = int(np.argmin(krum_scores(rows, f)))
+        else:  # too few left for Krum's guarantee: take the one nearest to the others
+            best = int(np.argmin(pairwise_sq_distances(rows).sum(axis=1)))
+        selected.append(remaining.pop(best))
+    s = x[selected]                                      # (theta, d), theta = n - 2f
+    beta = s.shape[0] - 2 * f                            # values kept per coordinate
+    median = np.median(s, axis=0)
+    closest = np.argsort(np.abs(s - median), axis=0, kind="stable")[:beta]
+    return np.take_along_axis(s, closest, axis=0).mean(axis=0)
+
+
+# --- server optimisers on the aggregated delta (Reddi et al. 2021; Hsu et al. 2019) ---------------
+
+def fedopt_step(weights: Weights, delta: Weights, state: dict[str, np.ndarray], kind: str, lr: float,
+                beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> tuple[Weights, dict[str, np.ndarray]]:
+    """One server step on the averaged delta (the pseudo-gradient, pointing downhill).
+
+    kind: 'fedadam' | 'fedyogi' | 'fedadagrad' (adaptive, with m and v) or 'fedavgm' (momentum beta1).
+    `state` maps 'm/<name>' and 'v/<name>' to arrays; an empty dict starts from zeros (v from tau^2).
+    Returns new weights and new state; inputs are not modified.
+    """
+    new_w, new_state = {}, {}
+    for name, w in weights.items():
+        g = delta[name].astype(w.dtype)  # state keeps the weights' dtype (float32): checkpoints stay small
+        m = state.get(f"m/{name}", np.zeros_like(g))
+        if kind == "fedavgm":
+            m = beta1 * m + g
+            new_w[name] = (w + lr * m).astype(w.dtype)
+            new_state[f"m/{name}"] = m
+            continue
+        m = beta1 * m + (1 - beta1) * g
+        v = state.get(f"v/{name}", np.full_like(g, tau * tau))
+        g2 = g * g
+        if kind == "fedadagrad":
+            v = v + g2
+        elif kind == "fedyogi":
+            v = v - (1 - beta2) * g2 * np.sign(v - g2)
+        elif kind == "fedadam":
+            v = beta2 * v + (1 - beta2) * g2
+        else:
+            raise ValueError(f"unknown server optimiser {kind!r}")
+        new_w[name] = (w + lr * m / (np.sqrt(v) + tau)).astype(w.dtype)
+        new_state[f"m/{name}"], new_state[f"v/{name}"] = m, v
+    return new_w, new_state
+
+
+# --- anomaly scores ----------------------------------------------------------------------------------
+
+def anomaly_scores(x: np.ndarray, aggregate: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-row z-score of the update norm and cosine distance to the aggregate (higher = stranger)."""
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    agg_norm = np.linalg.norm(aggregate.astype(np.float64))
+    cos = (x.astype(np.float64) @ aggregate.astype(np.float64)) / np.maximum(norms * agg_norm, 1e-12)
+    cos_dist = 1.0 - cos
+
+    def z(v: np.ndarray) -> np.ndarray:
+        sd = v.std()
+        return (v - v.mean()) / sd if sd > 1e-12 else np.zeros_like(v)
+
+    return {"norm": norms, "norm_z": z(norms), "cosine_distance": cos_dist, "cosine_z": z(cos_dist)}

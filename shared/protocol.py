@@ -47,6 +47,7 @@ class TrainRequest:
     deadline_s: float = 0.0   # seconds the client has before the round closes without it
     partition: str = ""       # '' = keep the client's own partition; else re-partition this way
     alpha: float = 0.5        # Dirichlet concentration for partition 'dirichlet'
+    proximal_mu: float = 0.0  # FedProx: > 0 adds mu/2 * ||w - w_global||^2 to the local loss
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,10 +6,15 @@ from torch import nn
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
-          max_batches: int = 0, seed: int = 0) -> dict[str, float]:
-    """SGD on (x, y) for `epochs` passes (or `max_batches` batches if > 0); returns loss/accuracy/batches."""
+          max_batches: int = 0, seed: int = 0, proximal_mu: float = 0.0) -> dict[str, float]:
+    """SGD on (x, y) for `epochs` passes (or `max_batches` batches if > 0); returns loss/accuracy/batches.
+
+    proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 (Li et al. 2020), w_start = the weights
+    training started from (the global model).
+    """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(seed)
     loss_sum, correct, seen, batches = 0.0, 0, 0, 0
     for _ in range(epochs):
@@ -20,6 +25,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = nn.functional.cross_entropy(logits, yb)
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(idx)

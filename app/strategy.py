@@ -1,0 +1,111 @@
+"""Strategies: how the server turns the round's deltas into the next global model.
+
+A strategy is one function, registered by name:
+
+    @register("my_strategy")
+    def my_strategy(global_weights, updates, state, cfg):
+        # updates: [(delta, num_examples), ...] sorted by client id; state: dict of arrays (saved with
+        # every checkpoint, so a resumed run continues exactly); cfg: the RunConfig
+        return new_global_weights, new_state
+
+Put it in a file, start the server with --strategy-module that.module, and choose it with
+--strategy my_strategy (or in the dashboard). The math lives in shared/aggregate.py; this module only
+adapts it. FedProx changes nothing here: the server sends proximal_mu and clients add the term.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from shared import aggregate as agg
+
+if TYPE_CHECKING:
+    from app.config import RunConfig
+
+Weights = dict[str, np.ndarray]
+State = dict[str, np.ndarray]
+Strategy = Callable[[Weights, list[tuple[Weights, int]], State, "RunConfig"], tuple[Weights, State]]
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(name: str) -> Callable[[Strategy], Strategy]:
+    def add(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        return fn
+    return add
+
+
+def load_modules(names: list[str]) -> None:
+    """Import user modules that register strategies (from --strategy-module)."""
+    for name in names:
+        importlib.import_module(name)
+
+
+def min_updates(cfg: "RunConfig") -> int:
+    """How many updates the strategy needs to be defined (Krum: n > 2f + 2; Bulyan: n >= 4f + 3)."""
+    f = cfg.byzantine_f
+    return {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(cfg.strategy, 1)
+
+
+def aggregate(cfg: "RunConfig", global_weights: Weights, updates: list[tuple[Weights, int]],
+              state: State) -> tuple[Weights, State]:
+    """Apply strategy cfg.strategy; raises ValueError when its preconditions fail."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {cfg.strategy!r}; known: {', '.join(sorted(STRATEGIES))}")
+    if len(updates) < min_updates(cfg):
+        raise ValueError(f"{cfg.strategy} with f={cfg.byzantine_f} needs at least {min_updates(cfg)} updates, "
+                         f"got {len(updates)}")
+    return STRATEGIES[cfg.strategy](global_weights, updates, state, cfg)
+
+
+def _robust(global_weights: Weights, updates: list[tuple[Weights, int]],
+            combine: Callable[[np.ndarray], np.ndarray]) -> Weights:
+    x = np.stack([agg.flatten(d) for d, _ in updates])  # (n, d)
+    return agg.apply_delta(global_weights, agg.unflatten(combine(x), global_weights))
+
+
+@register("fedavg")
+@register("fedprox")
+def fedavg(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
+    return agg.apply_delta(global_weights, agg.weighted_average(updates)), state
+
+
+def _fedopt(kind: str) -> Strategy:
+    def step(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
+        return agg.fedopt_step(global_weights, agg.weighted_average(updates), state, kind, cfg.server_lr,
+                               cfg.beta1, cfg.beta2, cfg.tau)
+    return step
+
+
+for _kind in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+    register(_kind)(_fedopt(_kind))
+
+
+@register("median")
+def median(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
+    return _robust(global_weights, updates, agg.coordinate_median), state
+
+
+@register("trimmed_mean")
+def trimmed_mean(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
+    return _robust(global_weights, updates, lambda x: agg.trimmed_mean(x, cfg.trim_beta)), state
+
+
+@register("krum")
+def krum(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
+    return _robust(global_weights, updates, lambda x: agg.multikrum(x, cfg.byzantine_f, 1)[0]), state
+
+
+@register("multikrum")
+def multikrum(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
+    def combine(x: np.ndarray) -> np.ndarray:
+        m = cfg.multikrum_m or x.shape[0] - cfg.byzantine_f
+        return agg.multikrum(x, cfg.byzantine_f, m)[0]
+    return _robust(global_weights, updates, combine), state
+
+
+@register("bulyan")
+def bulyan(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
+    return _robust(global_weights, updates, lambda x: agg.bulyan(x, cfg.byzantine_f)), state
