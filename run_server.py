@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fraction-fit", type=float, default=D.fraction_fit)
     p.add_argument("--quorum", type=float, default=D.quorum, help="share of asked clients needed at the deadline")
     p.add_argument("--round-timeout", type=float, default=D.round_timeout, help="round deadline in seconds")
+    p.add_argument("--min-updates", type=int, default=D.min_updates,
+                   help="close a round once this many updates arrived (0 = all asked)")
+    p.add_argument("--stragglers", default=D.stragglers, choices=["drop", "merge"], help="late updates")
+    p.add_argument("--max-staleness", type=int, default=D.max_staleness, help="rounds a late update may lag")
     p.add_argument("--local-epochs", type=int, default=D.local_epochs)
     p.add_argument("--lr", type=float, default=D.lr)
     p.add_argument("--batch-size", type=int, default=D.batch_size)
@@ -69,6 +73,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "dataset": args.dataset, "model": args.model, "num_rounds": args.num_rounds,
         "min_fit_clients": args.min_clients, "max_fit_clients": args.max_clients,
         "fraction_fit": args.fraction_fit, "quorum": args.quorum, "round_timeout": args.round_timeout,
+        "min_updates": args.min_updates, "stragglers": args.stragglers, "max_staleness": args.max_staleness,
         "local_epochs": args.local_epochs, "lr": args.lr, "batch_size": args.batch_size,
         "max_batches": args.max_batches, "partition": args.partition, "alpha": args.alpha,
         "strategy": args.strategy, "proximal_mu": args.proximal_mu, "server_lr": args.server_lr, "beta1": args.beta1,

@@ -150,9 +150,11 @@ def update() -> Any:
         loop.count_refusal(client_hint, None, exc)
         return error(413 if exc.reason == "too_large" else 400, exc.reason, str(exc), reason=exc.reason)
     try:
-        loop.offer(header, payload)
+        outcome = loop.offer(header, payload)
     except UpdateRefused as exc:
         loop.count_refusal(header.client_id, header.round, exc)
         status = 409 if exc.reason in ("stale_round", "no_open_round", "replay", "wrong_version") else 400
         return error(status, exc.reason, str(exc), reason=exc.reason)
+    if outcome != "accepted":  # a straggler: recorded, merged later or dropped, never an error
+        return jsonify({"accepted": False, "straggler": outcome.removeprefix("straggler_"), "round": header.round}), 202
     return jsonify({"accepted": True, "round": header.round})

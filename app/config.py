@@ -23,7 +23,12 @@ class RunConfig:
     min_fit_clients: int = 2        # a round starts only when this many clients are connected
     max_fit_clients: int = 0        # cap on clients asked per round; 0 = no cap
     quorum: float = 0.5             # at the deadline, aggregate if this share of the asked replied
-    round_timeout: float = 120.0    # seconds from asking to the deadline
+    round_timeout: float = 120.0    # seconds from asking to the deadline (max_duration)
+    min_updates: int = 0            # close the round as soon as this many updates arrived; 0 = wait for
+                                    # every asked client (asynchronous rounds: set it below the asked count)
+    stragglers: str = "drop"        # late updates from asked clients: 'drop' (recorded) or 'merge' (into
+                                    # the next aggregation with weight n / sqrt(1 + staleness))
+    max_staleness: int = 2          # rounds after which a late update is simply stale
     local_epochs: int = 1           # E: local passes over each client's training split
     lr: float = 0.05                # client SGD learning rate
     batch_size: int = 32            # B: client minibatch size
@@ -75,6 +80,9 @@ _CHECKS: dict[str, tuple[type, Any, str]] = {
     "max_fit_clients": (int, lambda v: 0 <= v <= 10_000, "an integer from 0 (no cap) to 10000"),
     "quorum": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "round_timeout": (float, lambda v: 1 <= v <= 86_400, "seconds from 1 to 86400"),
+    "min_updates": (int, lambda v: 0 <= v <= 10_000, "an integer >= 0 (0 = wait for all asked clients)"),
+    "stragglers": (str, lambda v: v in ("drop", "merge"), "'drop' or 'merge'"),
+    "max_staleness": (int, lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
     "local_epochs": (int, lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
     "lr": (float, lambda v: 0 < v <= 10, "a number in (0, 10]"),
     "batch_size": (int, lambda v: 1 <= v <= 65_536, "an integer from 1 to 65536"),

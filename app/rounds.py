@@ -61,6 +61,10 @@ class RoundLoop:
         self._delivered: dict[str, tuple[dict[str, np.ndarray], int, dict[str, float]]] = {}
         self._gone: set[str] = set()
         self._round_refusals = 0
+        # closed rounds still accepting stragglers: round -> (what it accepted, who delivered or was late)
+        self._closed: dict[int, tuple[OpenRound, set[str]]] = {}
+        self._late: dict[str, dict[str, Any]] = {}  # stragglers seen since the last round closed
+        self._late_updates: list[tuple[dict[str, np.ndarray], float]] = []  # to merge: (delta, weight)
         self._stop_reason = "stopped by operator"
         self.global_version: int | None = None
         self._global_bytes: bytes | None = None
@@ -125,6 +129,7 @@ class RoundLoop:
                 self._strategy_state = {}
                 log.info("new run %s, initial model version %d", self.run_id, version)
             self._active, self.state = True, "waiting"
+            self._closed, self._late, self._late_updates = {}, {}, []
             self._stop.clear()
         self.transport.publish("training_started", {"run_id": self.run_id, "round": self.round})
         self._spawn(self._run)
@@ -175,12 +180,20 @@ class RoundLoop:
 
     # --- updates ---------------------------------------------------------------------------------
 
-    def offer(self, header: UpdateHeader, payload: bytes) -> None:
-        """Verify an update and add it to the open round, or raise UpdateRefused (model untouched)."""
+    def offer(self, header: UpdateHeader, payload: bytes) -> str:
+        """Verify an update and add it to the open round ('accepted'), or handle it as a straggler
+        ('straggler_merged' / 'straggler_dropped'), or raise UpdateRefused (model untouched)."""
         check_signature(header, payload, self.store.client_key(header.client_id))
         with self._cond:
             open_round = self._open
-            check_round(header, open_round, set(self._delivered))
+            late = self._closed.get(header.round)
+            if late is not None and header.client_id in late[1]:
+                late = None
+            if late is None:
+                check_round(header, open_round, set(self._delivered))
+        if late is not None:
+            check_round(header, late[0], late[1])  # run, version, asked, examples: as in its own round
+            return self._straggler(header, check_arrays(payload, late[0]))
         delta = check_arrays(payload, open_round)
         with self._cond:  # the round may have closed while we decoded
             check_round(header, self._open, set(self._delivered))
@@ -188,6 +201,23 @@ class RoundLoop:
             self._delivered[header.client_id] = (delta, header.num_examples, metrics)
             self._cond.notify_all()
         self.store.record_accepted(header.client_id, header.round)
+        return "accepted"
+
+    def _straggler(self, header: UpdateHeader, delta: dict[str, np.ndarray]) -> str:
+        """Record a late update from an asked client; merge it into the next aggregation if configured."""
+        with self._cond:
+            closed = self._closed.get(header.round)
+            if closed is None or header.client_id in closed[1]:
+                raise UpdateRefused("stale_round", f"round {header.round} no longer takes late updates")
+            closed[1].add(header.client_id)
+            staleness = max(1, self.round - header.round)
+            merge = self.run_config.stragglers == "merge"
+            if merge:
+                self._late_updates.append((delta, header.num_examples / math.sqrt(1 + staleness)))
+            self._late[header.client_id] = {"round": header.round, "staleness": staleness, "merged": merge}
+        log.info("straggler from %s for round %d (staleness %d): %s", header.client_id, header.round, staleness,
+                 "merged into the next aggregation" if merge else "dropped")
+        return "straggler_merged" if merge else "straggler_dropped"
 
     def count_refusal(self, client_id: str | None, round_no: int | None, exc: UpdateRefused) -> None:
         with self._cond:
@@ -259,11 +289,15 @@ class RoundLoop:
             self._gone |= set(selected) - reached
             while not self._stop.is_set():
                 pending = set(selected) - set(self._delivered) - self._gone
-                if not pending or time.monotonic() >= deadline:
+                enough = cfg.min_updates and len(self._delivered) >= cfg.min_updates
+                if not pending or enough or time.monotonic() >= deadline:
                     break
                 self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
-            delivered, self._open = dict(self._delivered), None
+            delivered, closed_round, self._open = dict(self._delivered), self._open, None
             refusals = self._round_refusals
+            self._closed[round_no] = (closed_round, set(delivered))
+            for old in [r for r in self._closed if r <= round_no - cfg.max_staleness]:
+                del self._closed[old]
         for cid in set(selected) - set(delivered):
             self.transport.send_cancel(cid, self.run_id, round_no)
         if self._stop.is_set():
@@ -285,7 +319,9 @@ class RoundLoop:
             self.state = "aggregating"
         t_aggregate = time.monotonic()
         ids = sorted(delivered)  # a fixed order: the same updates give the same model, bit for bit
-        updates = [(delivered[cid][0], delivered[cid][1]) for cid in ids]
+        with self._cond:
+            late, self._late_updates, stragglers, self._late = self._late_updates, [], self._late, {}
+        updates = [(delivered[cid][0], delivered[cid][1]) for cid in ids] + late
         try:
             new_weights, new_state = strategy.aggregate(cfg, self._global, updates, self._strategy_state)
         except ValueError as exc:  # e.g. Krum with too few updates after dropouts
@@ -293,7 +329,7 @@ class RoundLoop:
             with self._cond:
                 self.round = round_no - 1
             return None
-        flagged = self._flag_anomalies(ids, updates, new_weights, cfg.anomaly_z)
+        flagged = self._flag_anomalies(ids, updates[:len(ids)], new_weights, cfg.anomaly_z)
         aggregate_seconds = time.monotonic() - t_aggregate
         t_eval = time.monotonic()
         loss, accuracy = self.evaluator_for(cfg)(new_weights)
@@ -308,7 +344,7 @@ class RoundLoop:
                "seconds": time.monotonic() - started,
                "train_seconds": max((m.get("train_seconds", 0.0) for _, _, m in delivered.values()), default=0.0),
                "eval_seconds": eval_seconds, "clients": ids, "flagged": flagged,
-               "dropped": sorted(set(selected) - set(delivered)),
+               "dropped": sorted(set(selected) - set(delivered)), "stragglers": stragglers,
                "timings": {  # where the round's time went (bench/round_overhead.py reports these)
                    "aggregate": aggregate_seconds,
                    "last_update_arrived": max(m["arrived"] for _, _, m in delivered.values()) - started,

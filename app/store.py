@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS model_versions (
 CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_version INTEGER NOT NULL,
     accuracy REAL, loss REAL, num_clients INTEGER, num_selected INTEGER, num_refused INTEGER,
-    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT, flagged TEXT,
+    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT, flagged TEXT, stragglers TEXT,
     PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
@@ -143,11 +143,12 @@ class Store:
              "loss, created, state_path) VALUES (?, ?, ?, 'round', ?, ?, ?, ?, ?, ?, ?)",
              (version, run_id, round_no, parent, digest, name, row["accuracy"], row["loss"], now, state_name)),
             ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
-             "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings, flagged) "
-             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings, flagged, "
+             "stragglers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
               row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
-              json.dumps(row["clients"]), json.dumps(row.get("timings", {})), json.dumps(row.get("flagged", {})))),
+              json.dumps(row["clients"]), json.dumps(row.get("timings", {})), json.dumps(row.get("flagged", {})),
+              json.dumps(row.get("stragglers", {})))),
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
         statements += [("UPDATE clients SET flagged = flagged + 1 WHERE id = ?", (cid,))
@@ -200,6 +201,7 @@ class Store:
             r["clients"] = json.loads(r["clients"] or "[]")
             r["timings"] = json.loads(r["timings"] or "{}")
             r["flagged"] = json.loads(r["flagged"] or "{}")
+            r["stragglers"] = json.loads(r["stragglers"] or "{}")
         return rows
 
     # --- clients ---------------------------------------------------------------------------------

@@ -189,6 +189,8 @@ class Node:
                            headers={"Content-Type": "application/octet-stream",
                                     "X-Meshfed-Client": self.config.client_id})
         reply = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
+        if r.status_code == 202:
+            return f"late: straggler {reply.get('straggler')}"
         if r.ok:
             self.stats["accepted"] += 1
             return "accepted"

@@ -199,3 +199,22 @@ def test_resumed_fedadam_run_matches_an_uninterrupted_one(tmp_path):
         assert "resuming run" in (crashed.workdir / "server.log").read_text()
     assert len(expected) == 4 and len(set(expected)) == 4
     assert got == expected  # same seeds, restored optimiser state: the same models, bit for bit
+
+
+def test_async_rounds_close_at_min_updates_and_merge_stragglers(cluster):
+    cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "8", "--min-clients", "3",
+                         "--min-updates", "2", "--stragglers", "merge", "--max-staleness", "5",
+                         "--round-timeout", "60", "--eval-limit", "200", "--start")
+    for i in range(3):  # c0, c1 answer in ~0.5 s; c2 always ~2.5 s late
+        cluster.start_client(f"c{i}", "--dataset", "synthetic", "--model", "mlp", "--partition", "iid",
+                             "--num-clients", "3", "--client-index", str(i), "--max-samples", "300",
+                             "--delay", "3" if i == 2 else "0.5")
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 120, "8 rounds")
+    rounds = cluster.rounds()
+    assert all(r["num_clients"] == 2 and r["num_selected"] == 3 for r in rounds)
+    assert all("c2" not in r["clients"] for r in rounds)
+    assert all(r["seconds"] < 2.5 for r in rounds[1:]), [r["seconds"] for r in rounds]  # never waited for c2
+    merged = [r["stragglers"]["c2"] for r in rounds if "c2" in r["stragglers"]]
+    assert merged and all(m["merged"] and 1 <= m["staleness"] <= 5 for m in merged), merged
+    c2 = next(c for c in cluster.api("GET", "/api/clients").json()["clients"] if c["id"] == "c2")
+    assert c2["refusals"] == {}  # late is not bad

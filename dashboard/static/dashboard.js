@@ -27,7 +27,8 @@ const charts = {
     type: "bar",
     data: { labels: [], datasets: [
       { label: "participating", data: [], backgroundColor: "#198754" },
-      { label: "refused updates", data: [], backgroundColor: "#dc3545" }] },
+      { label: "refused updates", data: [], backgroundColor: "#dc3545" },
+      { label: "flagged as anomalous", data: [], backgroundColor: "#ffc107" }] },
     options: { animation: false, maintainAspectRatio: false, scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } } },
   }),
   system: new Chart($("chart-system"), {
@@ -49,6 +50,7 @@ function drawRounds() {
   charts.duration.data.datasets[0].data = r.map((x) => +x.seconds.toFixed(2));
   charts.clients.data.datasets[0].data = r.map((x) => x.num_clients);
   charts.clients.data.datasets[1].data = r.map((x) => x.num_refused);
+  charts.clients.data.datasets[2].data = r.map((x) => Object.keys(x.flagged || {}).length);
   for (const c of [charts.accuracy, charts.loss, charts.duration, charts.clients]) c.update();
   const last = r[r.length - 1];
   $("stat-accuracy").textContent = last ? (100 * last.accuracy).toFixed(2) + "%" : "–";
@@ -89,11 +91,13 @@ function drawClients(clients) {
     cell(row, c.num_examples ?? "–");
     cell(row, c.last_round ?? "–");
     cell(row, c.accepted);
+    cell(row, c.flagged);
+    cell(row, c.reputation.toFixed(2));
     cell(row, Object.entries(c.refusals).map(([k, v]) => `${k}: ${v}`).join(", ") || "none");
     cell(row, c.resources.cpu_percent?.toFixed(0) ?? "–");
     cell(row, c.resources.memory_mb?.toFixed(0) ?? "–");
   }
-  if (!clients.length) cell(body.insertRow(), "No client has registered yet.", "text-secondary").colSpan = 10;
+  if (!clients.length) cell(body.insertRow(), "No client has registered yet.", "text-secondary").colSpan = 12;
 }
 
 function drawModels(data) {
@@ -144,7 +148,12 @@ const CONFIG_FIELDS = [
   ["num_rounds", "Rounds"], ["min_fit_clients", "Min clients"], ["max_fit_clients", "Max clients per round (0 = all)"],
   ["fraction_fit", "Fraction of clients per round"], ["local_epochs", "Local epochs"], ["lr", "Learning rate"],
   ["batch_size", "Batch size"], ["max_batches", "Max local batches (0 = all)"], ["quorum", "Quorum"],
-  ["round_timeout", "Round timeout (s)"], ["target_accuracy", "Target accuracy (0 = off)"], ["seed", "Seed"],
+  ["round_timeout", "Round timeout (s)"], ["min_updates", "Close round at N updates (0 = all)"],
+  ["stragglers", "Late updates", ["drop", "merge"]], ["target_accuracy", "Target accuracy (0 = off)"], ["seed", "Seed"],
+  ["strategy", "Strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "krum", "multikrum",
+                            "median", "trimmed_mean", "bulyan"]],
+  ["proximal_mu", "FedProx mu"], ["server_lr", "Server learning rate"], ["byzantine_f", "Byzantine f"],
+  ["trim_beta", "Trimmed-mean beta"], ["anomaly_z", "Anomaly z-score"],
 ];
 function buildForm() {
   const box = $("config-fields");
