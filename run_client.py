@@ -44,12 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads (1 when several share a CPU)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-file", default=None)
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(args.log_level, args.log_file, args.log_format)
     if not args.enrollment_token:
         sys.exit("error: pass --enrollment-token (printed by run_server.py) or set MESHFED_ENROLLMENT_TOKEN")
     torch.set_num_threads(args.torch_threads)

@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads for evaluation")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-file", default=None)
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     return p.parse_args(argv)
 
 
@@ -89,7 +90,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(args.log_level, args.log_file, args.log_format)
     torch.set_num_threads(args.torch_threads)
     config = build_config(args)
     app = create_app(config)

@@ -114,6 +114,7 @@ def model(version: str) -> Any:
             row["version"], loop.store.read_model(row["version"]), row["sha256"])
     if data is None:
         return error(404, "no_such_version", f"no model version {version!r}; GET /api/models lists them")
+    current_app.extensions["meshfed"].traffic.add(sent=len(data))
     return Response(data, mimetype="application/octet-stream", headers={
         "X-Model-Version": str(number), "X-Model-SHA256": digest,
         "Content-Disposition": f"attachment; filename=meshfed-model-v{number}.npz"})
@@ -145,7 +146,9 @@ def update() -> Any:
             raise UpdateRefused("malformed", "send a Content-Length header")
         if size > limit:
             raise UpdateRefused("too_large", f"body is {size} bytes, the limit is {limit}")
-        header, payload = unpack_update(request.get_data(cache=False))
+        body = request.get_data(cache=False)
+        current_app.extensions["meshfed"].traffic.add(received=len(body))
+        header, payload = unpack_update(body)
     except UpdateRefused as exc:
         loop.count_refusal(client_hint, None, exc)
         return error(413 if exc.reason == "too_large" else 400, exc.reason, str(exc), reason=exc.reason)

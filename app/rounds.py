@@ -49,7 +49,7 @@ class RoundLoop:
         self.store, self.registry, self.transport = store, registry, transport
         self.evaluator_for = evaluator_for  # RunConfig -> Evaluator of its dataset and model
         self.max_update_bytes = max_update_bytes
-        self._spawn = spawn or (lambda fn: threading.Thread(target=fn, daemon=True, name="round-loop").start())
+        self._spawn = spawn or self._thread_spawn
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._active = False
@@ -72,6 +72,12 @@ class RoundLoop:
         self._global: dict[str, np.ndarray] = {}
         self._strategy_state: dict[str, np.ndarray] = {}  # saved with every checkpoint (app/strategy.py)
         self._load_latest()
+
+    @staticmethod
+    def _thread_spawn(fn: Callable[[], None]) -> threading.Thread:
+        thread = threading.Thread(target=fn, daemon=True, name="round-loop")
+        thread.start()
+        return thread
 
     # --- the global model ------------------------------------------------------------------------
 
@@ -132,7 +138,7 @@ class RoundLoop:
             self._closed, self._late, self._late_updates = {}, {}, []
             self._stop.clear()
         self.transport.publish("training_started", {"run_id": self.run_id, "round": self.round})
-        self._spawn(self._run)
+        self._thread = self._spawn(self._run)
         return self.run_id
 
     def resume_if_interrupted(self) -> bool:
@@ -166,6 +172,11 @@ class RoundLoop:
             self._strategy_state = {}  # server-optimiser moments belong to the abandoned trajectory
         self.transport.publish("status_update", self.status())
         return new
+
+    def alive(self) -> bool:
+        """False only if a run is active but its thread has died."""
+        thread = getattr(self, "_thread", None)
+        return not self._active or thread is None or thread.is_alive()
 
     def notify(self) -> None:
         """Wake the loop (a client connected)."""

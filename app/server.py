@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, jsonify
@@ -13,6 +13,8 @@ from flask_socketio import SocketIO
 from app.api import bp as api_bp
 from app.config import ServerConfig
 from app.evaluator import Evaluator
+from app.ops import Traffic, make_registry
+from app.ops import bp as ops_bp
 from app.fl import DASHBOARD_NAMESPACE, SocketTransport, register_handlers
 from app.registry import Registry
 from app.rounds import RoundLoop
@@ -33,6 +35,8 @@ class Meshfed:
     registry: Registry
     loop: RoundLoop
     monitor: Monitor
+    traffic: Traffic = field(default_factory=Traffic)
+    metrics_registry: Any = None  # prometheus_client registry for /metrics (app/ops.py)
 
     def clients_view(self) -> list[dict[str, Any]]:
         """Every registered client with its live state ('offline' when not connected) and resources."""
@@ -75,10 +79,12 @@ def create_app(config: ServerConfig) -> Flask:
                      lambda run: evaluator(run.dataset, run.model), config.run, config.max_update_bytes,
                      spawn=socketio.start_background_task)
     meshfed = Meshfed(config, socketio, store, registry, loop, monitor)
+    meshfed.metrics_registry = make_registry(meshfed)
     app.extensions["meshfed"] = meshfed
     register_handlers(socketio, store, registry, loop, config.enrollment_token)
     register_dashboard(socketio, meshfed, monitor)
     app.register_blueprint(api_bp)
+    app.register_blueprint(ops_bp)
     app.register_blueprint(dashboard_bp)
 
     @app.errorhandler(MeshfedError)

@@ -248,5 +248,8 @@ class Store:
             r["reputation"] = round((clean + 1) / (total + 2), 4)
         return rows
 
+    def refusal_counts(self) -> dict[str, int]:
+        return {r["reason"]: r["n"] for r in self._query("SELECT reason, COUNT(*) AS n FROM refusals GROUP BY reason")}
+
     def refusals(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._query("SELECT * FROM refusals ORDER BY id DESC LIMIT ?", (limit,))

@@ -1,17 +1,32 @@
 """Process-wide logging set-up for the run_*.py entry points."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
 
-def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
-    """Log lines with time, level and logger to stderr and, if given, to log_file."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "INFO", log_file: str | None = None, fmt: str = "text") -> None:
+    """Log to stderr and, if given, to log_file; fmt 'text' (time level logger: message) or 'json'."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True)
     # werkzeug logs every HTTP request at INFO; keep it to warnings unless debugging.
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)

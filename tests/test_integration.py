@@ -165,6 +165,18 @@ def test_bad_updates_are_refused_with_reasons_and_change_nothing(cluster, tmp_pa
     assert evil["refusals"] == {"bad_signature": 1, "non_finite": 1, "shape_mismatch": 1, "bad_examples": 1,
                                 "too_large": 1, "malformed": 1, "stale_round": 1, "no_open_round": 1}
 
+    # /metrics of the real server, read with Prometheus' own text parser.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(cluster.api("GET", "/metrics").text)}
+    refused = {s.labels["reason"]: s.value for s in families["meshfed_updates_refused"].samples
+               if s.name == "meshfed_updates_refused_total"}
+    assert refused["bad_signature"] == 1 and refused["too_large"] == 1 and sum(refused.values()) == 8
+    assert families["meshfed_rounds_completed"].samples[0].value == 2
+    received = families["meshfed_http_received_bytes"].samples[0].value
+    assert 0 < received < 20 << 20  # the 20 MB body was refused by its Content-Length, never read
+    assert cluster.api("GET", "/readyz").json()["ready"] is True
+
     # Same client id, another key: the real client process is refused and exits with a reason.
     impostor = cluster.start_client("evil", "--dataset", "synthetic", "--model", "mlp", "--key-dir", "other-keys")
     assert impostor.wait(timeout=90) == 2

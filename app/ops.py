@@ -1,0 +1,97 @@
+"""Operations endpoints: /healthz (liveness), /readyz (readiness) and /metrics (Prometheus text).
+
+Metrics are computed at scrape time from the store and the loop (a custom collector), so counters
+survive restarts; only the byte counters live in memory.
+"""
+from __future__ import annotations
+
+import tempfile
+import threading
+from typing import Any, Iterator
+
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+bp = Blueprint("ops", __name__)
+
+
+class Traffic:
+    """Bytes moved over HTTP: model downloads out, update uploads in."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def add(self, received: int = 0, sent: int = 0) -> None:
+        with self._lock:
+            self.bytes_in += received
+            self.bytes_out += sent
+
+
+class MeshfedCollector:
+    """Yields meshfed's metrics from the current state at each scrape."""
+
+    def __init__(self, meshfed: Any):
+        self.meshfed = meshfed
+
+    def collect(self) -> Iterator[Any]:
+        loop, store = self.meshfed.loop, self.meshfed.store
+        rounds = store.rounds(loop.run_id) if loop.run_id else []
+        yield CounterMetricFamily("meshfed_rounds_completed", "Rounds completed in the current run",
+                                  value=len(rounds))
+        yield GaugeMetricFamily("meshfed_round", "Round being played or last completed", value=loop.round)
+        if rounds:
+            yield GaugeMetricFamily("meshfed_accuracy", "Test accuracy of the newest global model",
+                                    value=rounds[-1]["accuracy"])
+            yield GaugeMetricFamily("meshfed_loss", "Test loss of the newest global model", value=rounds[-1]["loss"])
+            yield GaugeMetricFamily("meshfed_round_duration_seconds", "Wall time of the last round",
+                                    value=rounds[-1]["seconds"])
+        yield GaugeMetricFamily("meshfed_clients_connected", "Clients connected on /fl",
+                                value=len(self.meshfed.registry.online()))
+        yield GaugeMetricFamily("meshfed_run_active", "1 while a run is active", value=int(loop.status()["active"]))
+        clients = store.clients()
+        yield CounterMetricFamily("meshfed_updates_accepted", "Updates accepted",
+                                  value=sum(c["accepted"] for c in clients))
+        refused = CounterMetricFamily("meshfed_updates_refused", "Updates refused, by reason", labels=["reason"])
+        for reason, n in store.refusal_counts().items():
+            refused.add_metric([reason], n)
+        yield refused
+        traffic = self.meshfed.traffic
+        yield CounterMetricFamily("meshfed_http_received_bytes", "Update bytes received", value=traffic.bytes_in)
+        yield CounterMetricFamily("meshfed_http_sent_bytes", "Model bytes sent", value=traffic.bytes_out)
+
+
+def make_registry(meshfed: Any) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(MeshfedCollector(meshfed))
+    return registry
+
+
+@bp.get("/healthz")
+def healthz() -> Any:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> Any:
+    meshfed = current_app.extensions["meshfed"]
+    checks = {"state_dir_writable": True, "database": True, "loop_alive": meshfed.loop.alive()}
+    try:
+        with tempfile.TemporaryFile(dir=meshfed.store.root):
+            pass
+    except OSError:
+        checks["state_dir_writable"] = False
+    try:
+        meshfed.store.latest_run()
+    except Exception:  # sqlite3.Error and friends: the database cannot answer
+        checks["database"] = False
+    ready = all(checks.values())
+    return jsonify({"ready": ready, "checks": checks}), 200 if ready else 503
+
+
+@bp.get("/metrics")
+def metrics() -> Any:
+    return Response(generate_latest(current_app.extensions["meshfed"].metrics_registry),
+                    mimetype="text/plain; version=0.0.4; charset=utf-8")
