@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import socket
 import signal
 import sys
 import threading
@@ -17,7 +19,8 @@ from shared.log import setup_logging
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--client-id", required=True)
+    p.add_argument("--client-id", default=os.environ.get("MESHFED_CLIENT_ID") or socket.gethostname(),
+                   help="default $MESHFED_CLIENT_ID, else the host name (one per container)")
     p.add_argument("--server-address", default="http://127.0.0.1:5000")
     p.add_argument("--dataset", default="fashion-mnist", help="mnist | fashion-mnist | cifar10 | synthetic")
     p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
@@ -25,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--num-clients", type=int, default=1, help="number of partitions")
-    p.add_argument("--client-index", type=int, default=0, help="our partition, 0-based")
+    p.add_argument("--client-index", type=int, default=0,
+                   help="our partition, 0-based; -1 = derived from the client id (scaled containers)")
     p.add_argument("--seed", type=int, default=0, help="partition seed (same on every client)")
     p.add_argument("--max-samples", type=int, default=0, help="use at most N of our samples (0 = all)")
     p.add_argument("--holdout", type=float, default=0.2, help="share of our samples held out for local eval")
@@ -38,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delay", type=float, default=0.0, help="seconds to wait before posting each update")
     p.add_argument("--dropout-prob", type=float, default=0.0, help="chance of skipping a round")
     p.add_argument("--slowdown", type=float, default=1.0, help="> 1: do only 1/slowdown of the local work")
+    p.add_argument("--ca-cert", default=None, help="CA certificate that signed the server's (or nginx's) TLS cert")
     p.add_argument("--key-dir", default="keys", help="RSA key directory (key file mode 0600)")
     p.add_argument("--enrollment-token", default=os.environ.get("MESHFED_ENROLLMENT_TOKEN"),
                    help="the server's enrollment token (default $MESHFED_ENROLLMENT_TOKEN)")
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.enrollment_token:
         sys.exit("error: pass --enrollment-token (printed by run_server.py) or set MESHFED_ENROLLMENT_TOKEN")
     torch.set_num_threads(args.torch_threads)
+    if args.client_index < 0:  # replicas of one compose service share their flags: spread them by id
+        args.client_index = int(hashlib.sha256(args.client_id.encode()).hexdigest(), 16) % args.num_clients
     trainer = LocalTrainer(DataConfig(
         dataset=args.dataset, data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
         num_clients=args.num_clients, client_index=args.client_index, seed=args.seed,
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                           dropout_prob=args.dropout_prob, slowdown=args.slowdown, seed=args.client_index)
     node = Node(NodeConfig(client_id=args.client_id, server_address=args.server_address.rstrip("/"),
                            enrollment_token=args.enrollment_token, key_dir=args.key_dir,
-                           local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size), trainer,
+                           local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
+                           ca_cert=args.ca_cert), trainer,
                 behaviour)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -38,6 +38,7 @@ class NodeConfig:
     lr: float | None = None
     batch_size: int | None = None
     http_timeout: float = 60.0     # seconds for one model download or update upload
+    ca_cert: str | None = None     # CA bundle to verify the server's TLS certificate (https://, wss://)
 
 
 class Node:
@@ -49,8 +50,12 @@ class Node:
         self.key = crypto.load_or_create_key(config.key_dir, config.client_id)
         self.fingerprint = crypto.fingerprint(crypto.public_pem(self.key))
         self.http = requests.Session()
+        if config.ca_cert:
+            self.http.verify = config.ca_cert  # python-engineio reuses it for wss:// as well
+        # requests lets $REQUESTS_CA_BUNDLE override Session.verify; each request passes it explicitly
+        self._verify: str | bool = config.ca_cert or True
         self.sio = socketio.Client(reconnection=True, reconnection_attempts=0, reconnection_delay=0.5,
-                                   reconnection_delay_max=5.0)
+                                   reconnection_delay_max=5.0, http_session=self.http)
         self._requests: queue.Queue[TrainRequest] = queue.Queue()
         self._cancelled: set[tuple[str, int]] = set()
         self._model_cache: tuple[int, dict] | None = None
@@ -167,7 +172,8 @@ class Node:
 
     def fetch_model(self, version: int) -> dict:
         if self._model_cache is None or self._model_cache[0] != version:
-            r = self.http.get(f"{self.config.server_address}/api/model/{version}", timeout=self.config.http_timeout)
+            r = self.http.get(f"{self.config.server_address}/api/model/{version}", timeout=self.config.http_timeout,
+                              verify=self._verify)
             r.raise_for_status()
             if sha256_hex(r.content) != r.headers.get("X-Model-SHA256"):
                 raise requests.RequestException(f"model version {version} arrived corrupted")
@@ -186,6 +192,7 @@ class Node:
     def post_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float]) -> str:
         body = self.sign_update(request, delta, metrics)
         r = self.http.post(f"{self.config.server_address}/api/update", data=body, timeout=self.config.http_timeout,
+                           verify=self._verify,
                            headers={"Content-Type": "application/octet-stream",
                                     "X-Meshfed-Client": self.config.client_id})
         reply = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
