@@ -118,12 +118,15 @@ class RoundLoop:
             if self._active:
                 raise Conflict("a run is already active; stop it before starting another")
             run = self.store.latest_run()
+            # A stopped run resumes with the configuration as edited since, unless the edit changed
+            # what the model is (dataset, model): then only a new run makes sense.
             resumable = (run is not None and run["status"] in ("running", "stopped")
-                         and run["completed_round"] < run["config"]["num_rounds"])
+                         and run["completed_round"] < self.run_config.num_rounds
+                         and (run["config"]["dataset"], run["config"]["model"])
+                         == (self.run_config.dataset, self.run_config.model))
             if resumable and not new_run:
                 self.run_id, self.round = run["id"], run["completed_round"]
-                self.run_config = update_run_config(RunConfig(), run["config"])
-                self.store.set_run_status(self.run_id, "running")
+                self.store.set_run_status(self.run_id, "running", config=self.run_config.to_dict())
                 log.info("resuming run %s after round %d", self.run_id, self.round)
             else:
                 self.run_id, self.round = uuid.uuid4().hex[:12], 0
@@ -198,8 +201,8 @@ class RoundLoop:
         with self._cond:
             open_round = self._open
             late = self._closed.get(header.round)
-            if late is not None and header.client_id in late[1]:
-                late = None
+            if late is not None and (header.client_id in late[1] or (open_round and open_round.round == header.round)):
+                late = None  # already counted there, or the round is being played again: it goes to the open one
             if late is None:
                 check_round(header, open_round, set(self._delivered))
         if late is not None:
@@ -339,6 +342,8 @@ class RoundLoop:
             log.warning("round %d: %s; playing the round again", round_no, exc)
             with self._cond:
                 self.round = round_no - 1
+                self._late_updates = late + self._late_updates  # stragglers wait for the next try
+                self._late = {**stragglers, **self._late}
             return None
         flagged = self._flag_anomalies(ids, updates[:len(ids)], new_weights, cfg.anomaly_z)
         aggregate_seconds = time.monotonic() - t_aggregate

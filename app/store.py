@@ -96,8 +96,13 @@ class Store:
         self._execute(("INSERT INTO runs (id, config, status, created) VALUES (?, ?, 'running', ?)",
                        (run_id, json.dumps(config), time.time())))
 
-    def set_run_status(self, run_id: str, status: str, reason: str | None = None) -> None:
-        self._execute(("UPDATE runs SET status = ?, stop_reason = ? WHERE id = ?", (status, reason, run_id)))
+    def set_run_status(self, run_id: str, status: str, reason: str | None = None,
+                       config: dict[str, Any] | None = None) -> None:
+        """Set a run's status (and, when resuming with an edited configuration, its config)."""
+        statements = [("UPDATE runs SET status = ?, stop_reason = ? WHERE id = ?", (status, reason, run_id))]
+        if config is not None:
+            statements.append(("UPDATE runs SET config = ? WHERE id = ?", (json.dumps(config), run_id)))
+        self._execute(*statements)
 
     def latest_run(self) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM runs ORDER BY created DESC, rowid DESC LIMIT 1")

@@ -83,3 +83,27 @@ def test_key_is_pinned_on_first_registration(app, pem):
 def test_unsigned_garbage_update_is_refused_with_a_reason(app):
     r = app.test_client().post("/api/update", data=b"hello", headers={"X-Meshfed-Client": "c9"})
     assert r.status_code == 400 and r.get_json()["reason"] == "malformed"
+
+
+def test_start_after_stop_resumes_with_the_edited_config(app):
+    import time
+
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    loop = app.extensions["meshfed"].loop
+    run_id = client.post("/api/start", headers=auth).get_json()["run_id"]
+    assert client.post("/api/stop", headers=auth).status_code == 200
+    deadline = time.monotonic() + 10
+    while loop.status()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.post("/api/config", json={"lr": 0.2, "num_rounds": 7}, headers=auth).status_code == 200
+    assert client.post("/api/start", headers=auth).get_json()["run_id"] == run_id  # resumed
+    assert client.get("/api/config").get_json()["lr"] == 0.2
+    assert loop.store.latest_run()["config"]["num_rounds"] == 7  # the stored run took the edit
+    client.post("/api/stop", headers=auth)
+    while loop.status()["active"] and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
+    client.post("/api/config", json={"model": "cnn"}, headers=auth)  # another model: no resume
+    new_id = client.post("/api/start", headers=auth).get_json()["run_id"]
+    assert new_id != run_id and loop.store.latest_run()["config"]["model"] == "cnn"
+    client.post("/api/stop", headers=auth)
