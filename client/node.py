@@ -5,6 +5,7 @@ python-socketio reconnects by itself (with backoff) when the server goes away an
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -47,6 +48,7 @@ class Node:
     def __init__(self, config: NodeConfig, trainer: LocalTrainer, behaviour: Behaviour = Behaviour()):
         self.config, self.trainer, self.behaviour = config, trainer, behaviour
         self._rng = np.random.default_rng(behaviour.seed)
+        self._process = psutil.Process()  # one object: cpu_percent measures between its calls
         self.key = crypto.load_or_create_key(config.key_dir, config.client_id)
         self.fingerprint = crypto.fingerprint(crypto.public_pem(self.key))
         self.http = requests.Session()
@@ -186,7 +188,7 @@ class Node:
         header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
                               client_id=self.config.client_id, num_examples=self.trainer.num_examples,
                               payload_sha256=sha256_hex(payload), metrics=metrics)
-        header = UpdateHeader(**{**header.__dict__, "signature": crypto.sign(self.key, header.canonical_bytes())})
+        header = dataclasses.replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
         return pack_update(header, payload)
 
     def post_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float]) -> str:
@@ -205,8 +207,9 @@ class Node:
         return f"refused ({reply.get('message', r.status_code)})"
 
     def _resources(self) -> dict[str, float]:
-        proc = psutil.Process()
-        return {"cpu_percent": proc.cpu_percent(interval=None), "memory_mb": proc.memory_info().rss / 2**20}
+        """This process's CPU % since the previous call, and its resident memory."""
+        return {"cpu_percent": self._process.cpu_percent(interval=None),
+                "memory_mb": self._process.memory_info().rss / 2**20}
 
     def _emit_status(self, state: str) -> None:
         try:
