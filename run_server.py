@@ -6,6 +6,8 @@ import os
 import secrets
 
 import torch
+from flask import Flask
+from gunicorn.app.base import BaseApplication
 
 from app import create_app
 from app.config import RunConfig, ServerConfig, update_run_config
@@ -65,7 +67,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
-    return p.parse_args(argv)
+    p.add_argument("--role", default="leader", choices=["leader", "follower"],
+                   help="leader: runs the round loop and serves clients; follower: serves dashboards only")
+    p.add_argument("--leader-url", default=None, help="followers: the leader's address, e.g. http://server:5000")
+    p.add_argument("--message-queue", default=os.environ.get("MESHFED_MESSAGE_QUEUE"),
+                   help="redis://host:6379/0 shared by every server process (default $MESHFED_MESSAGE_QUEUE)")
+    p.add_argument("--wsgi", default="werkzeug", choices=["werkzeug", "gunicorn"],
+                   help="werkzeug: development server; gunicorn: production (1 worker, --threads threads)")
+    p.add_argument("--threads", type=int, default=100,
+                   help="gunicorn threads; each connected client or browser holds one")
+    args = p.parse_args(argv)
+    if args.role == "follower" and not (args.leader_url and args.message_queue):
+        p.error("--role follower needs --leader-url and --message-queue")
+    if args.role == "follower" and args.start:
+        p.error("--start is for the leader; a follower forwards Start from its dashboards")
+    return args
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
@@ -85,7 +101,45 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         admin_token=args.admin_token or secrets.token_hex(16),
         enrollment_token=args.enrollment_token or secrets.token_hex(16),
         eval_limit=args.eval_limit, max_update_bytes=int(args.max_update_mb * (1 << 20)),
-        resume=not args.no_resume, run=run)
+        resume=not args.no_resume, run=run, role=args.role, leader_url=args.leader_url,
+        message_queue=args.message_queue)
+
+
+def build_app(args: argparse.Namespace, config: ServerConfig) -> Flask:
+    """The app with its background work started: feed, and a resumed or started run (leader)."""
+    try:
+        app = create_app(config)
+    except RuntimeError as exc:  # e.g. another leader holds the lock
+        raise SystemExit(f"meshfed server: {exc}")
+    meshfed = app.extensions["meshfed"]
+    meshfed.start_background()
+    if config.role == "leader":
+        resumed = config.resume and meshfed.loop.resume_if_interrupted()
+        if args.start and not resumed:
+            meshfed.loop.start()
+    return app
+
+
+class Gunicorn(BaseApplication):
+    """gunicorn in-process (its documented custom-application API), configured from our flags.
+
+    One worker with many threads: Flask-SocketIO's threading mode holds a thread per websocket, and
+    the round loop must live in exactly one process. load() runs in the worker, after the fork, so
+    the loop's threads start there.
+    """
+
+    def __init__(self, args: argparse.Namespace, config: ServerConfig):
+        self.args, self.config = args, config
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in {"bind": f"{self.config.host}:{self.config.port}", "workers": 1,
+                           "worker_class": "gthread", "threads": self.args.threads, "graceful_timeout": 5,
+                           "timeout": 120, "control_socket_disable": True, "accesslog": None}.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return build_app(self.args, self.config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,17 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log_level, args.log_file, args.log_format)
     torch.set_num_threads(args.torch_threads)
     config = build_config(args)
-    app = create_app(config)
-    meshfed = app.extensions["meshfed"]
-    meshfed.start_background()
-    resumed = config.resume and meshfed.loop.resume_if_interrupted()
-    if args.start and not resumed:
-        meshfed.loop.start()
     url = f"http://{config.host}:{config.port}/"
-    print(f"meshfed server on {url}\n  dashboard:        {url}?token={config.admin_token}\n"
+    print(f"meshfed server ({config.role}, {args.wsgi}) on {url}\n  dashboard:        {url}?token={config.admin_token}\n"
           f"  admin token:      {config.admin_token}\n  enrollment token: {config.enrollment_token}", flush=True)
-    meshfed.socketio.run(app, host=config.host, port=config.port, allow_unsafe_werkzeug=True,
-                         use_reloader=False, log_output=False)
+    if args.wsgi == "gunicorn":
+        Gunicorn(args, config).run()
+        return
+    app = build_app(args, config)
+    app.extensions["meshfed"].socketio.run(app, host=config.host, port=config.port, allow_unsafe_werkzeug=True,
+                                           use_reloader=False, log_output=False)
 
 
 if __name__ == "__main__":

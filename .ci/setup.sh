@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install everything meshfed needs on a fresh Debian-like machine: Python packages and, where apt
-# exists, Debian's Fashion-MNIST package, plus Chromium (browser test) and nginx (TLS proxy test).
+# exists, Debian's Fashion-MNIST package, plus Chromium (browser test), nginx and redis-server
+# (TLS proxy and scale-out test).
 # Safe to run again; needs no internet beyond the package registries.
-# MESHFED_DEMO_ONLY=1 skips the two test-only packages.
+# MESHFED_DEMO_ONLY=1 skips the test-only packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=()
 [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || packages+=(dataset-fashion-mnist)
 [ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 [ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v nginx >/dev/null 2>&1 || packages+=(nginx-light)
+[ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 if command -v apt-get >/dev/null 2>&1 && [ ${#packages[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

@@ -104,6 +104,12 @@ def models() -> Any:
     return jsonify({"current": _loop().global_version, "versions": _loop().store.versions()})
 
 
+@bp.get("/system")
+def system() -> Any:
+    """The server's resource samples and alerts (what the dashboard's system panel shows)."""
+    return jsonify(current_app.extensions["meshfed"].monitor.snapshot())
+
+
 @bp.get("/model/<version>")
 def model(version: str) -> Any:
     loop = _loop()

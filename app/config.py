@@ -68,6 +68,11 @@ class ServerConfig:
     max_update_bytes: int = 32 << 20    # an update body larger than this is refused ('too_large')
     resume: bool = True                 # on start, resume a run that was active when we died
     run: RunConfig = RunConfig()        # the run configuration used when no run is stored
+    # Scale-out (README "Several server processes"): one leader runs the round loop and serves the
+    # clients; followers serve dashboards only. They share Socket.IO rooms through message_queue.
+    role: str = "leader"                # 'leader' or 'follower'
+    leader_url: str | None = None       # followers: the leader's address (http://host:port)
+    message_queue: str | None = None    # e.g. redis://127.0.0.1:6379/0; None = a single process
 
 
 # field -> (type, check, what the check means)

@@ -5,7 +5,6 @@ survive restarts; only the byte counters live in memory.
 """
 from __future__ import annotations
 
-import tempfile
 import threading
 from typing import Any, Iterator
 
@@ -63,9 +62,20 @@ class MeshfedCollector:
         yield CounterMetricFamily("meshfed_http_sent_bytes", "Model bytes sent", value=traffic.bytes_out)
 
 
-def make_registry(meshfed: Any) -> CollectorRegistry:
+class FollowerCollector:
+    """A follower's metrics: whether it reaches its leader (scrape the leader for the rest)."""
+
+    def __init__(self, follower: Any):
+        self.follower = follower
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily("meshfed_leader_up", "1 if this follower reaches the leader's /healthz",
+                                value=int(self.follower.control.alive()))
+
+
+def make_registry(collector: Any) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(MeshfedCollector(meshfed))
+    registry.register(collector)
     return registry
 
 
@@ -76,17 +86,7 @@ def healthz() -> Any:
 
 @bp.get("/readyz")
 def readyz() -> Any:
-    meshfed = current_app.extensions["meshfed"]
-    checks = {"state_dir_writable": True, "database": True, "loop_alive": meshfed.loop.alive()}
-    try:
-        with tempfile.TemporaryFile(dir=meshfed.store.root):
-            pass
-    except OSError:
-        checks["state_dir_writable"] = False
-    try:
-        meshfed.store.latest_run()
-    except Exception:  # sqlite3.Error and friends: the database cannot answer
-        checks["database"] = False
+    checks = current_app.extensions["meshfed"].readiness()
     ready = all(checks.values())
     return jsonify({"ready": ready, "checks": checks}), 200 if ready else 503
 

@@ -1,19 +1,26 @@
-"""create_app(config): Flask + Flask-SocketIO (threading mode) wired to the store and the round loop."""
+"""create_app(config): Flask + Flask-SocketIO (threading mode) wired to the store and the round loop.
+
+With config.role == "follower" the process has no loop and no store: it serves dashboards and asks
+the leader for everything else (app/control.py); Socket.IO rooms are shared through the message queue.
+"""
 from __future__ import annotations
 
 import functools
 import hashlib
 import hmac
+import socket
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, jsonify
-from flask_socketio import SocketIO
+from flask_socketio import ConnectionRefusedError, SocketIO
 
 from app.api import bp as api_bp
 from app.config import ServerConfig
+from app.control import LocalControl, RemoteControl
 from app.evaluator import Evaluator
-from app.ops import Traffic, make_registry
+from app.ops import FollowerCollector, MeshfedCollector, Traffic, make_registry
 from app.ops import bp as ops_bp
 from app.fl import DASHBOARD_NAMESPACE, SocketTransport, register_handlers
 from app.registry import Registry
@@ -23,6 +30,7 @@ from dashboard import bp as dashboard_bp
 from dashboard.events import feed, register_dashboard
 from dashboard.monitor import Monitor
 from shared.errors import MeshfedError
+from shared.protocol import NAMESPACE as FL_NAMESPACE
 
 
 @dataclass
@@ -37,6 +45,24 @@ class Meshfed:
     monitor: Monitor
     traffic: Traffic = field(default_factory=Traffic)
     metrics_registry: Any = None  # prometheus_client registry for /metrics (app/ops.py)
+    leader_lock: Any = None       # app.leader.LeaderLock when sharing a message queue
+
+    def __post_init__(self) -> None:
+        self.control = LocalControl(self)
+
+    def readiness(self) -> dict[str, bool]:
+        """/readyz checks: the state dir takes files, the database answers, the loop thread lives."""
+        checks = {"state_dir_writable": True, "database": True, "loop_alive": self.loop.alive()}
+        try:
+            with tempfile.TemporaryFile(dir=self.store.root):
+                pass
+        except OSError:
+            checks["state_dir_writable"] = False
+        try:
+            self.store.latest_run()
+        except Exception:  # sqlite3.Error and friends: the database cannot answer
+            checks["database"] = False
+        return checks
 
     def clients_view(self) -> list[dict[str, Any]]:
         """Every registered client with its live state ('offline' when not connected) and resources."""
@@ -53,6 +79,22 @@ class Meshfed:
         self.socketio.start_background_task(feed, self.socketio, self, self.monitor)
 
 
+@dataclass
+class Follower:
+    """A server process that serves dashboards only; reachable as app.extensions['meshfed']."""
+
+    config: ServerConfig
+    socketio: SocketIO
+    control: RemoteControl
+    metrics_registry: Any = None
+
+    def readiness(self) -> dict[str, bool]:
+        return {"leader_reachable": self.control.alive()}
+
+    def start_background(self) -> None:
+        """Nothing to run: the leader's loop and feed reach this process's browsers through the queue."""
+
+
 def create_app(config: ServerConfig) -> Flask:
     """Build the server. It does not start the round loop: call start()/resume_if_interrupted()."""
     if not config.admin_token or not config.enrollment_token:
@@ -65,7 +107,17 @@ def create_app(config: ServerConfig) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_update_bytes + (1 << 20)
     # threading, not eventlet: eventlet froze the server for seconds during torch work (FACTS.md).
     # Socket.IO carries only control messages; weights go over HTTP, so 1 MB suffices.
-    socketio = SocketIO(app, async_mode="threading", max_http_buffer_size=1 << 20, cors_allowed_origins=[])
+    socketio = SocketIO(app, async_mode="threading", max_http_buffer_size=1 << 20, cors_allowed_origins=[],
+                        message_queue=config.message_queue, channel="meshfed")
+    if config.role == "follower":
+        return _follower(app, socketio, config)
+    if config.role != "leader":
+        raise ValueError(f"role must be 'leader' or 'follower', not {config.role!r}")
+    lock = None
+    if config.message_queue:
+        from app.leader import LeaderLock  # needs redis, only installed where a queue is used
+        lock = LeaderLock(config.message_queue, identity=f"{socket.gethostname()}:{config.port}")
+        lock.acquire()
     store = Store(config.state_dir)
     registry = Registry()
 
@@ -78,14 +130,44 @@ def create_app(config: ServerConfig) -> Flask:
     loop = RoundLoop(store, registry, transport,
                      lambda run: evaluator(run.dataset, run.model), config.run, config.max_update_bytes,
                      spawn=socketio.start_background_task)
-    meshfed = Meshfed(config, socketio, store, registry, loop, monitor)
-    meshfed.metrics_registry = make_registry(meshfed)
+    meshfed = Meshfed(config, socketio, store, registry, loop, monitor, leader_lock=lock)
+    meshfed.metrics_registry = make_registry(MeshfedCollector(meshfed))
     app.extensions["meshfed"] = meshfed
     register_handlers(socketio, store, registry, loop, config.enrollment_token)
-    register_dashboard(socketio, meshfed, monitor)
+    register_dashboard(socketio, meshfed.control)
     app.register_blueprint(api_bp)
     app.register_blueprint(ops_bp)
     app.register_blueprint(dashboard_bp)
+    _register_errors(app)
+    return app
+
+
+def _follower(app: Flask, socketio: SocketIO, config: ServerConfig) -> Flask:
+    """Dashboards only: pages, /dashboard (control forwarded to the leader), health and metrics."""
+    if not config.leader_url or not config.message_queue:
+        raise ValueError("a follower needs --leader-url and --message-queue (the leader's Redis)")
+    follower = Follower(config, socketio, RemoteControl(config.leader_url, config.admin_token))
+    follower.metrics_registry = make_registry(FollowerCollector(follower))
+    app.extensions["meshfed"] = follower
+    register_dashboard(socketio, follower.control)
+
+    @socketio.on("connect", namespace=FL_NAMESPACE)
+    def refuse_client(auth: Any = None) -> None:
+        raise ConnectionRefusedError("not_leader: this process serves dashboards only; connect clients to the "
+                                     "leader (the shipped nginx.conf routes them there)")
+
+    @app.route("/api/<path:_>", methods=["GET", "POST"])
+    def not_here(_: str) -> Any:
+        return jsonify({"error": "not_leader", "message": "this process serves dashboards only; the API is "
+                        "served by the leader (the shipped nginx.conf routes /api/ there)"}), 421
+
+    app.register_blueprint(ops_bp)
+    app.register_blueprint(dashboard_bp)
+    _register_errors(app)
+    return app
+
+
+def _register_errors(app: Flask) -> None:
 
     @app.errorhandler(MeshfedError)
     def on_meshfed_error(exc: MeshfedError) -> Any:
@@ -95,5 +177,3 @@ def create_app(config: ServerConfig) -> Flask:
     def on_too_large(exc: Any) -> Any:
         return jsonify({"error": "too_large", "reason": "too_large",
                         "message": f"request body over {app.config['MAX_CONTENT_LENGTH']} bytes"}), 413
-
-    return app

@@ -52,6 +52,9 @@ class Node:
         self.key = crypto.load_or_create_key(config.key_dir, config.client_id)
         self.fingerprint = crypto.fingerprint(crypto.public_pem(self.key))
         self.http = requests.Session()
+        # Names the sender (unverified; the signature is what counts). The shipped nginx.conf routes
+        # requests carrying it to the leader when several server processes share the load.
+        self.http.headers["X-Meshfed-Client"] = config.client_id
         if config.ca_cert:
             self.http.verify = config.ca_cert  # python-engineio reuses it for wss:// as well
         # requests lets $REQUESTS_CA_BUNDLE override Session.verify; each request passes it explicitly
@@ -105,6 +108,7 @@ class Node:
         while not stop.is_set():
             try:
                 self.sio.connect(self.config.server_address, namespaces=[NAMESPACE], auth=self.auth(),
+                                 headers={"X-Meshfed-Client": self.config.client_id},
                                  transports=["websocket"], wait_timeout=10)
                 return True
             except socketio.exceptions.ConnectionError as exc:

@@ -23,9 +23,8 @@ from shared.errors import ConfigError, MeshfedError
 NAMESPACE = "/dashboard"
 
 
-def register_dashboard(socketio: SocketIO, meshfed: Any, monitor: Monitor) -> None:
-    """Attach the /dashboard handlers; `meshfed` is app.extensions['meshfed']."""
-    loop = meshfed.loop
+def register_dashboard(socketio: SocketIO, control: Any) -> None:
+    """Attach the /dashboard handlers; `control` is an app.control LocalControl or RemoteControl."""
 
     def admin_only(handler: Callable) -> Callable:
         @wraps(handler)
@@ -50,34 +49,34 @@ def register_dashboard(socketio: SocketIO, meshfed: Any, monitor: Monitor) -> No
     @socketio.on("request_status", namespace=NAMESPACE)
     @admin_only
     def request_status() -> dict[str, Any]:
-        emit("status_update", loop.status())
-        emit("clients_update", {"clients": meshfed.clients_view()})
-        emit("models_update", models(loop))
-        emit("system_history", monitor.snapshot())
+        emit("status_update", control.status())
+        emit("clients_update", {"clients": control.clients()})
+        emit("models_update", control.models())
+        emit("system_history", control.system())
         return {}
 
     @socketio.on("request_metrics", namespace=NAMESPACE)
     @admin_only
     def request_metrics() -> dict[str, Any]:
-        emit("metrics_history", {"run_id": loop.run_id, "rounds": loop.store.rounds(loop.run_id) if loop.run_id else []})
+        emit("metrics_history", control.history())
         return {}
 
     @socketio.on("start_training", namespace=NAMESPACE)
     @admin_only
     def start_training(data: Any = None) -> dict[str, Any]:
         new_run = bool(data.get("new_run")) if isinstance(data, dict) else False
-        return {"run_id": loop.start(new_run=new_run)}
+        return {"run_id": control.start(new_run)}
 
     @socketio.on("stop_training", namespace=NAMESPACE)
     @admin_only
     def stop_training(*_: Any) -> dict[str, Any]:
-        loop.stop()
+        control.stop()
         return {}
 
     @socketio.on("update_config", namespace=NAMESPACE)
     @admin_only
     def update_config(data: Any = None) -> dict[str, Any]:
-        return {"config": loop.set_config(data if isinstance(data, dict) else {}).to_dict()}
+        return {"config": control.set_config(data if isinstance(data, dict) else {})}
 
     @socketio.on("rollback_model", namespace=NAMESPACE)
     @admin_only
@@ -85,13 +84,9 @@ def register_dashboard(socketio: SocketIO, meshfed: Any, monitor: Monitor) -> No
         version = data.get("version") if isinstance(data, dict) else None
         if not isinstance(version, int) or isinstance(version, bool):
             raise MeshfedError("send {version: <int>}")
-        new = loop.rollback(version)
-        socketio.emit("models_update", models(loop), namespace=NAMESPACE)
+        new = control.rollback(version)
+        socketio.emit("models_update", control.models(), namespace=NAMESPACE)
         return {"model_version": new}
-
-
-def models(loop: Any) -> dict[str, Any]:
-    return {"current": loop.global_version, "versions": loop.store.versions()}
 
 
 def feed(socketio: SocketIO, meshfed: Any, monitor: Monitor) -> None:

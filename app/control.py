@@ -1,0 +1,106 @@
+"""What the dashboard reads and controls, whether the round loop lives in this process or not.
+
+A leader (or a single server) answers from its own loop and store: LocalControl. A follower, which
+serves dashboards only, asks the leader over its REST API with the admin token: RemoteControl. Both
+raise the same errors (ConfigError with field errors, MeshfedError with a message), so the
+/dashboard handlers in dashboard/events.py do not know which one they have.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from shared.errors import ConfigError, MeshfedError
+
+
+class LocalControl:
+    """The loop, store and monitor of this process (app.extensions['meshfed'])."""
+
+    def __init__(self, meshfed: Any):
+        self.meshfed = meshfed
+
+    def status(self) -> dict[str, Any]:
+        return self.meshfed.loop.status()
+
+    def history(self) -> dict[str, Any]:
+        loop = self.meshfed.loop
+        return {"run_id": loop.run_id, "rounds": loop.store.rounds(loop.run_id) if loop.run_id else []}
+
+    def clients(self) -> list[dict[str, Any]]:
+        return self.meshfed.clients_view()
+
+    def models(self) -> dict[str, Any]:
+        loop = self.meshfed.loop
+        return {"current": loop.global_version, "versions": loop.store.versions()}
+
+    def system(self) -> dict[str, Any]:
+        return self.meshfed.monitor.snapshot()
+
+    def start(self, new_run: bool) -> str:
+        return self.meshfed.loop.start(new_run=new_run)
+
+    def stop(self) -> None:
+        self.meshfed.loop.stop()
+
+    def set_config(self, changes: dict[str, Any]) -> dict[str, Any]:
+        return self.meshfed.loop.set_config(changes).to_dict()
+
+    def rollback(self, version: int) -> int:
+        return self.meshfed.loop.rollback(version)
+
+
+class RemoteControl:
+    """The leader's REST API (app/api.py), called by a follower on behalf of its dashboards."""
+
+    def __init__(self, leader_url: str, admin_token: str, timeout: float = 10.0):
+        self.leader_url = leader_url.rstrip("/")
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {admin_token}"
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            r = self.http.request(method, self.leader_url + path, json=body, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise MeshfedError(f"the leader at {self.leader_url} is unreachable ({type(exc).__name__}); "
+                               "is it running?") from exc
+        reply = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
+        if r.status_code == 400 and reply.get("error") == "invalid_config":
+            raise ConfigError(reply.get("fields", {}))
+        if not r.ok:
+            raise MeshfedError(reply.get("message") or f"the leader answered HTTP {r.status_code}")
+        return reply
+
+    def alive(self) -> bool:
+        try:
+            return self.http.get(self.leader_url + "/healthz", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/api/status")
+
+    def history(self) -> dict[str, Any]:
+        return self._call("GET", "/api/metrics")
+
+    def clients(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/clients")["clients"]
+
+    def models(self) -> dict[str, Any]:
+        return self._call("GET", "/api/models")
+
+    def system(self) -> dict[str, Any]:
+        return self._call("GET", "/api/system")
+
+    def start(self, new_run: bool) -> str:
+        return self._call("POST", "/api/start", {"new_run": new_run})["run_id"]
+
+    def stop(self) -> None:
+        self._call("POST", "/api/stop")
+
+    def set_config(self, changes: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/api/config", changes)
+
+    def rollback(self, version: int) -> int:
+        return self._call("POST", "/api/rollback", {"version": version})["model_version"]
