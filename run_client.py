@@ -4,16 +4,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import socket
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
 from client.behaviour import Behaviour
 from client.node import Node, NodeConfig
 from client.trainer import DataConfig, LocalTrainer
+from mesh.trust import Trust, fingerprint_qr, trust_path
+from shared import crypto
 from shared.log import setup_logging
 
 
@@ -50,12 +54,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
+    p.add_argument("--show-fingerprint", action="store_true",
+                   help="print this client's key fingerprint as a QR code (also <key-dir>/<id>-qr/) and exit")
+    p.add_argument("--confirm-peer", default=None, metavar="FINGERPRINT",
+                   help="trust a mesh peer that is not on the server's roster, after comparing its QR code; exit")
     return p.parse_args(argv)
+
+
+def operator_command(args: argparse.Namespace) -> int:
+    """--show-fingerprint / --confirm-peer: work on the key directory only, no server needed."""
+    if args.show_fingerprint:
+        key = crypto.load_or_create_key(args.key_dir, args.client_id)
+        fingerprint = crypto.fingerprint(crypto.public_pem(key))
+        out = Path(args.key_dir) / f"{args.client_id}-qr"
+        print(fingerprint_qr(fingerprint, out))
+        print(f"{args.client_id}: {fingerprint}\n(QR code also in {out}/fingerprint.png and .svg)")
+        return 0
+    if not re.fullmatch(r"SHA256(:[0-9a-f]{4}){16}", args.confirm_peer):
+        print(f"run_client.py: --confirm-peer expects a fingerprint like SHA256:1a2b:...(16 groups), "
+              f"not {args.confirm_peer!r}", file=sys.stderr)
+        return 2
+    Trust(trust_path(args.key_dir, args.client_id)).confirm(args.confirm_peer)
+    print(f"{args.client_id} now trusts {args.confirm_peer} in the mesh")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_file, args.log_format)
+    if args.show_fingerprint or args.confirm_peer:
+        return operator_command(args)
     if not args.enrollment_token:
         sys.exit("error: pass --enrollment-token (printed by run_server.py) or set MESHFED_ENROLLMENT_TOKEN")
     torch.set_num_threads(args.torch_threads)

@@ -1,0 +1,138 @@
+"""Signed gossip messages between mesh peers.
+
+Frame: MFG1 | uint32 header length | header JSON | payload (weights as .npz, shared.protocol).
+The header carries the sender's public key, and an RSA-PSS/SHA-256 signature over the canonical
+bytes of every other header field, the payload's sha256 among them. open_message() checks, in
+order: frame, version, key matches fingerprint, sender trusted (mesh/trust.py), signature, payload
+hash, freshness, replay, payload decodes, values finite; each failure is a MeshRefused with a reason.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
+
+from shared import crypto
+from shared.errors import UpdateRefused
+from shared.protocol import decode_weights, encode_weights, sha256_hex
+
+MESH_VERSION = "meshfed-mesh/1"
+MAGIC = b"MFG1"
+MAX_SKEW_SECONDS = 300.0  # a message older (or further in the future) than this is refused as stale
+
+
+class MeshRefused(UpdateRefused):
+    """A mesh message was refused; `reason` is a stable code, counted per peer by the caller."""
+
+
+@dataclass(frozen=True)
+class GossipHeader:
+    sender: str             # client id
+    fingerprint: str        # sha256 fingerprint of public_key (shared.crypto.fingerprint)
+    public_key: str         # PEM; trusted only through the roster or an operator's confirmation
+    nonce: str              # random, once per message: replay protection
+    sent_at: float          # unix time at the sender
+    base_version: int       # the global model version the sender's mesh model descends from
+    local_steps: int        # local training steps since base_version
+    num_examples: int       # the sender's training examples: its weight in the mix
+    payload_sha256: str
+    version: str = MESH_VERSION
+    signature: str = ""
+
+    def canonical_bytes(self) -> bytes:
+        fields = asdict(self)
+        fields.pop("signature")
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def seal(key: Any, sender: str, weights: dict[str, np.ndarray], base_version: int, local_steps: int,
+         num_examples: int) -> bytes:
+    """A signed, framed message carrying `weights`."""
+    payload = encode_weights(weights)
+    pem = crypto.public_pem(key)
+    header = GossipHeader(sender=sender, fingerprint=crypto.fingerprint(pem), public_key=pem,
+                          nonce=secrets.token_hex(16), sent_at=time.time(), base_version=base_version,
+                          local_steps=local_steps, num_examples=num_examples, payload_sha256=sha256_hex(payload))
+    header = replace(header, signature=crypto.sign(key, header.canonical_bytes()))
+    head = json.dumps(asdict(header), sort_keys=True).encode("utf-8")
+    return MAGIC + struct.pack(">I", len(head)) + head + payload
+
+
+class ReplayGuard:
+    """Nonces seen within the freshness window; older ones are refused as stale anyway."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check_and_add(self, nonce: str, now: float) -> bool:
+        """True if the nonce is new (and remembers it)."""
+        with self._lock:
+            for old in [n for n, t in self._seen.items() if now - t > 2 * MAX_SKEW_SECONDS]:
+                del self._seen[old]
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now
+            return True
+
+
+def unpack(body: bytes, max_header: int = 64 * 1024) -> tuple[GossipHeader, bytes]:
+    if len(body) < 8 or body[:4] != MAGIC:
+        raise MeshRefused("malformed", "message does not start with the MFG1 frame")
+    (n,) = struct.unpack(">I", body[4:8])
+    if n > max_header or 8 + n > len(body):
+        raise MeshRefused("malformed", f"header length {n} is out of range")
+    try:
+        raw = json.loads(body[8:8 + n])
+        header = GossipHeader(
+            sender=str(raw["sender"]), fingerprint=str(raw["fingerprint"]), public_key=str(raw["public_key"]),
+            nonce=str(raw["nonce"]), sent_at=float(raw["sent_at"]), base_version=int(raw["base_version"]),
+            local_steps=int(raw["local_steps"]), num_examples=int(raw["num_examples"]),
+            payload_sha256=str(raw["payload_sha256"]), version=str(raw["version"]),
+            signature=str(raw["signature"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MeshRefused("malformed", f"header is not valid: {exc}") from exc
+    return header, body[8 + n:]
+
+
+def open_message(body: bytes, trust: Any, replay: ReplayGuard, max_bytes: int,
+                 now: float | None = None) -> tuple[GossipHeader, dict[str, np.ndarray]]:
+    """Verify a framed message; returns its header and weights or raises MeshRefused."""
+    if len(body) > max_bytes:
+        raise MeshRefused("too_large", f"message is {len(body)} bytes, the limit is {max_bytes}")
+    header, payload = unpack(body)
+    if header.version != MESH_VERSION:
+        raise MeshRefused("bad_version", f"expected {MESH_VERSION}, got {header.version!r}")
+    try:
+        public_key = crypto.load_public_key(header.public_key)
+        key_ok = crypto.fingerprint(header.public_key) == header.fingerprint
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise MeshRefused("malformed", f"public key is not a PEM RSA key: {exc}") from exc
+    if not key_ok:
+        raise MeshRefused("key_mismatch", "the public key does not match the fingerprint it claims")
+    trust.check(header.sender, header.fingerprint)  # raises MeshRefused('unknown_peer' / 'key_mismatch')
+    if not crypto.verify(public_key, header.canonical_bytes(), header.signature):
+        raise MeshRefused("bad_signature", f"signature does not verify for {header.sender}")
+    if sha256_hex(payload) != header.payload_sha256:
+        raise MeshRefused("bad_signature", "payload does not match the signed sha256")
+    now = time.time() if now is None else now
+    if abs(now - header.sent_at) > MAX_SKEW_SECONDS:
+        raise MeshRefused("stale", f"sent {now - header.sent_at:.0f}s ago; the window is {MAX_SKEW_SECONDS:.0f}s")
+    if not replay.check_and_add(header.nonce, now):
+        raise MeshRefused("replay", f"nonce {header.nonce[:8]}... was seen before")
+    if header.num_examples <= 0:
+        raise MeshRefused("malformed", "num_examples must be positive")
+    try:
+        weights = decode_weights(payload, max_bytes=max_bytes)
+    except UpdateRefused as exc:
+        raise MeshRefused(exc.reason, str(exc)) from exc
+    if not all(np.isfinite(a).all() for a in weights.values() if a.dtype.kind == "f"):
+        raise MeshRefused("non_finite", "weights contain NaN or infinity")
+    return header, weights
