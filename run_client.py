@@ -16,6 +16,7 @@ import torch
 from client.behaviour import Behaviour
 from client.node import Node, NodeConfig
 from client.trainer import DataConfig, LocalTrainer
+from mesh.node import MeshConfig
 from mesh.trust import Trust, fingerprint_qr, trust_path
 from shared import crypto
 from shared.log import setup_logging
@@ -54,11 +55,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
+    p.add_argument("--enable-mesh", action="store_true",
+                   help="when the server is unreachable, keep training in a zeroconf-discovered P2P mesh")
+    p.add_argument("--mesh-peers", default="", help="host:port,... of peers (networks without multicast)")
+    p.add_argument("--mesh-host", default="127.0.0.1", help="address peers reach this client's mesh endpoint on")
+    p.add_argument("--mesh-port", type=int, default=0, help="mesh endpoint port (0 = any free port)")
+    p.add_argument("--mesh-after", type=float, default=5.0, help="seconds without the server before mesh mode")
+    p.add_argument("--mesh-interval", type=float, default=1.0, help="seconds between gossip steps")
+    p.add_argument("--mesh-fanout", type=int, default=2, help="peers contacted per gossip step")
+    p.add_argument("--mesh-batches", type=int, default=10, help="local batches trained per gossip step")
+    p.add_argument("--mesh-interfaces", default="",
+                   help="zeroconf interfaces, comma-separated (e.g. 127.0.0.1); default: zeroconf's choice")
     p.add_argument("--show-fingerprint", action="store_true",
                    help="print this client's key fingerprint as a QR code (also <key-dir>/<id>-qr/) and exit")
     p.add_argument("--confirm-peer", default=None, metavar="FINGERPRINT",
                    help="trust a mesh peer that is not on the server's roster, after comparing its QR code; exit")
     return p.parse_args(argv)
+
+
+def mesh_config(args: argparse.Namespace) -> MeshConfig | None:
+    if not args.enable_mesh:
+        return None
+    return MeshConfig(host=args.mesh_host, port=args.mesh_port, after=args.mesh_after, interval=args.mesh_interval,
+                      fanout=args.mesh_fanout, local_batches=args.mesh_batches, static_peers=args.mesh_peers,
+                      interfaces=tuple(filter(None, args.mesh_interfaces.split(","))))
 
 
 def operator_command(args: argparse.Namespace) -> int:
@@ -99,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     node = Node(NodeConfig(client_id=args.client_id, server_address=args.server_address.rstrip("/"),
                            enrollment_token=args.enrollment_token, key_dir=args.key_dir,
                            local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
-                           ca_cert=args.ca_cert), trainer,
+                           ca_cert=args.ca_cert, mesh=mesh_config(args)), trainer,
                 behaviour)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.torch_threads)
     config = build_config(args)
     url = f"http://{config.host}:{config.port}/"
-    print(f"meshfed server ({config.role}, {args.wsgi}) on {url}\n  dashboard:        {url}?token={config.admin_token}\n"
+    print(f"meshfed server ({config.role}, {args.wsgi}) on {url}\n"
+          f"  dashboard:        {url}?token={config.admin_token}\n"
           f"  admin token:      {config.admin_token}\n  enrollment token: {config.enrollment_token}", flush=True)
     if args.wsgi == "gunicorn":
         Gunicorn(args, config).run()

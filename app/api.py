@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from app.rounds import Conflict, RoundLoop
 from shared.errors import ConfigError, UpdateRefused
-from shared.protocol import unpack_update
+from shared.protocol import signed_roster, unpack_sync, unpack_update
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -138,6 +138,36 @@ def rollback() -> Any:
     except KeyError:
         return error(404, "no_such_version", f"no model version {version}; GET /api/models lists them")
     return jsonify({"rolled_back_to": version, "model_version": new})
+
+
+@bp.post("/sync")
+def sync() -> Any:
+    """Receive one packed, signed offline contribution (shared/protocol.py pack_sync)."""
+    loop = _loop()
+    client_hint = request.headers.get("X-Meshfed-Client")
+    limit = current_app.extensions["meshfed"].config.max_update_bytes
+    try:
+        if request.content_length is None or request.content_length > limit:
+            raise UpdateRefused("too_large", f"send a Content-Length of at most {limit} bytes")
+        header, payload = unpack_sync(request.get_data(cache=False))
+        reply = loop.offer_contribution(header, payload)
+    except UpdateRefused as exc:
+        loop.count_refusal(client_hint, None, exc)
+        status = 413 if exc.reason == "too_large" else 409 if exc.reason in ("replay", "wrong_version") else 400
+        return error(status, exc.reason, str(exc), reason=exc.reason)
+    return jsonify(reply)
+
+
+@bp.get("/mesh")
+def mesh() -> Any:
+    return jsonify(_loop().mesh_view())
+
+
+@bp.get("/roster")
+def roster() -> Any:
+    """Registered clients' key fingerprints, signed by the server: mesh peers trust each other by it."""
+    meshfed = current_app.extensions["meshfed"]
+    return jsonify(signed_roster(meshfed.server_key, {c["id"]: c["fingerprint"] for c in meshfed.store.clients()}))
 
 
 @bp.post("/update")

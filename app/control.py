@@ -37,6 +37,9 @@ class LocalControl:
     def system(self) -> dict[str, Any]:
         return self.meshfed.monitor.snapshot()
 
+    def mesh(self) -> dict[str, Any]:
+        return self.meshfed.loop.mesh_view()
+
     def start(self, new_run: bool) -> str:
         return self.meshfed.loop.start(new_run=new_run)
 
@@ -92,6 +95,9 @@ class RemoteControl:
 
     def system(self) -> dict[str, Any]:
         return self._call("GET", "/api/system")
+
+    def mesh(self) -> dict[str, Any]:
+        return self._call("GET", "/api/mesh")
 
     def start(self, new_run: bool) -> str:
         return self._call("POST", "/api/start", {"new_run": new_run})["run_id"]

@@ -14,7 +14,7 @@ from app.rounds import RoundLoop
 from app.store import Store
 from shared import crypto
 from shared.errors import RegistrationRefused
-from shared.protocol import EV_CANCEL, EV_CLIENT_STATUS, EV_TRAIN, EV_WELCOME, NAMESPACE, TrainRequest
+from shared.protocol import EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, NAMESPACE, TrainRequest
 
 log = logging.getLogger("meshfed.fl")
 CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -44,6 +44,8 @@ class SocketTransport:
 
     def publish(self, event: str, data: dict[str, Any]) -> None:
         self.socketio.emit(event, data, namespace=DASHBOARD_NAMESPACE)
+        if event == "metrics_update":  # clients keep the newest model at hand for mesh mode
+            self.socketio.emit(EV_NEW_MODEL, {"version": data["model_version"]}, namespace=NAMESPACE)
         for observer in self.observers:
             observer(event, data)
 
@@ -92,4 +94,11 @@ def register_handlers(socketio: SocketIO, store: Store, registry: Registry, loop
             return
         resources = {k: float(data[k]) for k in ("cpu_percent", "memory_mb") if isinstance(data.get(k), (int, float))}
         state = data.get("state") if data.get("state") in (IDLE, TRAINING) else None
-        registry.update(client_id, resources=resources, **({"state": state} if state else {}))
+        mesh = data.get("mesh")
+        if isinstance(mesh, dict) and isinstance(mesh.get("peers"), list):
+            mesh = {"mode": str(mesh.get("mode", "")), "peers": [
+                {"id": str(p.get("id", ""))[:64], "mode": str(p.get("mode", ""))[:16]}
+                for p in mesh["peers"][:256] if isinstance(p, dict)]}
+        else:
+            mesh = {}
+        registry.update(client_id, resources=resources, mesh=mesh, **({"state": state} if state else {}))

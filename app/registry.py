@@ -20,6 +20,7 @@ class Session:
     connected_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     resources: dict[str, float] = field(default_factory=dict)  # cpu_percent, memory_mb from the client
+    mesh: dict[str, Any] = field(default_factory=dict)         # {mode, peers: [{id, mode}]} (mesh clients)
 
 
 class Registry:

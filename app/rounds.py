@@ -23,7 +23,7 @@ from app import strategy
 from shared.aggregate import anomaly_scores, flatten
 from shared.errors import MeshfedError, UpdateRefused
 from shared.models import weight_spec
-from shared.protocol import TrainRequest, UpdateHeader, decode_weights, encode_weights, sha256_hex
+from shared.protocol import SyncHeader, TrainRequest, UpdateHeader, decode_weights, encode_weights, sha256_hex
 
 log = logging.getLogger("meshfed.rounds")
 
@@ -233,6 +233,61 @@ class RoundLoop:
                  "merged into the next aggregation" if merge else "dropped")
         return "straggler_merged" if merge else "straggler_dropped"
 
+    def offer_contribution(self, header: SyncHeader, payload: bytes) -> dict[str, Any]:
+        """Verify an offline contribution and keep it for the next aggregation (mesh sync-back).
+
+        Policy (FedAsync/FedBuff-style): the delta joins the next round's aggregation with weight
+        num_examples / sqrt(1 + staleness), staleness = versions the global model moved since its
+        base. Idempotent by contribution_id; kept on disk until merged, so a crash loses nothing.
+        """
+        check_signature(header, payload, self.store.client_key(header.client_id))
+        known = self.store.contribution(header.contribution_id)
+        if known is not None:
+            if known["client_id"] != header.client_id:
+                raise UpdateRefused("replay", "that contribution id belongs to another client")
+            return {"accepted": True, "duplicate": True, "merged_version": known["merged_version"]}
+        if self.store.get_version(header.base_version) is None:
+            raise UpdateRefused("wrong_version", f"base version {header.base_version} is not stored here")
+        with self._cond:
+            spec = weight_spec(self._global)
+        check_arrays(payload, OpenRound("", -1, header.base_version, frozenset(), spec, self.max_update_bytes))
+        if not self.store.add_contribution(header, payload):
+            return {"accepted": True, "duplicate": True, "merged_version": None}
+        self.store.record_accepted(header.client_id, self.round)
+        log.info("offline contribution %s from %s: base v%d, %d local steps, mixed with %s; merged with the "
+                 "next aggregation", header.contribution_id[:8], header.client_id, header.base_version,
+                 header.local_steps, ", ".join(header.peers) or "nobody")
+        self.transport.publish("mesh_update", self.mesh_view())
+        with self._cond:
+            self._cond.notify_all()
+        return {"accepted": True, "duplicate": False, "merged_version": None}
+
+    def mesh_view(self) -> dict[str, Any]:
+        """Offline contributions and who gossiped with whom (the dashboard's mesh panel)."""
+        rows = self.store.contributions()
+        edges = sorted({tuple(sorted((r["client_id"], p))) for r in rows for p in r["peers"]})
+        return {"contributions": [{k: r[k] for k in ("id", "client_id", "base_version", "local_steps",
+                                                     "num_examples", "peers", "received", "merged_version",
+                                                     "staleness", "weight")} for r in rows],
+                "edges": [list(e) for e in edges]}
+
+    def _pending_contributions(self) -> tuple[list[tuple[dict[str, np.ndarray], float]], dict[str, tuple[int, float]]]:
+        """Stored offline contributions that fit the current model, with their merge weights."""
+        updates, merged = [], {}
+        spec = weight_spec(self._global)
+        for row in self.store.contributions(pending_only=True):
+            try:
+                delta = check_arrays(self.store.read_contribution(row),
+                                     OpenRound("", -1, row["base_version"], frozenset(), spec, self.max_update_bytes))
+            except (UpdateRefused, OSError) as exc:  # e.g. a new run with another model: stays pending, visible
+                log.warning("offline contribution %s cannot be merged into this model: %s", row["id"][:8], exc)
+                continue
+            staleness = max(0, (self.global_version or 0) - row["base_version"])
+            weight = row["num_examples"] / math.sqrt(1 + staleness)
+            updates.append((delta, weight))
+            merged[row["id"]] = (staleness, weight)
+        return updates, merged
+
     def count_refusal(self, client_id: str | None, round_no: int | None, exc: UpdateRefused) -> None:
         with self._cond:
             self._round_refusals += 1
@@ -335,7 +390,8 @@ class RoundLoop:
         ids = sorted(delivered)  # a fixed order: the same updates give the same model, bit for bit
         with self._cond:
             late, self._late_updates, stragglers, self._late = self._late_updates, [], self._late, {}
-        updates = [(delivered[cid][0], delivered[cid][1]) for cid in ids] + late
+        offline, merged = self._pending_contributions()
+        updates = [(delivered[cid][0], delivered[cid][1]) for cid in ids] + late + offline
         try:
             new_weights, new_state = strategy.aggregate(cfg, self._global, updates, self._strategy_state)
         except ValueError as exc:  # e.g. Krum with too few updates after dropouts
@@ -368,7 +424,9 @@ class RoundLoop:
                    "client_total_max": max(m.get("client_seconds", 0.0) for _, _, m in delivered.values())}}
         data = encode_weights(new_weights)
         state = encode_weights(new_state) if new_state else None
-        version = self.store.commit_round(self.run_id, round_no, data, self.global_version, row, finished, state)
+        row["offline_merged"] = sorted(merged)
+        version = self.store.commit_round(self.run_id, round_no, data, self.global_version, row, finished, state,
+                                          merged)
         with self._cond:
             self._set_global(version, data, new_weights)
             self._strategy_state = new_state
@@ -376,6 +434,9 @@ class RoundLoop:
         log.info("round %d/%d  accuracy %.4f  loss %.4f  clients %d/%d  %.2fs", round_no, cfg.num_rounds,
                  accuracy, loss, len(delivered), len(selected), row["seconds"])
         self.transport.publish("metrics_update", row)
+        if merged:
+            log.info("round %d merged %d offline contribution(s)", round_no, len(merged))
+            self.transport.publish("mesh_update", self.mesh_view())
         return finished
 
     def _flag_anomalies(self, ids: list[str], updates: list[tuple[dict[str, np.ndarray], int]],

@@ -29,6 +29,7 @@ from app.store import Store
 from dashboard import bp as dashboard_bp
 from dashboard.events import feed, register_dashboard
 from dashboard.monitor import Monitor
+from shared import crypto
 from shared.errors import MeshfedError
 from shared.protocol import NAMESPACE as FL_NAMESPACE
 
@@ -46,6 +47,7 @@ class Meshfed:
     traffic: Traffic = field(default_factory=Traffic)
     metrics_registry: Any = None  # prometheus_client registry for /metrics (app/ops.py)
     leader_lock: Any = None       # app.leader.LeaderLock when sharing a message queue
+    server_key: Any = None        # signs the roster mesh peers trust (state_dir/server.pem)
 
     def __post_init__(self) -> None:
         self.control = LocalControl(self)
@@ -65,13 +67,17 @@ class Meshfed:
         return checks
 
     def clients_view(self) -> list[dict[str, Any]]:
-        """Every registered client with its live state ('offline' when not connected) and resources."""
+        """Every registered client with its live state and resources. A client that is not connected
+        but that a connected client's mesh sees in mesh mode is 'mesh' (it lost the server, not its
+        peers); `mesh_peers` lists whom each connected mesh client sees."""
         online = {s.client_id: s for s in self.registry.online()}
+        in_mesh = {p["id"] for s in online.values() for p in s.mesh.get("peers", []) if p["mode"] == "mesh"}
         rows = self.store.clients()
         for row in rows:
             s = online.get(row["id"])
-            row["status"] = s.state if s else "offline"
+            row["status"] = s.state if s else "mesh" if row["id"] in in_mesh else "offline"
             row["resources"] = s.resources if s else {}
+            row["mesh_peers"] = [p["id"] for p in s.mesh.get("peers", [])] if s else []
         return rows
 
     def start_background(self) -> None:
@@ -130,7 +136,8 @@ def create_app(config: ServerConfig) -> Flask:
     loop = RoundLoop(store, registry, transport,
                      lambda run: evaluator(run.dataset, run.model), config.run, config.max_update_bytes,
                      spawn=socketio.start_background_task)
-    meshfed = Meshfed(config, socketio, store, registry, loop, monitor, leader_lock=lock)
+    meshfed = Meshfed(config, socketio, store, registry, loop, monitor, leader_lock=lock,
+                      server_key=crypto.load_or_create_key(config.state_dir, "server"))
     meshfed.metrics_registry = make_registry(MeshfedCollector(meshfed))
     app.extensions["meshfed"] = meshfed
     register_handlers(socketio, store, registry, loop, config.enrollment_token)

@@ -6,8 +6,8 @@ that produced it, so a SIGKILL at any point leaves either the whole round or non
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import RegistrationRefused
+from shared.fileio import write_atomic
 from shared.protocol import sha256_hex
 
 SCHEMA = """
@@ -34,25 +35,14 @@ CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
     last_seen REAL, num_examples INTEGER, last_round INTEGER, accepted INTEGER NOT NULL DEFAULT 0,
     refused INTEGER NOT NULL DEFAULT 0, flagged INTEGER NOT NULL DEFAULT 0, dropouts INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS contributions (
+    id TEXT PRIMARY KEY, client_id TEXT NOT NULL, base_version INTEGER NOT NULL, local_steps INTEGER,
+    num_examples INTEGER NOT NULL, peers TEXT, received REAL NOT NULL, path TEXT NOT NULL,
+    merged_version INTEGER, staleness INTEGER, weight REAL);
 CREATE TABLE IF NOT EXISTS refusals (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, client_id TEXT, run_id TEXT,
     round INTEGER, reason TEXT NOT NULL, message TEXT);
 """
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write data to path so that a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Store:
@@ -62,6 +52,8 @@ class Store:
         self.root = Path(state_dir)
         self.models_dir = self.root / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.offline_dir = self.root / "offline"  # offline contributions waiting to be merged
+        self.offline_dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "meshfed.sqlite3", check_same_thread=False,
                                    isolation_level=None)  # autocommit; transactions are explicit
@@ -133,7 +125,8 @@ class Store:
         return version
 
     def commit_round(self, run_id: str, round_no: int, data: bytes, parent: int, row: dict[str, Any],
-                     finished: str | None = None, state: bytes | None = None) -> int:
+                     finished: str | None = None, state: bytes | None = None,
+                     merged: dict[str, tuple[int, float]] | None = None) -> int:
         """Durably record one completed round, the model it produced and the strategy's state after it;
         returns the new version. Only the two newest state files are kept."""
         version = self.next_version()
@@ -160,6 +153,8 @@ class Store:
                        for cid in row.get("flagged", {})]
         statements += [("UPDATE clients SET dropouts = dropouts + 1 WHERE id = ?", (cid,))
                        for cid in row.get("dropped", [])]
+        statements += [("UPDATE contributions SET merged_version = ?, staleness = ?, weight = ? WHERE id = ?",
+                        (version, staleness, weight, cid)) for cid, (staleness, weight) in (merged or {}).items()]
         if finished:
             statements.append(("UPDATE runs SET status = 'finished', stop_reason = ? WHERE id = ?",
                                (finished, run_id)))
@@ -252,6 +247,37 @@ class Store:
             clean, total = r["accepted"] - r["flagged"], r["accepted"] + r["refused"] + r["dropouts"]
             r["reputation"] = round((clean + 1) / (total + 2), 4)
         return rows
+
+    # --- offline contributions (mesh sync-back) ---------------------------------------------------
+
+    def add_contribution(self, header: Any, payload: bytes) -> bool:
+        """Keep an offline contribution until a round merges it; False if its id was seen before."""
+        if self._query("SELECT 1 FROM contributions WHERE id = ?", (header.contribution_id,)):
+            return False
+        name = f"{hashlib.sha256(header.contribution_id.encode()).hexdigest()[:32]}.npz"
+        write_atomic(self.offline_dir / name, payload)
+        try:
+            self._execute(("INSERT INTO contributions (id, client_id, base_version, local_steps, num_examples, "
+                           "peers, received, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (header.contribution_id, header.client_id, header.base_version, header.local_steps,
+                            header.num_examples, json.dumps(header.peers), time.time(), name)))
+        except sqlite3.IntegrityError:  # the same id, concurrently
+            return False
+        return True
+
+    def contribution(self, contribution_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM contributions WHERE id = ?", (contribution_id,))
+        return rows[0] if rows else None
+
+    def contributions(self, pending_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+        where = "WHERE merged_version IS NULL" if pending_only else ""
+        rows = self._query(f"SELECT * FROM contributions {where} ORDER BY received LIMIT ?", (limit,))
+        for row in rows:
+            row["peers"] = json.loads(row["peers"] or "[]")
+        return rows
+
+    def read_contribution(self, row: dict[str, Any]) -> bytes:
+        return (self.offline_dir / row["path"]).read_bytes()
 
     def refusal_counts(self) -> dict[str, int]:
         return {r["reason"]: r["n"] for r in self._query("SELECT reason, COUNT(*) AS n FROM refusals GROUP BY reason")}

@@ -25,7 +25,7 @@ import numpy as np
 
 from shared import crypto
 from shared.errors import UpdateRefused
-from shared.protocol import PROTOCOL_VERSION, UpdateHeader, decode_weights, sha256_hex
+from shared.protocol import PROTOCOL_VERSION, SyncHeader, UpdateHeader, decode_weights, sha256_hex
 
 MAX_EXAMPLES = 10_000_000  # a client claiming more examples than this is refused
 
@@ -42,7 +42,7 @@ class OpenRound:
     max_bytes: int
 
 
-def check_signature(header: UpdateHeader, payload: bytes, public_key_pem: str | None) -> None:
+def check_signature(header: UpdateHeader | SyncHeader, payload: bytes, public_key_pem: str | None) -> None:
     """Refuse unless protocol, pinned key, signature and payload hash all check out."""
     if header.protocol != PROTOCOL_VERSION:
         raise UpdateRefused("protocol_version", f"expected {PROTOCOL_VERSION}, got {header.protocol!r}")

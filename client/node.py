@@ -20,9 +20,11 @@ import socketio
 
 from client.behaviour import Behaviour, partial_batches, poison
 from client.trainer import LocalTrainer
+from mesh.node import MeshConfig, MeshNode
+from mesh.trust import trust_path
 from shared import crypto
-from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_TRAIN, EV_WELCOME, NAMESPACE, TrainRequest,
-                             UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex)
+from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, NAMESPACE,
+                             TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex)
 
 log = logging.getLogger("meshfed.client")
 # Registration refusals that retrying cannot fix (see app/fl.py): the client exits with a message.
@@ -40,6 +42,7 @@ class NodeConfig:
     batch_size: int | None = None
     http_timeout: float = 60.0     # seconds for one model download or update upload
     ca_cert: str | None = None     # CA bundle to verify the server's TLS certificate (https://, wss://)
+    mesh: MeshConfig | None = None  # --enable-mesh: fall back to a P2P mesh when the server is away
 
 
 class Node:
@@ -72,6 +75,15 @@ class Node:
         self.sio.on(EV_WELCOME, self._on_welcome, namespace=NAMESPACE)
         self.sio.on(EV_TRAIN, self._on_train, namespace=NAMESPACE)
         self.sio.on(EV_CANCEL, self._on_cancel, namespace=NAMESPACE)
+        self.train_lock = threading.Lock()  # the trainer's model is shared by rounds and mesh steps
+        self._state = "idle"
+        self.mesh: MeshNode | None = None
+        if config.mesh is not None:
+            self.sio.on(EV_NEW_MODEL, self._on_new_model, namespace=NAMESPACE)
+            self.mesh = MeshNode(config.mesh, config.client_id, self.key, trainer,
+                                 f"{config.key_dir}/{config.client_id}.mesh", self.train_lock,
+                                 lr=config.lr or 0.05, batch_size=config.batch_size or 32,
+                                 trust_file=trust_path(config.key_dir, config.client_id))
 
     # --- Socket.IO handlers: record and return; the worker thread does the work ------------------
 
@@ -95,6 +107,18 @@ class Node:
 
     def _on_cancel(self, data: dict[str, Any]) -> None:
         self._cancelled.add((str(data.get("run_id")), int(data.get("round", -1))))
+
+    def _on_new_model(self, data: dict[str, Any]) -> None:
+        """A round ended: prefetch the new global model, so mesh mode would start from the newest, and
+        refresh the roster (everyone who trained in that round is on it)."""
+        if self.mesh is not None:
+            self.mesh.roster_stale = True
+        def fetch() -> None:
+            try:
+                self.fetch_model(int(data["version"]))
+            except (requests.RequestException, KeyError, ValueError, TypeError) as exc:
+                log.info("could not prefetch model %s: %s", data.get("version"), exc)
+        threading.Thread(target=fetch, daemon=True).start()
 
     # --- main loop -------------------------------------------------------------------------------
 
@@ -123,6 +147,10 @@ class Node:
     def run(self, stop: threading.Event | None = None) -> int:
         """Serve train requests until stop is set; returns a process exit code."""
         stop = stop or threading.Event()
+        if self.mesh is not None:  # before connecting: a client restarted during an outage gossips on
+            self.mesh.start(connected=lambda: self.sio.connected, latest_model=lambda: self._model_cache,
+                            upload=self.upload_sync, fetch_roster=self.fetch_roster,
+                            report=lambda: self._emit_status(self._state), stop=stop)
         if not self.connect(stop):
             return 2 if self.fatal else 0
         try:
@@ -141,6 +169,8 @@ class Node:
                 self.handle(request)
         finally:
             self.sio.disconnect()
+            if self.mesh is not None:
+                self.mesh.close()
         return 0
 
     def handle(self, request: TrainRequest) -> None:
@@ -161,8 +191,11 @@ class Node:
             epochs, batch_size = c.local_epochs or request.local_epochs, c.batch_size or request.batch_size
             max_batches = partial_batches(self.trainer.num_examples, batch_size, epochs, b.slowdown,
                                           request.max_batches)
-            delta, metrics = self.trainer.fit(global_weights, epochs, c.lr or request.lr, batch_size, max_batches,
-                                              seed=request.round, proximal_mu=request.proximal_mu)
+            if self.mesh is not None:  # mesh steps train like the server's last round asked
+                self.mesh.lr, self.mesh.batch_size = c.lr or request.lr, batch_size
+            with self.train_lock:
+                delta, metrics = self.trainer.fit(global_weights, epochs, c.lr or request.lr, batch_size,
+                                                  max_batches, seed=request.round, proximal_mu=request.proximal_mu)
             delta = poison(delta, b.attack, b.attack_scale, self._rng)
             if b.delay:
                 time.sleep(b.delay)
@@ -185,6 +218,21 @@ class Node:
                 raise requests.RequestException(f"model version {version} arrived corrupted")
             self._model_cache = (version, decode_weights(r.content))
         return self._model_cache[1]
+
+    def upload_sync(self, body: bytes) -> dict[str, Any]:
+        """POST an offline contribution; returns the server's reply or raises with its reason."""
+        r = self.http.post(f"{self.config.server_address}/api/sync", data=body, timeout=self.config.http_timeout,
+                           verify=self._verify, headers={"Content-Type": "application/octet-stream"})
+        reply = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
+        if not r.ok:
+            raise requests.RequestException(f"sync refused: {reply.get('message', r.status_code)}")
+        return reply
+
+    def fetch_roster(self) -> dict[str, Any]:
+        r = self.http.get(f"{self.config.server_address}/api/roster", timeout=self.config.http_timeout,
+                          verify=self._verify)
+        r.raise_for_status()
+        return r.json()
 
     def sign_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float]) -> bytes:
         """Encode, hash, sign: the exact bytes POSTed to /api/update."""
@@ -216,7 +264,9 @@ class Node:
                 "memory_mb": self._process.memory_info().rss / 2**20}
 
     def _emit_status(self, state: str) -> None:
+        self._state = state
+        mesh = {"mesh": self.mesh.summary()} if self.mesh is not None else {}
         try:
-            self.sio.emit(EV_CLIENT_STATUS, {"state": state, **self._resources()}, namespace=NAMESPACE)
+            self.sio.emit(EV_CLIENT_STATUS, {"state": state, **self._resources(), **mesh}, namespace=NAMESPACE)
         except socketio.exceptions.SocketIOError:
             pass  # not connected right now; the next status will tell

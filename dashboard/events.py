@@ -2,7 +2,7 @@
 
 server -> browser: status_update, metrics_update (one round), metrics_history (all rounds of the run),
   training_started, training_stopped, clients_update, models_update, system_update, alert,
-  update_refused
+  update_refused, mesh_update (offline contributions and gossip edges)
 browser -> server (each answers through the Socket.IO acknowledgement):
   request_status, request_metrics, start_training {new_run}, stop_training,
   update_config {field: value}, rollback_model {version}
@@ -53,6 +53,7 @@ def register_dashboard(socketio: SocketIO, control: Any) -> None:
         emit("clients_update", {"clients": control.clients()})
         emit("models_update", control.models())
         emit("system_history", control.system())
+        emit("mesh_update", control.mesh())
         return {}
 
     @socketio.on("request_metrics", namespace=NAMESPACE)

@@ -1,7 +1,7 @@
 """Peer discovery with python-zeroconf (mDNS/DNS-SD), plus static peers for networks without multicast.
 
 Each mesh client advertises `<client id>._meshfed._tcp.local.` with a TXT record carrying its client
-id, key fingerprint, port and model version, browses for the others and forgets those that say
+id, key fingerprint, port, model version and mode, browses for the others and forgets those that say
 goodbye. What a TXT record says is only a hint: every message is verified (mesh/wire.py).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Peer:
     port: int
     model_version: int
     source: str  # 'zeroconf' or 'static'
+    mode: str = "?"  # what its TXT record says: 'online' or 'mesh'
 
     @property
     def address(self) -> str:
@@ -53,6 +54,7 @@ class Discovery:
         self.client_id, self.fingerprint, self.host, self.port = client_id, fingerprint, host, port
         self.interfaces = interfaces  # e.g. ["127.0.0.1"] on loopback; None = zeroconf's default
         self._model_version = model_version
+        self._mode = "online"
         self._peers: dict[str, Peer] = {}
         self._lock = threading.Lock()
         self._resolver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-resolve")
@@ -64,7 +66,7 @@ class Discovery:
             SERVICE_TYPE, f"{self.client_id}.{SERVICE_TYPE}", addresses=[socket.inet_aton(self.host)],
             port=self.port, server=f"{self.client_id}.local.",
             properties={"id": self.client_id, "fp": self.fingerprint, "port": str(self.port),
-                        "version": str(self._model_version)})
+                        "version": str(self._model_version), "mode": self._mode})
 
     def start(self) -> None:
         kwargs: dict[str, Any] = {"ip_version": IPVersion.V4Only}
@@ -76,9 +78,10 @@ class Discovery:
         ServiceBrowser(self.zc, SERVICE_TYPE, handlers=[self._on_change])
         log.info("mesh: advertising %s on %s:%d", self.client_id, self.host, self.port)
 
-    def set_model_version(self, version: int) -> None:
-        """Re-announce with the new model version in the TXT record."""
+    def set_model_version(self, version: int, mode: str | None = None) -> None:
+        """Re-announce with the new model version (and mode) in the TXT record."""
         self._model_version = version
+        self._mode = mode or self._mode
         if self.zc is not None:
             self.info = self._service_info()
             self.zc.update_service(self.info)
@@ -108,7 +111,7 @@ class Discovery:
         try:
             peer = Peer(client_id=txt["id"], fingerprint=txt["fp"], host=info.parsed_addresses()[0],
                         port=int(txt.get("port", info.port)), model_version=int(txt.get("version", -1)),
-                        source="zeroconf")
+                        source="zeroconf", mode=txt.get("mode", "?"))
         except (KeyError, ValueError):
             log.warning("mesh: ignoring %s: its TXT record lacks id/fp/port/version", name)
             return

@@ -14,10 +14,14 @@ import os
 import threading
 from pathlib import Path
 
+from typing import Any
+
 import qrcode
 import qrcode.image.svg
 
 from mesh.wire import MeshRefused
+from shared import crypto
+from shared.protocol import roster_bytes
 
 
 def trust_path(key_dir: str | Path, client_id: str) -> Path:
@@ -28,28 +32,65 @@ class Trust:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.roster: dict[str, str] = dict(data.get("roster", {}))    # client id -> fingerprint
-        self.confirmed: set[str] = set(data.get("confirmed", []))     # fingerprints an operator confirmed
+        self._mtime = -1.0
+        self.roster: dict[str, str] = {}        # client id -> fingerprint, from the server
+        self.confirmed: set[str] = set()        # fingerprints an operator confirmed
+        self.server_fingerprint: str | None = None  # pinned on the first roster (trust on first use)
+        self._reload()
+
+    def _reload(self) -> None:
+        """Re-read the file if another process (run_client.py --confirm-peer) changed it."""
+        mtime = self.path.stat().st_mtime if self.path.exists() else -1.0
+        if mtime != self._mtime:
+            data = json.loads(self.path.read_text()) if mtime >= 0 else {}
+            self.roster = dict(data.get("roster", {}))
+            self.confirmed = set(data.get("confirmed", []))
+            self.server_fingerprint = data.get("server_fingerprint")
+            self._mtime = mtime
 
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"roster": self.roster, "confirmed": sorted(self.confirmed)}, indent=1))
+        tmp.write_text(json.dumps({"roster": self.roster, "confirmed": sorted(self.confirmed),
+                                   "server_fingerprint": self.server_fingerprint}, indent=1))
         os.replace(tmp, self.path)  # atomic: a crash leaves the old file or the new one
+        self._mtime = self.path.stat().st_mtime
 
     def set_roster(self, roster: dict[str, str]) -> None:
-        """Replace the cached roster (client id -> fingerprint) with the server's newest."""
+        """Replace the cached roster (client id -> fingerprint)."""
         with self._lock:
+            self._reload()
             self.roster = dict(roster)
+            self._save()
+
+    def accept_roster(self, signed: dict[str, Any]) -> None:
+        """Adopt a roster from GET /api/roster after checking the server's signature; the server's key
+        is pinned the first time, and a roster signed by another key is refused."""
+        try:
+            pem, clients = str(signed["server_key"]), dict(signed["clients"])
+            fingerprint = crypto.fingerprint(pem)
+            valid = crypto.verify(crypto.load_public_key(pem), roster_bytes(clients, float(signed["issued_at"])),
+                                  str(signed["signature"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MeshRefused("malformed", f"roster is not valid: {exc}") from exc
+        with self._lock:
+            self._reload()
+            if self.server_fingerprint not in (None, fingerprint):
+                raise MeshRefused("key_mismatch", "roster signed by another server key than the pinned one")
+            if not valid:
+                raise MeshRefused("bad_signature", "roster signature does not verify")
+            self.server_fingerprint, self.roster = fingerprint, {str(k): str(v) for k, v in clients.items()}
             self._save()
 
     def confirm(self, fingerprint: str) -> None:
         with self._lock:
+            self._reload()
             self.confirmed.add(fingerprint)
             self._save()
 
     def check(self, client_id: str, fingerprint: str) -> None:
         """Return if trusted; else raise MeshRefused saying what would make it trusted."""
+        with self._lock:
+            self._reload()
         pinned = self.roster.get(client_id)
         if pinned is not None and pinned != fingerprint:  # a confirmation never overrides the roster
             raise MeshRefused("key_mismatch", f"{client_id} is on the roster with another key")

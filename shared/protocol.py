@@ -3,6 +3,8 @@
 Control travels as Socket.IO events on the /fl namespace; weights travel over HTTP as bytes:
   GET  /api/model/<version>   -> encode_weights(global weights)
   POST /api/update            -> pack_update(header, encode_weights(delta))
+  POST /api/sync              -> pack_sync(header, encode_weights(delta)): what a client learned in
+                                 the mesh while the server was away (mesh/), sent once it is back
 An update carries the *delta* (local weights - the global weights it started from).
 Nothing here uses pickle: weights are an uncompressed .npz read with allow_pickle=False.
 """
@@ -12,12 +14,13 @@ import hashlib
 import io
 import json
 import struct
-import zipfile
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from shared import crypto
 from shared.errors import UpdateRefused
 
 PROTOCOL_VERSION = "meshfed/1"
@@ -29,8 +32,10 @@ EV_TRAIN = "train"                  # server -> client: TrainRequest.to_dict()
 EV_CANCEL = "cancel"                # server -> client: {run_id, round}: the round ended without you
 EV_UPDATE_RESULT = "update_result"  # server -> client: {round, accepted, reason, message}
 EV_CLIENT_STATUS = "client_status"  # client -> server: {state, cpu_percent, memory_mb}
+EV_NEW_MODEL = "new_model"          # server -> all clients: {version} after each round (mesh clients prefetch it)
 
 UPDATE_MAGIC = b"MFU1"  # first bytes of every packed update
+SYNC_MAGIC = b"MFS1"    # first bytes of every packed offline contribution
 
 
 @dataclass(frozen=True)
@@ -104,21 +109,35 @@ def decode_weights(data: bytes, max_bytes: int | None = None) -> dict[str, np.nd
         raise UpdateRefused("malformed", f"weights are not a valid .npz: {exc}") from exc
 
 
-def pack_update(header: UpdateHeader, payload: bytes) -> bytes:
-    """MFU1 | uint32 header length | header JSON | payload (the encoded delta)."""
+def _frame(magic: bytes, header: Any, payload: bytes) -> bytes:
     head = json.dumps(asdict(header), sort_keys=True).encode("utf-8")
-    return UPDATE_MAGIC + struct.pack(">I", len(head)) + head + payload
+    return magic + struct.pack(">I", len(head)) + head + payload
 
 
-def unpack_update(body: bytes, max_header: int = 64 * 1024) -> tuple[UpdateHeader, bytes]:
-    """Split a packed update; raises UpdateRefused('malformed') on anything off."""
-    if len(body) < 8 or body[:4] != UPDATE_MAGIC:
-        raise UpdateRefused("malformed", "body does not start with the MFU1 update frame")
+def _unframe(magic: bytes, body: bytes, max_header: int) -> tuple[dict[str, Any], bytes]:
+    if len(body) < 8 or body[:4] != magic:
+        raise UpdateRefused("malformed", f"body does not start with the {magic.decode()} frame")
     (n,) = struct.unpack(">I", body[4:8])
     if n > max_header or 8 + n > len(body):
         raise UpdateRefused("malformed", f"header length {n} is out of range")
     try:
         raw = json.loads(body[8:8 + n])
+    except ValueError as exc:
+        raise UpdateRefused("malformed", f"header is not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UpdateRefused("malformed", "header is not a JSON object")
+    return raw, body[8 + n:]
+
+
+def pack_update(header: UpdateHeader, payload: bytes) -> bytes:
+    """MFU1 | uint32 header length | header JSON | payload (the encoded delta)."""
+    return _frame(UPDATE_MAGIC, header, payload)
+
+
+def unpack_update(body: bytes, max_header: int = 64 * 1024) -> tuple[UpdateHeader, bytes]:
+    """Split a packed update; raises UpdateRefused('malformed') on anything off."""
+    raw, payload = _unframe(UPDATE_MAGIC, body, max_header)
+    try:
         header = UpdateHeader(
             run_id=str(raw["run_id"]), round=int(raw["round"]), model_version=int(raw["model_version"]),
             client_id=str(raw["client_id"]), num_examples=int(raw["num_examples"]),
@@ -127,4 +146,59 @@ def unpack_update(body: bytes, max_header: int = 64 * 1024) -> tuple[UpdateHeade
             metrics={str(k): float(v) for k, v in dict(raw.get("metrics", {})).items()})
     except (ValueError, KeyError, TypeError) as exc:
         raise UpdateRefused("malformed", f"update header is not valid: {exc}") from exc
-    return header, body[8 + n:]
+    return header, payload
+
+
+@dataclass(frozen=True)
+class SyncHeader:
+    """The signed facts about one offline contribution: the delta a client's mesh model made from
+    the global version it started at. `contribution_id` makes the upload idempotent."""
+
+    contribution_id: str
+    client_id: str
+    base_version: int
+    local_steps: int
+    num_examples: int
+    payload_sha256: str
+    peers: list[str] = field(default_factory=list)  # whom it mixed with (the dashboard's topology)
+    signature: str = ""
+    protocol: str = PROTOCOL_VERSION
+
+    def canonical_bytes(self) -> bytes:
+        fields = ("sync", self.protocol, self.contribution_id, self.client_id, str(self.base_version),
+                  str(self.local_steps), str(self.num_examples), self.payload_sha256, ",".join(self.peers))
+        return "\n".join(fields).encode("utf-8")
+
+
+def pack_sync(header: SyncHeader, payload: bytes) -> bytes:
+    """MFS1 | uint32 header length | header JSON | payload (the encoded delta)."""
+    return _frame(SYNC_MAGIC, header, payload)
+
+
+def unpack_sync(body: bytes, max_header: int = 64 * 1024) -> tuple[SyncHeader, bytes]:
+    raw, payload = _unframe(SYNC_MAGIC, body, max_header)
+    try:
+        header = SyncHeader(
+            contribution_id=str(raw["contribution_id"]), client_id=str(raw["client_id"]),
+            base_version=int(raw["base_version"]), local_steps=int(raw["local_steps"]),
+            num_examples=int(raw["num_examples"]), payload_sha256=str(raw["payload_sha256"]),
+            peers=[str(p) for p in raw.get("peers", [])], signature=str(raw.get("signature", "")),
+            protocol=str(raw.get("protocol", "")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UpdateRefused("malformed", f"sync header is not valid: {exc}") from exc
+    if not (0 < len(header.contribution_id) <= 64) or header.num_examples <= 0:
+        raise UpdateRefused("malformed", "contribution_id must be 1-64 characters and num_examples positive")
+    return header, payload
+
+
+def roster_bytes(clients: dict[str, str], issued_at: float) -> bytes:
+    """What the server signs in a roster: client id -> key fingerprint, and when it was issued."""
+    return json.dumps({"clients": clients, "issued_at": issued_at}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def signed_roster(server_key: Any, clients: dict[str, str]) -> dict[str, Any]:
+    issued_at = time.time()
+    pem = crypto.public_pem(server_key)
+    return {"clients": clients, "issued_at": issued_at, "server_key": pem,
+            "server_fingerprint": crypto.fingerprint(pem),
+            "signature": crypto.sign(server_key, roster_bytes(clients, issued_at))}

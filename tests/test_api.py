@@ -107,3 +107,56 @@ def test_start_after_stop_resumes_with_the_edited_config(app):
     new_id = client.post("/api/start", headers=auth).get_json()["run_id"]
     assert new_id != run_id and loop.store.latest_run()["config"]["model"] == "cnn"
     client.post("/api/stop", headers=auth)
+
+
+def test_a_client_its_connected_peers_see_in_mesh_mode_is_shown_as_mesh(app, pem):
+    a = sio_client(app, client_id="a", public_key=pem, enrollment_token=ENROLL)
+    b = sio_client(app, client_id="b", public_key=crypto.public_pem(crypto.generate_key()), enrollment_token=ENROLL)
+    sio_client(app, client_id="c", public_key=crypto.public_pem(crypto.generate_key()), enrollment_token=ENROLL)\
+        .disconnect(NAMESPACE)
+    b.disconnect(NAMESPACE)  # b lost the server; a still sees it over zeroconf, in mesh mode
+    a.emit("client_status", {"state": "idle", "mesh": {"mode": "online", "peers": [{"id": "b", "mode": "mesh"}]}},
+           namespace=NAMESPACE)
+    rows = {c["id"]: c for c in app.test_client().get("/api/clients").get_json()["clients"]}
+    assert (rows["a"]["status"], rows["b"]["status"], rows["c"]["status"]) == ("idle", "mesh", "offline")
+    assert rows["a"]["mesh_peers"] == ["b"]
+
+
+def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app):
+    import dataclasses
+
+    import numpy as np
+
+    from shared.protocol import SyncHeader, encode_weights, pack_sync, sha256_hex
+
+    key = crypto.generate_key()
+    assert sio_client(app, client_id="a", public_key=crypto.public_pem(key), enrollment_token=ENROLL)\
+        .is_connected(NAMESPACE)
+    client, auth = app.test_client(), {"Authorization": f"Bearer {ADMIN}"}
+    assert client.post("/api/start", headers=auth).status_code == 200  # initial model v1; waits for clients
+    loop = app.extensions["meshfed"].loop
+    before = client.get("/api/model/latest").headers["X-Model-SHA256"]
+
+    def body(delta: dict, cid: str = "k1", base: int = 1, signer=key, client_id: str = "a") -> bytes:
+        payload = encode_weights(delta)
+        header = SyncHeader(contribution_id=cid, client_id=client_id, base_version=base, local_steps=7,
+                            num_examples=50, payload_sha256=sha256_hex(payload), peers=["b"])
+        return pack_sync(dataclasses.replace(header, signature=crypto.sign(signer, header.canonical_bytes())), payload)
+
+    zeros = {k: np.zeros_like(v) for k, v in loop._global.items()}
+    nan = {k: np.full_like(v, np.nan) for k, v in zeros.items()}
+    post = lambda data: client.post("/api/sync", data=data, content_type="application/octet-stream")  # noqa: E731
+    refusals = [(post(body(zeros, signer=crypto.generate_key())), "bad_signature"),
+                (post(body(zeros, base=99)), "wrong_version"),
+                (post(body(nan)), "non_finite"),
+                (post(body({"w": np.zeros(3, np.float32)})), "shape_mismatch"),
+                (post(b"MFS1junk"), "malformed")]
+    assert [(r.status_code >= 400, r.get_json()["reason"]) for r, _ in refusals] == [(True, w) for _, w in refusals]
+    first, again = post(body(zeros)), post(body(zeros))
+    assert first.get_json() == {"accepted": True, "duplicate": False, "merged_version": None}
+    assert again.get_json()["duplicate"] is True
+    mesh = client.get("/api/mesh").get_json()
+    assert [(c["client_id"], c["local_steps"], c["merged_version"]) for c in mesh["contributions"]] == [("a", 7, None)]
+    assert mesh["edges"] == [["a", "b"]]
+    assert client.get("/api/model/latest").headers["X-Model-SHA256"] == before  # merged by the next round only
+    client.post("/api/stop", headers=auth)

@@ -165,3 +165,19 @@ def test_operator_commands_show_and_confirm_a_fingerprint(tmp_path):
     assert client("--client-id", "a", "--confirm-peer", "SHA256:nothex").returncode == 2
     assert client("--client-id", "a", "--confirm-peer", fingerprint).returncode == 0
     assert fingerprint in Trust(tmp_path / "a.trust.json").confirmed
+
+
+def test_the_roster_is_taken_only_with_the_pinned_servers_signature(tmp_path, keys):
+    from shared.protocol import signed_roster
+
+    server, other = crypto.generate_key(), crypto.generate_key()
+    t = Trust(tmp_path / "t.json")
+    t.accept_roster(signed_roster(server, {"a": fp(keys["a"])}))
+    assert t.roster == {"a": fp(keys["a"])} and t.server_fingerprint == fp(server)
+    forged = signed_roster(server, {"a": fp(keys["a"])})
+    forged["clients"] = {"a": fp(keys["stranger"])}  # swap a's key after signing
+    with pytest.raises(MeshRefused, match="bad_signature"):
+        t.accept_roster(forged)
+    with pytest.raises(MeshRefused, match="key_mismatch"):  # another server: its key is not the pinned one
+        t.accept_roster(signed_roster(other, {"a": fp(keys["stranger"])}))
+    assert Trust(tmp_path / "t.json").roster == {"a": fp(keys["a"])}  # unchanged, also on disk

@@ -1,5 +1,4 @@
 """Every refusal reason of app/verify.py, one by one (pure functions, real keys)."""
-import io
 
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const socket = io("/dashboard", { transports: ["websocket"] });
-const state = { rounds: [], status: null, system: [] };
+const state = { rounds: [], status: null, system: [], clients: [], mesh: { contributions: [], edges: [] } };
 window.meshfed = state;  // handy in the browser console and for the browser tests
 
 // --- charts -----------------------------------------------------------------------------------
@@ -98,6 +98,51 @@ function drawClients(clients) {
     cell(row, c.resources.memory_mb?.toFixed(0) ?? "–");
   }
   if (!clients.length) cell(body.insertRow(), "No client has registered yet.", "text-secondary").colSpan = 12;
+}
+
+function drawMesh() {
+  const svg = $("mesh-graph");
+  const NS = "http://www.w3.org/2000/svg";
+  const el = (name, attrs) => {
+    const e = document.createElementNS(NS, name);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    return e;
+  };
+  const status = Object.fromEntries(state.clients.map((c) => [c.id, c.status]));
+  const ids = [...new Set([...state.clients.map((c) => c.id), ...state.mesh.edges.flat()])].sort();
+  const at = Object.fromEntries(ids.map((id, i) => {
+    const a = (2 * Math.PI * i) / Math.max(ids.length, 1) - Math.PI / 2;
+    return [id, [160 + 115 * Math.cos(a), 160 + 115 * Math.sin(a)]];
+  }));
+  const live = state.clients.flatMap((c) => (c.mesh_peers || []).map((p) => [c.id, p])).filter(([, p]) => at[p]);
+  svg.replaceChildren();
+  for (const [edges, dash] of [[state.mesh.edges, ""], [live, "4 3"]]) {
+    for (const [a, b] of edges) {
+      svg.append(el("line", { x1: at[a][0], y1: at[a][1], x2: at[b][0], y2: at[b][1], stroke: "#6c757d",
+                              "stroke-width": 2, "stroke-dasharray": dash }));
+    }
+  }
+  for (const id of ids) {
+    const fill = { mesh: "#ffc107", training: "#0d6efd", idle: "#198754", offline: "#adb5bd" }[status[id]] || "#dee2e6";
+    svg.append(el("circle", { cx: at[id][0], cy: at[id][1], r: 16, fill, "data-client": id }));
+    const label = el("text", { x: at[id][0], y: at[id][1] + 32, "text-anchor": "middle", "font-size": 12 });
+    label.textContent = id;
+    svg.append(label);
+  }
+  const body = $("mesh-body");
+  body.replaceChildren();
+  for (const c of [...state.mesh.contributions].reverse()) {
+    const row = body.insertRow();
+    cell(row, c.client_id, "fw-semibold");
+    cell(row, "v" + c.base_version);
+    cell(row, c.local_steps);
+    cell(row, c.peers.join(", ") || "nobody");
+    cell(row, new Date(c.received * 1000).toLocaleTimeString());
+    cell(row, c.merged_version ? `v${c.merged_version} (staleness ${c.staleness})` : "pending");
+  }
+  if (!state.mesh.contributions.length) {
+    cell(body.insertRow(), "No client has synced offline work yet.", "text-secondary").colSpan = 6;
+  }
 }
 
 function drawModels(data) {
@@ -218,7 +263,8 @@ socket.on("metrics_update", (row) => {
 });
 socket.on("training_started", () => socket.emit("request_metrics"));
 socket.on("training_stopped", (d) => say("control-message", `run ${d.run_id} ended: ${d.reason}`, true));
-socket.on("clients_update", (d) => drawClients(d.clients));
+socket.on("clients_update", (d) => { state.clients = d.clients; drawClients(d.clients); drawMesh(); });
+socket.on("mesh_update", (d) => { state.mesh = d; drawMesh(); });
 socket.on("models_update", drawModels);
 socket.on("system_history", (d) => { state.system = d.samples; drawSystem(); d.alerts.forEach(addAlert); });
 socket.on("system_update", (s) => { state.system.push(s); drawSystem(); });
