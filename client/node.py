@@ -113,6 +113,7 @@ class Node:
         refresh the roster (everyone who trained in that round is on it)."""
         if self.mesh is not None:
             self.mesh.roster_stale = True
+
         def fetch() -> None:
             try:
                 self.fetch_model(int(data["version"]))

@@ -126,6 +126,8 @@ class MeshNode:
                     self._gossip_step()
             except (requests.RequestException, MeshRefused, ValueError) as exc:
                 log.warning("mesh: %s", exc)
+            except Exception:  # keep supervising: one bad step must not end the fallback
+                log.exception("mesh: unexpected error; carrying on")
 
     def _enter(self, latest: tuple[int, dict] | None, offline_for: float) -> None:
         contribution = self.store.unsynced()  # what we learned before a restart comes first
