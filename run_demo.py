@@ -47,13 +47,14 @@ class Cluster:
         self.clients: dict[str, subprocess.Popen] = {}
         self._logs: list[Any] = []
 
-    def _spawn(self, script: str, args: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, script: str, args: list[str], log_name: str, prefix: list[str] | None = None) -> subprocess.Popen:
+        """Start one of our scripts; `prefix` runs it elsewhere (tests: `ip netns exec <ns>`)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
         out = open(self.workdir / log_name, "ab") if self.log_to_files else subprocess.DEVNULL
         if self.log_to_files:
             self._logs.append(out)
-        return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=self.workdir, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen([*(prefix or []), sys.executable, str(ROOT / script), *args], cwd=self.workdir,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def start_server(self, *args: str, state_dir: str = "state") -> subprocess.Popen:
         self.server = self._spawn("run_server.py", [

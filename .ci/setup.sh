@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything meshfed needs on a fresh Debian-like machine: Python packages and, where apt
 # exists, Debian's Fashion-MNIST package, plus Chromium (browser test), nginx and redis-server
-# (TLS proxy and scale-out test).
+# (TLS proxy and scale-out test) and iproute2 (mesh test across network namespaces).
 # Safe to run again; needs no internet beyond the package registries.
 # MESHFED_DEMO_ONLY=1 skips the test-only packages.
 set -euo pipefail
@@ -11,6 +11,7 @@ packages=()
 [ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 [ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v nginx >/dev/null 2>&1 || packages+=(nginx-light)
 [ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+[ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v ip >/dev/null 2>&1 || packages+=(iproute2)  # netns mesh test
 if command -v apt-get >/dev/null 2>&1 && [ ${#packages[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
