@@ -1,4 +1,6 @@
 """Handlers without a network: Flask's test client and Flask-SocketIO's test client."""
+import time
+
 import pytest
 
 from app import create_app
@@ -160,3 +162,7 @@ def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app
     assert mesh["edges"] == [["a", "b"]]
     assert client.get("/api/model/latest").headers["X-Model-SHA256"] == before  # merged by the next round only
     client.post("/api/stop", headers=auth)
+    deadline = time.monotonic() + 10
+    while loop.status()["active"] and time.monotonic() < deadline:  # the loop records the stop first
+        time.sleep(0.05)
+    assert not loop.status()["active"]
