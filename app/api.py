@@ -147,8 +147,10 @@ def sync() -> Any:
     client_hint = request.headers.get("X-Meshfed-Client")
     limit = current_app.extensions["meshfed"].config.max_update_bytes
     try:
-        if request.content_length is None or request.content_length > limit:
-            raise UpdateRefused("too_large", f"send a Content-Length of at most {limit} bytes")
+        if request.content_length is None:
+            raise UpdateRefused("malformed", "send a Content-Length header")
+        if request.content_length > limit:
+            raise UpdateRefused("too_large", f"body is {request.content_length} bytes, the limit is {limit}")
         header, payload = unpack_sync(request.get_data(cache=False))
         reply = loop.offer_contribution(header, payload)
     except UpdateRefused as exc:
