@@ -20,7 +20,7 @@ from app.registry import Registry
 from app.store import Store
 from app.verify import OpenRound, check_arrays, check_round, check_signature
 from app import strategy
-from shared.aggregate import anomaly_scores, flatten
+from shared.aggregate import anomaly_scores_of
 from shared.errors import MeshfedError, UpdateRefused
 from shared.models import weight_spec
 from shared.protocol import SyncHeader, TrainRequest, UpdateHeader, decode_weights, encode_weights, sha256_hex
@@ -444,9 +444,8 @@ class RoundLoop:
         """Clients whose update norm or cosine distance to the applied step is z-score > z."""
         if len(updates) < 3:
             return {}
-        x = np.stack([flatten(d) for d, _ in updates])
-        step = flatten(new_weights) - flatten(self._global)
-        scores = anomaly_scores(x, step)
+        step = {k: new_weights[k] - self._global[k] for k in self._global}
+        scores = anomaly_scores_of([d for d, _ in updates], step)
         return {cid: {k: round(float(v[i]), 4) for k, v in scores.items()} for i, cid in enumerate(ids)
                 if scores["norm_z"][i] > z or scores["cosine_z"][i] > z}
 

@@ -166,10 +166,23 @@ def fedopt_step(weights: Weights, delta: Weights, state: dict[str, np.ndarray], 
 
 def anomaly_scores(x: np.ndarray, aggregate: np.ndarray) -> dict[str, np.ndarray]:
     """Per-row z-score of the update norm and cosine distance to the aggregate (higher = stranger)."""
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    agg_norm = np.linalg.norm(aggregate.astype(np.float64))
-    cos = (x.astype(np.float64) @ aggregate.astype(np.float64)) / np.maximum(norms * agg_norm, 1e-12)
-    cos_dist = 1.0 - cos
+    x64, agg64 = x.astype(np.float64), aggregate.astype(np.float64)
+    return _scores(np.linalg.norm(x64, axis=1), x64 @ agg64, float(np.linalg.norm(agg64)))
+
+
+def anomaly_scores_of(updates: list[Weights], aggregate: Weights) -> dict[str, np.ndarray]:
+    """anomaly_scores over named arrays, without stacking or copying them: one BLAS dot product per
+    array and update (float32 sums are plenty for z-scores)."""
+    def dot(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.dot(a.reshape(-1), b.reshape(-1)))
+
+    norms = np.sqrt([sum(dot(u[k], u[k]) for k in aggregate) for u in updates])
+    dots = np.array([sum(dot(u[k], aggregate[k]) for k in aggregate) for u in updates])
+    return _scores(norms, dots, float(np.sqrt(sum(dot(v, v) for v in aggregate.values()))))
+
+
+def _scores(norms: np.ndarray, dots: np.ndarray, agg_norm: float) -> dict[str, np.ndarray]:
+    cos_dist = 1.0 - dots / np.maximum(norms * agg_norm, 1e-12)
 
     def z(v: np.ndarray) -> np.ndarray:
         sd = v.std()

@@ -96,6 +96,12 @@ def test_anomaly_scores_single_out_the_attacker():
     x = np.vstack([rng.normal(1.0, 0.1, (9, 20)), -10 * np.ones((1, 20))])
     s = agg.anomaly_scores(x, x[:9].mean(axis=0))
     assert int(np.argmax(s["norm_z"])) == 9 and int(np.argmax(s["cosine_z"])) == 9 and s["cosine_z"][9] > 2.5
+    # the same scores from named float32 arrays, without stacking them (what the round loop uses)
+    named = [{"a": row[:8].reshape(2, 4).astype(np.float32), "b": row[8:].astype(np.float32)} for row in x]
+    mean = x[:9].mean(axis=0).astype(np.float32)
+    s32 = agg.anomaly_scores_of(named, {"a": mean[:8].reshape(2, 4), "b": mean[8:]})
+    for key in s:
+        np.testing.assert_allclose(s32[key], s[key], rtol=1e-4, atol=1e-5)
 
 
 def cfg(**kw):
