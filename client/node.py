@@ -110,9 +110,9 @@ class Node:
 
     def _on_new_model(self, data: dict[str, Any]) -> None:
         """A round ended: prefetch the new global model, so mesh mode would start from the newest, and
-        refresh the roster (everyone who trained in that round is on it)."""
-        if self.mesh is not None:
-            self.mesh.roster_stale = True
+        refresh the roster (everyone who trained in that round is on it). Mesh clients only."""
+        assert self.mesh is not None
+        self.mesh.roster_stale = True
 
         def fetch() -> None:
             try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import struct
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -21,7 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 from shared import crypto
 from shared.errors import UpdateRefused
-from shared.protocol import decode_weights, encode_weights, sha256_hex
+from shared.protocol import decode_weights, encode_weights, frame, sha256_hex, unframe
 
 MESH_VERSION = "meshfed-mesh/1"
 MAGIC = b"MFG1"
@@ -60,9 +59,7 @@ def seal(key: Any, sender: str, weights: dict[str, np.ndarray], base_version: in
     header = GossipHeader(sender=sender, fingerprint=crypto.fingerprint(pem), public_key=pem,
                           nonce=secrets.token_hex(16), sent_at=time.time(), base_version=base_version,
                           local_steps=local_steps, num_examples=num_examples, payload_sha256=sha256_hex(payload))
-    header = replace(header, signature=crypto.sign(key, header.canonical_bytes()))
-    head = json.dumps(asdict(header), sort_keys=True).encode("utf-8")
-    return MAGIC + struct.pack(">I", len(head)) + head + payload
+    return frame(MAGIC, replace(header, signature=crypto.sign(key, header.canonical_bytes())), payload)
 
 
 class ReplayGuard:
@@ -83,14 +80,12 @@ class ReplayGuard:
             return True
 
 
-def unpack(body: bytes, max_header: int = 64 * 1024) -> tuple[GossipHeader, bytes]:
-    if len(body) < 8 or body[:4] != MAGIC:
-        raise MeshRefused("malformed", "message does not start with the MFG1 frame")
-    (n,) = struct.unpack(">I", body[4:8])
-    if n > max_header or 8 + n > len(body):
-        raise MeshRefused("malformed", f"header length {n} is out of range")
+def unpack(body: bytes) -> tuple[GossipHeader, bytes]:
     try:
-        raw = json.loads(body[8:8 + n])
+        raw, payload = unframe(MAGIC, body)
+    except UpdateRefused as exc:
+        raise MeshRefused(exc.reason, str(exc)) from exc
+    try:
         header = GossipHeader(
             sender=str(raw["sender"]), fingerprint=str(raw["fingerprint"]), public_key=str(raw["public_key"]),
             nonce=str(raw["nonce"]), sent_at=float(raw["sent_at"]), base_version=int(raw["base_version"]),
@@ -99,7 +94,7 @@ def unpack(body: bytes, max_header: int = 64 * 1024) -> tuple[GossipHeader, byte
             signature=str(raw["signature"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise MeshRefused("malformed", f"header is not valid: {exc}") from exc
-    return header, body[8 + n:]
+    return header, payload
 
 
 def open_message(body: bytes, trust: Any, replay: ReplayGuard, max_bytes: int,

@@ -109,12 +109,14 @@ def decode_weights(data: bytes, max_bytes: int | None = None) -> dict[str, np.nd
         raise UpdateRefused("malformed", f"weights are not a valid .npz: {exc}") from exc
 
 
-def _frame(magic: bytes, header: Any, payload: bytes) -> bytes:
+def frame(magic: bytes, header: Any, payload: bytes) -> bytes:
+    """magic | uint32 header length | header JSON (a dataclass) | payload: every signed body we send."""
     head = json.dumps(asdict(header), sort_keys=True).encode("utf-8")
     return magic + struct.pack(">I", len(head)) + head + payload
 
 
-def _unframe(magic: bytes, body: bytes, max_header: int) -> tuple[dict[str, Any], bytes]:
+def unframe(magic: bytes, body: bytes, max_header: int = 64 * 1024) -> tuple[dict[str, Any], bytes]:
+    """Inverse of frame: (header dict, payload), or UpdateRefused('malformed')."""
     if len(body) < 8 or body[:4] != magic:
         raise UpdateRefused("malformed", f"body does not start with the {magic.decode()} frame")
     (n,) = struct.unpack(">I", body[4:8])
@@ -131,12 +133,12 @@ def _unframe(magic: bytes, body: bytes, max_header: int) -> tuple[dict[str, Any]
 
 def pack_update(header: UpdateHeader, payload: bytes) -> bytes:
     """MFU1 | uint32 header length | header JSON | payload (the encoded delta)."""
-    return _frame(UPDATE_MAGIC, header, payload)
+    return frame(UPDATE_MAGIC, header, payload)
 
 
 def unpack_update(body: bytes, max_header: int = 64 * 1024) -> tuple[UpdateHeader, bytes]:
     """Split a packed update; raises UpdateRefused('malformed') on anything off."""
-    raw, payload = _unframe(UPDATE_MAGIC, body, max_header)
+    raw, payload = unframe(UPDATE_MAGIC, body, max_header)
     try:
         header = UpdateHeader(
             run_id=str(raw["run_id"]), round=int(raw["round"]), model_version=int(raw["model_version"]),
@@ -172,11 +174,11 @@ class SyncHeader:
 
 def pack_sync(header: SyncHeader, payload: bytes) -> bytes:
     """MFS1 | uint32 header length | header JSON | payload (the encoded delta)."""
-    return _frame(SYNC_MAGIC, header, payload)
+    return frame(SYNC_MAGIC, header, payload)
 
 
 def unpack_sync(body: bytes, max_header: int = 64 * 1024) -> tuple[SyncHeader, bytes]:
-    raw, payload = _unframe(SYNC_MAGIC, body, max_header)
+    raw, payload = unframe(SYNC_MAGIC, body, max_header)
     try:
         header = SyncHeader(
             contribution_id=str(raw["contribution_id"]), client_id=str(raw["client_id"]),
