@@ -123,7 +123,7 @@ def model(version: str) -> Any:
     current_app.extensions["meshfed"].traffic.add(sent=len(data))
     return Response(data, mimetype="application/octet-stream", headers={
         "X-Model-Version": str(number), "X-Model-SHA256": digest,
-        "Content-Disposition": f"attachment; filename=meshfed-model-v{number}.npz"})
+        "Content-Disposition": f"attachment; filename=meshfed-model-v{number}.safetensors"})
 
 
 @bp.post("/rollback")

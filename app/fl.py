@@ -42,10 +42,12 @@ class SocketTransport:
         if session is not None:
             self.socketio.emit(EV_CANCEL, {"run_id": run_id, "round": round_no}, to=session.sid, namespace=NAMESPACE)
 
+    def announce_model(self, version: int) -> None:
+        """Tell every client a new global model is committed: they fetch it while the server evaluates it."""
+        self.socketio.emit(EV_NEW_MODEL, {"version": version}, namespace=NAMESPACE)
+
     def publish(self, event: str, data: dict[str, Any]) -> None:
         self.socketio.emit(event, data, namespace=DASHBOARD_NAMESPACE)
-        if event == "metrics_update":  # clients keep the newest model at hand for mesh mode
-            self.socketio.emit(EV_NEW_MODEL, {"version": data["model_version"]}, namespace=NAMESPACE)
         for observer in self.observers:
             observer(event, data)
 

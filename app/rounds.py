@@ -34,6 +34,7 @@ class Transport(Protocol):
     def send_train(self, client_id: str, request: TrainRequest) -> bool: ...
     def send_cancel(self, client_id: str, run_id: str, round_no: int) -> None: ...
     def publish(self, event: str, data: dict[str, Any]) -> None: ...
+    def announce_model(self, version: int) -> None: ...
 
 
 class Conflict(MeshfedError):
@@ -150,7 +151,20 @@ class RoundLoop:
         if run is not None and run["status"] == "running":
             self.start()
             return True
+        if run is not None:
+            self._evaluate_unevaluated(run["id"])
         return False
+
+    def _evaluate_unevaluated(self, run_id: str) -> None:
+        """The server died between committing a round and evaluating it: evaluate that model now."""
+        rounds = self.store.rounds(run_id, evaluated_only=False)
+        if not rounds or rounds[-1]["accuracy"] is not None or rounds[-1]["model_version"] != self.global_version:
+            return
+        row, t_eval = rounds[-1], time.monotonic()
+        row["loss"], row["accuracy"] = self.evaluator_for(self.run_config)(self._global)
+        row["eval_seconds"] = time.monotonic() - t_eval
+        self.store.record_evaluation(run_id, row["round"], row["model_version"], row)
+        log.info("round %d evaluated after the restart: accuracy %.4f", row["round"], row["accuracy"])
 
     def stop(self, reason: str = "stopped by operator") -> None:
         with self._cond:
@@ -214,8 +228,7 @@ class RoundLoop:
             metrics = {**header.metrics, "arrived": time.monotonic()}
             self._delivered[header.client_id] = (delta, header.num_examples, metrics)
             self._cond.notify_all()
-        self.store.record_accepted(header.client_id, header.round)
-        return "accepted"
+        return "accepted"  # counted in the client's record when its round commits
 
     def _straggler(self, header: UpdateHeader, delta: dict[str, np.ndarray]) -> str:
         """Record a late update from an asked client; merge it into the next aggregation if configured."""
@@ -300,6 +313,7 @@ class RoundLoop:
 
     def _run(self) -> None:
         try:
+            self._evaluate_unevaluated(self.run_id)
             reason = None
             while reason is None and not self._stop.is_set():
                 reason = self._play_round(self.round + 1)
@@ -353,6 +367,7 @@ class RoundLoop:
             self._delivered, self._gone, self._round_refusals = {}, set(), 0
         self.transport.publish("status_update", self.status())
         reached = {cid for cid in selected if self.transport.send_train(cid, request)}
+        dispatched = time.monotonic() - started
         deadline = started + cfg.round_timeout
         with self._cond:
             self._gone |= set(selected) - reached
@@ -379,11 +394,11 @@ class RoundLoop:
                 self.round = round_no - 1
             self._stop.wait(1.0)  # do not spin when clients keep vanishing
             return None
-        return self._close_round(round_no, cfg, selected, delivered, refusals, started)
+        return self._close_round(round_no, cfg, selected, delivered, refusals, started, dispatched)
 
     def _close_round(self, round_no: int, cfg: RunConfig, selected: list[str],
                      delivered: dict[str, tuple[dict[str, np.ndarray], int, dict[str, float]]],
-                     refusals: int, started: float) -> str | None:
+                     refusals: int, started: float, dispatched: float) -> str | None:
         with self._cond:
             self.state = "aggregating"
         t_aggregate = time.monotonic()
@@ -403,36 +418,41 @@ class RoundLoop:
             return None
         flagged = self._flag_anomalies(ids, updates[:len(ids)], new_weights, cfg.anomaly_z)
         aggregate_seconds = time.monotonic() - t_aggregate
-        t_eval = time.monotonic()
-        loss, accuracy = self.evaluator_for(cfg)(new_weights)
-        eval_seconds = time.monotonic() - t_eval
-        finished = None
-        if round_no >= cfg.num_rounds:
-            finished = "max_rounds"
-        elif cfg.target_accuracy and accuracy >= cfg.target_accuracy:
-            finished = "target_accuracy"
-        row = {"round": round_no, "accuracy": accuracy, "loss": loss, "num_clients": len(delivered),
+        finished = "max_rounds" if round_no >= cfg.num_rounds else None
+        row = {"round": round_no, "accuracy": None, "loss": None, "num_clients": len(delivered),
                "num_selected": len(selected), "num_refused": refusals,
                "seconds": time.monotonic() - started,
                "train_seconds": max((m.get("train_seconds", 0.0) for _, _, m in delivered.values()), default=0.0),
-               "eval_seconds": eval_seconds, "clients": ids, "flagged": flagged,
+               "eval_seconds": None, "clients": ids, "flagged": flagged,
                "dropped": sorted(set(selected) - set(delivered)), "stragglers": stragglers,
+               "offline_merged": sorted(merged),
                "timings": {  # where the round's time went (bench/round_overhead.py reports these)
-                   "aggregate": aggregate_seconds,
+                   "dispatched": dispatched, "aggregate": aggregate_seconds,
                    "last_update_arrived": max(m["arrived"] for _, _, m in delivered.values()) - started,
-                   "client_fetch_max": max(m.get("fetch_seconds", 0.0) for _, _, m in delivered.values()),
-                   "client_total_max": max(m.get("client_seconds", 0.0) for _, _, m in delivered.values())}}
+                   **{f"client_{k}_max": max(m.get(f"{k}_seconds", 0.0) for _, _, m in delivered.values())
+                      for k in ("fetch", "eval", "prepare", "total")},
+                   "prefetched": sum(int(m.get("prefetched", 0)) for _, _, m in delivered.values())}}
+        # Durable first, evaluated second: the round counts once its model is committed, and clients
+        # fetch that model (announce_model) while the server evaluates it on the test split.
         data = encode_weights(new_weights)
         state = encode_weights(new_state) if new_state else None
-        row["offline_merged"] = sorted(merged)
         version = self.store.commit_round(self.run_id, round_no, data, self.global_version, row, finished, state,
                                           merged)
         with self._cond:
             self._set_global(version, data, new_weights)
             self._strategy_state = new_state
         row["model_version"] = version
+        row["timings"]["committed"] = time.monotonic() - started
+        self.transport.announce_model(version)
+        t_eval = time.monotonic()
+        row["loss"], row["accuracy"] = self.evaluator_for(cfg)(new_weights)
+        row["eval_seconds"] = time.monotonic() - t_eval
+        row["seconds"] = time.monotonic() - started
+        if finished is None and cfg.target_accuracy and row["accuracy"] >= cfg.target_accuracy:
+            finished = "target_accuracy"
+        self.store.record_evaluation(self.run_id, round_no, version, row, finished)
         log.info("round %d/%d  accuracy %.4f  loss %.4f  clients %d/%d  %.2fs", round_no, cfg.num_rounds,
-                 accuracy, loss, len(delivered), len(selected), row["seconds"])
+                 row["accuracy"], row["loss"], len(delivered), len(selected), row["seconds"])
         self.transport.publish("metrics_update", row)
         if merged:
             log.info("round %d merged %d offline contribution(s)", round_no, len(merged))

@@ -1,5 +1,5 @@
 """Persistent state: SQLite (WAL) for runs, rounds, clients, refusals and model versions;
-each model version is a .npz checkpoint written atomically (temp file, fsync, rename).
+each model version is a safetensors checkpoint written atomically (temp file, fsync, rename).
 
 A version row is committed only after its file is on disk, in the same transaction as the round
 that produced it, so a SIGKILL at any point leaves either the whole round or none of it.
@@ -106,7 +106,7 @@ class Store:
     # --- model versions --------------------------------------------------------------------------
 
     def _write_model(self, version: int, data: bytes) -> tuple[str, str]:
-        path = self.models_dir / f"v{version:06d}.npz"
+        path = self.models_dir / f"v{version:06d}.safetensors"
         write_atomic(path, data)
         return path.name, sha256_hex(data)
 
@@ -133,7 +133,7 @@ class Store:
         name, digest = self._write_model(version, data)
         state_name = None
         if state is not None:
-            state_name = f"v{version:06d}.state.npz"
+            state_name = f"v{version:06d}.state.safetensors"
             write_atomic(self.models_dir / state_name, state)
         now = time.time()
         statements = [
@@ -149,6 +149,9 @@ class Store:
               json.dumps(row.get("stragglers", {})))),
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
+        # per-client outcomes in the round's own transaction (one fsync per round, not one per update)
+        statements += [("UPDATE clients SET accepted = accepted + 1, last_round = ?, last_seen = ? WHERE id = ?",
+                        (round_no, now, cid)) for cid in row["clients"]]
         statements += [("UPDATE clients SET flagged = flagged + 1 WHERE id = ?", (cid,))
                        for cid in row.get("flagged", {})]
         statements += [("UPDATE clients SET dropouts = dropouts + 1 WHERE id = ?", (cid,))
@@ -159,10 +162,25 @@ class Store:
             statements.append(("UPDATE runs SET status = 'finished', stop_reason = ? WHERE id = ?",
                                (finished, run_id)))
         self._execute(*statements)
-        for old in self.models_dir.glob("v*.state.npz"):
+        for old in self.models_dir.glob("v*.state.safetensors"):
             if int(old.name[1:7]) < version - 1:
                 old.unlink(missing_ok=True)
         return version
+
+    def record_evaluation(self, run_id: str, round_no: int, version: int, row: dict[str, Any],
+                          finished: str | None = None) -> None:
+        """Add the test-split evaluation of a committed round (and finish the run if it reached its target).
+        A crash before this leaves the round committed without accuracy; the resumed loop evaluates it."""
+        statements = [
+            ("UPDATE model_versions SET accuracy = ?, loss = ? WHERE version = ?",
+             (row["accuracy"], row["loss"], version)),
+            ("UPDATE rounds SET accuracy = ?, loss = ?, eval_seconds = ?, seconds = ?, timings = ? "
+             "WHERE run_id = ? AND round = ?",
+             (row["accuracy"], row["loss"], row["eval_seconds"], row["seconds"], json.dumps(row.get("timings", {})),
+              run_id, round_no))]
+        if finished:
+            statements.append(("UPDATE runs SET status = 'finished', stop_reason = ? WHERE id = ?", (finished, run_id)))
+        self._execute(*statements)
 
     def read_state(self, version: int) -> bytes | None:
         """The strategy state saved with `version`, if any."""
@@ -195,8 +213,10 @@ class Store:
 
     # --- rounds ----------------------------------------------------------------------------------
 
-    def rounds(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self._query("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))
+    def rounds(self, run_id: str, evaluated_only: bool = True) -> list[dict[str, Any]]:
+        """The run's rounds; by default only those whose model has been evaluated (accuracy known)."""
+        where = " AND accuracy IS NOT NULL" if evaluated_only else ""
+        rows = self._query(f"SELECT * FROM rounds WHERE run_id = ?{where} ORDER BY round", (run_id,))
         for r in rows:
             r["clients"] = json.loads(r["clients"] or "[]")
             r["timings"] = json.loads(r["timings"] or "{}")
@@ -254,7 +274,7 @@ class Store:
         """Keep an offline contribution until a round merges it; False if its id was seen before."""
         if self._query("SELECT 1 FROM contributions WHERE id = ?", (header.contribution_id,)):
             return False
-        name = f"{hashlib.sha256(header.contribution_id.encode()).hexdigest()[:32]}.npz"
+        name = f"{hashlib.sha256(header.contribution_id.encode()).hexdigest()[:32]}.safetensors"
         write_atomic(self.offline_dir / name, payload)
         try:
             self._execute(("INSERT INTO contributions (id, client_id, base_version, local_steps, num_examples, "

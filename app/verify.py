@@ -12,7 +12,7 @@
   replay            client already delivered an update for this round
   bad_examples      num_examples is not a positive integer within bounds
   too_large         body or decoded weights exceed the configured limit
-  malformed         framing, header or .npz cannot be parsed
+  malformed         framing, header or weights cannot be parsed
   shape_mismatch    array names or shapes differ from the model's
   dtype_mismatch    array dtypes differ from the model's
   non_finite        NaN or infinity in the update
@@ -76,8 +76,9 @@ def check_round(header: UpdateHeader, open_round: OpenRound | None, delivered: s
 def check_arrays(payload: bytes, open_round: OpenRound) -> dict[str, np.ndarray]:
     """Decode the delta and refuse unless names, shapes and dtypes match and every value is finite."""
     delta = decode_weights(payload, max_bytes=open_round.max_bytes)
-    if list(delta) != list(open_round.spec):
+    if set(delta) != set(open_round.spec):
         raise UpdateRefused("shape_mismatch", f"arrays {sorted(delta)[:4]}... do not match the model's names")
+    delta = {name: delta[name] for name in open_round.spec}  # the model's order, whatever the sender's
     for name, (shape, dtype) in open_round.spec.items():
         array = delta[name]
         if tuple(array.shape) != shape:

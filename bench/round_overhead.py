@@ -2,8 +2,15 @@
 
 Per round the server records its wall time, the slowest client's training time and its own
 evaluation time; overhead = wall - training - evaluation (orchestration, model download, update
-upload, signature and array verification, aggregation, checkpointing). Also start-up: from
-launching the processes, and from POST /api/start with clients connected, to the end of round 1.
+upload, signature and array verification, aggregation, checkpointing). The overhead is also split
+along the round's timeline, the three parts adding up to it:
+  to_last_update  round start -> last update verified, minus the slowest client's training
+                  (dispatch, model download if not prefetched, encode + sign, upload, verification)
+  closing         last update -> new model committed (aggregation, anomaly scores, checkpoint, SQLite)
+  publishing      the rest after the server's evaluation (SQLite, events)
+Clients fetch and evaluate the new model on new_model, while the server evaluates it, so neither is
+on the critical path after round 1. Also start-up: from launching the processes, and from
+POST /api/start with clients connected, to the end of round 1.
 
     python bench/round_overhead.py --out bench/results/round_overhead.json
 """
@@ -63,12 +70,17 @@ def main() -> None:
     timing = {k: summary([r["timings"][k] for r in rounds]) for k in rounds[0]["timings"]}
     # after the last update arrived: aggregation, checkpoint + SQLite commit, publishing (evaluation excluded)
     closing = [w - r["timings"]["last_update_arrived"] - e for w, r, e in zip(wall, rounds, evals)]
+    arrived = [r["timings"]["last_update_arrived"] for r in rounds]
+    committed = [r["timings"]["committed"] for r in rounds]
+    parts = {"to_last_update": summary([a - t for a, t in zip(arrived, train)]),
+             "closing": summary([c - a for c, a in zip(committed, arrived)]),
+             "publishing": summary([w - c - e for w, c, e in zip(wall, committed, evals)])}
     # end-to-end: time between consecutive round ends (includes checkpointing and the next dispatch)
     periods = [b["ended"] - a["ended"] for a, b in zip(rounds, rounds[1:])]
     period_overhead = [p - b["train_seconds"] - b["eval_seconds"] for p, b in zip(periods, rounds[1:])]
     result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "rounds": len(rounds),
               "round_wall_s": summary(wall), "client_training_s": summary(train),
-              "server_evaluation_s": summary(evals), "overhead_s": summary(overhead),
+              "server_evaluation_s": summary(evals), "overhead_s": summary(overhead), "overhead_parts_s": parts,
               "round_period_s": summary(periods), "overhead_per_period_s": summary(period_overhead),
               "breakdown_s": {**timing, "server_close_excluding_eval": summary(closing)},
               "startup_from_launch_s": round(cold_start, 2), "startup_from_start_clients_connected_s":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import psutil
 import requests
 import socketio
+import urllib3
 
 from client.behaviour import Behaviour, partial_batches, poison
 from client.trainer import LocalTrainer
@@ -75,11 +77,14 @@ class Node:
         self.sio.on(EV_WELCOME, self._on_welcome, namespace=NAMESPACE)
         self.sio.on(EV_TRAIN, self._on_train, namespace=NAMESPACE)
         self.sio.on(EV_CANCEL, self._on_cancel, namespace=NAMESPACE)
+        self.sio.on(EV_NEW_MODEL, self._on_new_model, namespace=NAMESPACE)
         self.train_lock = threading.Lock()  # the trainer's model is shared by rounds and mesh steps
         self._state = "idle"
         self.mesh: MeshNode | None = None
+        self._fetch_lock = threading.Lock()  # one download per version, whoever asks first
+        self._evaluated: tuple[int, dict[str, float]] | None = None  # (version, its held-out metrics)
+        self.downloads = 0  # models fetched over HTTP (a prefetched one is not fetched again)
         if config.mesh is not None:
-            self.sio.on(EV_NEW_MODEL, self._on_new_model, namespace=NAMESPACE)
             self.mesh = MeshNode(config.mesh, config.client_id, self.key, trainer,
                                  f"{config.key_dir}/{config.client_id}.mesh", self.train_lock,
                                  lr=config.lr or 0.05, batch_size=config.batch_size or 32,
@@ -109,17 +114,31 @@ class Node:
         self._cancelled.add((str(data.get("run_id")), int(data.get("round", -1))))
 
     def _on_new_model(self, data: dict[str, Any]) -> None:
-        """A round ended: prefetch the new global model, so mesh mode would start from the newest, and
-        refresh the roster (everyone who trained in that round is on it). Mesh clients only."""
-        assert self.mesh is not None
-        self.mesh.roster_stale = True
+        """A round's model is committed: fetch it and evaluate it on our held-out split now, while the
+        server evaluates it too, so the next round starts training at once. Mesh clients also refresh
+        the roster (everyone who trained in that round is on it)."""
+        if self.mesh is not None:
+            self.mesh.roster_stale = True
 
-        def fetch() -> None:
+        def prefetch() -> None:
             try:
-                self.fetch_model(int(data["version"]))
+                if hasattr(os, "setpriority"):  # background work yields the CPU to training and serving
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+                self.evaluate_global(int(data["version"]))
             except (requests.RequestException, KeyError, ValueError, TypeError) as exc:
                 log.info("could not prefetch model %s: %s", data.get("version"), exc)
-        threading.Thread(target=fetch, daemon=True).start()
+        threading.Thread(target=prefetch, daemon=True).start()
+
+    def evaluate_global(self, version: int) -> dict[str, float]:
+        """Held-out loss and accuracy of global model `version` (federated evaluation), computed once."""
+        weights = self.fetch_model(version)
+        with self.train_lock:
+            if self._evaluated is None or self._evaluated[0] != version:
+                started = time.perf_counter()
+                loss, accuracy = self.trainer.evaluate(weights)
+                self._evaluated = (version, {"eval_loss": loss, "eval_accuracy": accuracy,
+                                             "eval_seconds": time.perf_counter() - started})
+            return self._evaluated[1]
 
     # --- main loop -------------------------------------------------------------------------------
 
@@ -186,8 +205,9 @@ class Node:
             if request.partition and self.trainer.repartition(request.partition, request.alpha):
                 log.info("re-partitioned as %s (alpha %s): %d training samples", request.partition, request.alpha,
                          self.trainer.num_examples)
+            downloads = self.downloads
             global_weights = self.fetch_model(request.model_version)
-            fetch_seconds = time.perf_counter() - received
+            fetch_seconds, prefetched = time.perf_counter() - received, self.downloads == downloads
             c = self.config
             epochs, batch_size = c.local_epochs or request.local_epochs, c.batch_size or request.batch_size
             max_batches = partial_batches(self.trainer.num_examples, batch_size, epochs, b.slowdown,
@@ -195,30 +215,41 @@ class Node:
             if self.mesh is not None:  # mesh steps train like the server's last round asked
                 self.mesh.lr, self.mesh.batch_size = c.lr or request.lr, batch_size
             with self.train_lock:
+                # The held-out evaluation of this model was done on new_model, if it was announced (not
+                # for a run's initial model); it is not worth delaying the round for.
+                evaluated = self._evaluated[1] if self._evaluated and self._evaluated[0] == request.model_version else {}
                 delta, metrics = self.trainer.fit(global_weights, epochs, c.lr or request.lr, batch_size,
                                                   max_batches, seed=request.round, proximal_mu=request.proximal_mu)
             delta = poison(delta, b.attack, b.attack_scale, self._rng)
             if b.delay:
                 time.sleep(b.delay)
-            metrics.update(self._resources(), fetch_seconds=fetch_seconds,
-                           client_seconds=time.perf_counter() - received)
-            verdict = self.post_update(request, delta, metrics)
-            log.info("round %d: trained %d batches in %.2fs, held-out acc %.4f -> %s", request.round,
-                     metrics["batches"], metrics["train_seconds"], metrics["eval_accuracy"], verdict)
+            metrics.update(evaluated, **self._resources(), fetch_seconds=fetch_seconds, prefetched=float(prefetched))
+            verdict = self.post_update(request, delta, metrics, received)
+            log.info("round %d: trained %d batches in %.2fs, global model's held-out acc %s -> %s", request.round,
+                     metrics["batches"], metrics["train_seconds"], metrics.get("eval_accuracy", "not evaluated"),
+                     verdict)
         except requests.RequestException as exc:
             log.warning("round %d lost: server unreachable (%s)", request.round, exc)
         finally:
             self._emit_status("idle")
 
     def fetch_model(self, version: int) -> dict:
-        if self._model_cache is None or self._model_cache[0] != version:
-            r = self.http.get(f"{self.config.server_address}/api/model/{version}", timeout=self.config.http_timeout,
-                              verify=self._verify)
-            r.raise_for_status()
-            if sha256_hex(r.content) != r.headers.get("X-Model-SHA256"):
-                raise requests.RequestException(f"model version {version} arrived corrupted")
-            self._model_cache = (version, decode_weights(r.content))
-        return self._model_cache[1]
+        with self._fetch_lock:
+            if self._model_cache is None or self._model_cache[0] != version:
+                # stream=True and one raw read: Response.content would assemble the 6.65 MB from 10 KB
+                # chunks, three times the CPU of the whole download here
+                with self.http.get(f"{self.config.server_address}/api/model/{version}", stream=True,
+                                   timeout=self.config.http_timeout, verify=self._verify) as r:
+                    r.raise_for_status()
+                    try:
+                        body = r.raw.read(decode_content=True)
+                    except urllib3.exceptions.HTTPError as exc:  # the connection broke mid-body
+                        raise requests.ConnectionError(f"model version {version}: {exc}") from exc
+                if sha256_hex(body) != r.headers.get("X-Model-SHA256"):
+                    raise requests.RequestException(f"model version {version} arrived corrupted")
+                self._model_cache = (version, decode_weights(body))
+                self.downloads += 1
+            return self._model_cache[1]
 
     def upload_sync(self, body: bytes) -> dict[str, Any]:
         """POST an offline contribution; returns the server's reply or raises with its reason."""
@@ -235,17 +266,25 @@ class Node:
         r.raise_for_status()
         return r.json()
 
-    def sign_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float]) -> bytes:
-        """Encode, hash, sign: the exact bytes POSTed to /api/update."""
+    def sign_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float],
+                    received: float | None = None) -> bytes:
+        """Encode, hash, sign: the exact bytes POSTed to /api/update. With `received` (perf_counter when
+        the request came) the advisory metrics also get prepare_seconds and total_seconds."""
+        started = time.perf_counter()
         payload = encode_weights(delta)
         header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
                               client_id=self.config.client_id, num_examples=self.trainer.num_examples,
                               payload_sha256=sha256_hex(payload), metrics=metrics)
         header = dataclasses.replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
+        if received is not None:  # metrics are not signed (canonical_bytes leaves them out)
+            now = time.perf_counter()
+            header = dataclasses.replace(header, metrics={**metrics, "prepare_seconds": now - started,
+                                                          "total_seconds": now - received})
         return pack_update(header, payload)
 
-    def post_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float]) -> str:
-        body = self.sign_update(request, delta, metrics)
+    def post_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float],
+                    received: float | None = None) -> str:
+        body = self.sign_update(request, delta, metrics, received)
         r = self.http.post(f"{self.config.server_address}/api/update", data=body, timeout=self.config.http_timeout,
                            verify=self._verify,
                            headers={"Content-Type": "application/octet-stream",

@@ -2,7 +2,7 @@
 
 One row per offline contribution: its id (random, the server merges each id once), the global
 version it started from, local steps, examples, the peers it mixed with, and whether the server has
-taken it. The base and current weights are .npz files next to it, written atomically.
+taken it. The base and current weights are safetensors files next to it, written atomically.
 """
 from __future__ import annotations
 
@@ -51,13 +51,13 @@ class OfflineStore:
         """A new contribution starting from the global model `base` (version base_version)."""
         c = Contribution(secrets.token_hex(16), base_version, base, {k: v.copy() for k, v in base.items()},
                          num_examples)
-        write_atomic(self.dir / f"{c.id}.base.npz", encode_weights(base))
+        write_atomic(self.dir / f"{c.id}.base.safetensors", encode_weights(base))
         self.save(c)
         return c
 
     def save(self, c: Contribution) -> None:
         """Persist the current weights and counters (after every gossip step)."""
-        write_atomic(self.dir / f"{c.id}.current.npz", encode_weights(c.current))
+        write_atomic(self.dir / f"{c.id}.current.safetensors", encode_weights(c.current))
         now = time.time()
         with self._lock:
             self._db.execute(
@@ -74,12 +74,12 @@ class OfflineStore:
         if row is None:
             return None
         cid = row[0]
-        return Contribution(cid, row[1], decode_weights((self.dir / f"{cid}.base.npz").read_bytes()),
-                            decode_weights((self.dir / f"{cid}.current.npz").read_bytes()), row[3], row[2],
+        return Contribution(cid, row[1], decode_weights((self.dir / f"{cid}.base.safetensors").read_bytes()),
+                            decode_weights((self.dir / f"{cid}.current.safetensors").read_bytes()), row[3], row[2],
                             json.loads(row[4]))
 
     def mark_synced(self, contribution_id: str) -> None:
         with self._lock:
             self._db.execute("UPDATE contribution SET synced = ? WHERE id = ?", (time.time(), contribution_id))
         for suffix in ("base", "current"):
-            (self.dir / f"{contribution_id}.{suffix}.npz").unlink(missing_ok=True)
+            (self.dir / f"{contribution_id}.{suffix}.safetensors").unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Signed gossip messages between mesh peers.
 
-Frame: MFG1 | uint32 header length | header JSON | payload (weights as .npz, shared.protocol).
+Frame: MFG1 | uint32 header length | header JSON | payload (weights as safetensors, shared.protocol).
 The header carries the sender's public key, and an RSA-PSS/SHA-256 signature over the canonical
 bytes of every other header field, the payload's sha256 among them. open_message() checks, in
 order: frame, version, key matches fingerprint, sender trusted (mesh/trust.py), signature, payload

@@ -42,12 +42,12 @@ def weighted_average(results: list[tuple[Weights, int]]) -> Weights:
 
 def apply_delta(weights: Weights, delta: Weights, scale: float = 1.0) -> Weights:
     """weights + scale * delta, per named array (new arrays, inputs untouched)."""
-    return {k: (w + scale * delta[k]).astype(w.dtype) for k, w in weights.items()}
+    return {k: (w + scale * delta[k]).astype(w.dtype, copy=False) for k, w in weights.items()}
 
 
 def subtract(a: Weights, b: Weights) -> Weights:
     """a - b per named array: the delta a client sends."""
-    return {k: (a[k] - b[k]).astype(a[k].dtype) for k in a}
+    return {k: (a[k] - b[k]).astype(a[k].dtype, copy=False) for k in a}
 
 
 # --- robust aggregation over flattened updates (rows = clients) -----------------------------------

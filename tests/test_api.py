@@ -166,3 +166,42 @@ def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app
     while loop.status()["active"] and time.monotonic() < deadline:  # the loop records the stop first
         time.sleep(0.05)
     assert not loop.status()["active"]
+
+
+def test_a_round_committed_but_not_evaluated_is_hidden_then_evaluated_on_restart(tmp_path):
+    """SIGKILL between committing a round's model and evaluating it: the round counts (the run
+    resumes after it), /api/metrics leaves it out until the restarted server has evaluated it."""
+    cfg = ServerConfig(state_dir=str(tmp_path / "state"), admin_token=ADMIN, enrollment_token=ENROLL,
+                       run=RunConfig(dataset="synthetic", model="mlp", num_rounds=5))
+    first = create_app(cfg)
+    loop, store = first.extensions["meshfed"].loop, first.extensions["meshfed"].store
+    run_id = loop.start()
+    loop.stop()
+    deadline = time.monotonic() + 10
+    while loop.status()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    weights = {k: v + 0.01 for k, v in loop._global.items()}  # what round 1's aggregation produced
+    from shared.protocol import encode_weights
+    row = {"round": 1, "accuracy": None, "loss": None, "num_clients": 1, "num_selected": 1, "num_refused": 0,
+           "seconds": 1.0, "train_seconds": 0.5, "eval_seconds": None, "clients": ["c0"]}
+    version = store.commit_round(run_id, 1, encode_weights(weights), loop.global_version, row)
+    store.set_run_status(run_id, "running")  # as the killed server left it
+    store.close()
+    assert version == 2
+
+    second = create_app(cfg)
+    client = second.extensions["meshfed"]
+    assert client.store.rounds(run_id) == [] and len(client.store.rounds(run_id, evaluated_only=False)) == 1
+    assert client.loop.resume_if_interrupted()
+    deadline = time.monotonic() + 20
+    while not client.store.rounds(run_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rounds = second.test_client().get("/api/metrics").get_json()["rounds"]
+    client.loop.stop()
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["model_version"] == 2
+    assert 0 <= rounds[0]["accuracy"] <= 1 and rounds[0]["loss"] > 0
+    assert client.store.get_version(2)["accuracy"] == rounds[0]["accuracy"]
+    assert client.loop.round >= 1  # resumed after round 1, not before it
+    while client.loop.status()["active"] and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
+    client.store.close()

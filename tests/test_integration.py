@@ -43,6 +43,8 @@ def test_three_clients_learn_fashion_mnist_and_every_version_verifies(cluster, f
     assert all(r["num_clients"] == 3 for r in rounds)
     assert acc[0] > 0.3, acc           # chance is 0.1
     assert acc[2] > acc[0], acc        # and it keeps learning
+    # After round 1 every client had fetched the new model on new_model, while the server evaluated it.
+    assert [r["timings"]["prefetched"] for r in rounds] == [0, 3, 3]
     listing = verify_all_versions(cluster)
     assert [v["source"] for v in listing["versions"]] == ["init", "round", "round", "round"]
 

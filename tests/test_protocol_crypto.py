@@ -1,8 +1,8 @@
 """Protocol round trips and refusals; RSA-PSS keys and signatures."""
 import io
+import json
 import os
 import stat
-import zipfile
 
 import numpy as np
 import pytest
@@ -30,16 +30,33 @@ def test_pickled_arrays_are_refused():
     assert info.value.reason == "malformed"
 
 
-def test_zip_bomb_is_refused_before_expanding():
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        arr = io.BytesIO()
-        np.save(arr, np.zeros(5_000_000, np.float32))
-        zf.writestr("x.npy", arr.getvalue())
-    assert len(buf.getvalue()) < 100_000
+def _safetensors(header: dict, data: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    return len(head).to_bytes(8, "little") + head + data
+
+
+def test_header_that_claims_more_bytes_than_sent_is_malformed():
+    lying = _safetensors({"x": {"dtype": "F32", "shape": [5_000_000], "data_offsets": [0, 20_000_000]}}, b"\0" * 16)
     with pytest.raises(UpdateRefused) as info:
-        decode_weights(buf.getvalue(), max_bytes=1_000_000)
+        decode_weights(lying)
+    assert info.value.reason == "malformed"
+
+
+def test_oversized_weights_are_refused_before_parsing():
+    data = encode_weights({"x": np.zeros(300_000, np.float32)})
+    with pytest.raises(UpdateRefused) as info:
+        decode_weights(data, max_bytes=1_000_000)
     assert info.value.reason == "too_large"
+
+
+def test_name_order_must_list_exactly_the_arrays():
+    x = np.ones(2, np.float32).tobytes()
+    for order in (["x", "ghost"], ["x", "x"], {"x": 1}):
+        body = _safetensors({"__metadata__": {"order": json.dumps(order)},
+                             "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, x)
+        with pytest.raises(UpdateRefused) as info:
+            decode_weights(body)
+        assert info.value.reason == "malformed"
 
 
 def test_garbage_is_malformed():
@@ -48,7 +65,7 @@ def test_garbage_is_malformed():
             unpack_update(body)
         assert info.value.reason == "malformed"
     with pytest.raises(UpdateRefused):
-        decode_weights(b"not a zip")
+        decode_weights(b"not safetensors")
 
 
 def test_update_pack_round_trip():

@@ -85,7 +85,7 @@ def test_fedopt_follows_the_update_equations_and_its_state_round_trips(kind):
     state = {}
     for i, g in enumerate(grads):
         w, state = agg.fedopt_step(w, {"p": np.array([g], np.float32)}, state, kind, 0.1, 0.9, 0.99, 1e-3)
-        if i == 0:  # save and restore the state as a checkpoint would (npz, no pickle)
+        if i == 0:  # save and restore the state as a checkpoint would (safetensors, no pickle)
             state = decode_weights(encode_weights(state))
     expected = fedopt_by_hand(kind, 1.0, grads, 0.1, 0.9, 0.99, 1e-3)
     assert w["p"][0] == pytest.approx(expected, rel=1e-5)
