@@ -217,7 +217,8 @@ class Node:
             with self.train_lock:
                 # The held-out evaluation of this model was done on new_model, if it was announced (not
                 # for a run's initial model); it is not worth delaying the round for.
-                evaluated = self._evaluated[1] if self._evaluated and self._evaluated[0] == request.model_version else {}
+                done = self._evaluated
+                evaluated = done[1] if done and done[0] == request.model_version else {}
                 delta, metrics = self.trainer.fit(global_weights, epochs, c.lr or request.lr, batch_size,
                                                   max_batches, seed=request.round, proximal_mu=request.proximal_mu)
             delta = poison(delta, b.attack, b.attack_scale, self._rng)

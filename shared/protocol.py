@@ -106,9 +106,9 @@ def decode_weights(data: bytes, max_bytes: int | None = None) -> dict[str, np.nd
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
         order = json.loads(meta["order"]) if "order" in meta else sorted(arrays)
-    except (SafetensorError, ValueError, TypeError, KeyError) as exc:
+    except (SafetensorError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UpdateRefused("malformed", f"weights are not valid safetensors: {exc}") from exc
-    if not isinstance(order, list) or sorted(order) != sorted(arrays):
+    if not (isinstance(order, list) and all(isinstance(n, str) for n in order) and sorted(order) == sorted(arrays)):
         raise UpdateRefused("malformed", "the weights' name order does not list exactly their arrays")
     return {name: arrays[name] for name in order}
 

@@ -51,7 +51,7 @@ def test_oversized_weights_are_refused_before_parsing():
 
 def test_name_order_must_list_exactly_the_arrays():
     x = np.ones(2, np.float32).tobytes()
-    for order in (["x", "ghost"], ["x", "x"], {"x": 1}):
+    for order in (["x", "ghost"], ["x", "x"], {"x": 1}, [1, "x"], [["x"]]):
         body = _safetensors({"__metadata__": {"order": json.dumps(order)},
                              "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, x)
         with pytest.raises(UpdateRefused) as info:
