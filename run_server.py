@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
+import sys
 
 import torch
 from flask import Flask
@@ -135,11 +137,19 @@ class Gunicorn(BaseApplication):
     def load_config(self) -> None:
         for key, value in {"bind": f"{self.config.host}:{self.config.port}", "workers": 1,
                            "worker_class": "gthread", "threads": self.args.threads, "graceful_timeout": 5,
-                           "timeout": 120, "control_socket_disable": True, "accesslog": None}.items():
+                           "timeout": 120, "control_socket_disable": True, "accesslog": None,
+                           "on_exit": self.on_exit}.items():
             self.cfg.set(key, value)
 
     def load(self) -> Flask:
         return build_app(self.args, self.config)
+
+    def on_exit(self, arbiter: object) -> None:
+        """In the master, once the worker is gone: free the leader lock it held. The worker's own exit
+        handlers do not get to run: threads holding websockets keep it alive until the master kills it."""
+        if self.config.message_queue and self.config.role == "leader":
+            from app.leader import leader_identity, release_if_held
+            release_if_held(self.config.message_queue, leader_identity(self.config.port))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         Gunicorn(args, config).run()
         return
     app = build_app(args, config)
+    # SIGTERM (docker stop, kill) exits like Ctrl-C, so exit handlers run (the leader lock is released)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app.extensions["meshfed"].socketio.run(app, host=config.host, port=config.port, allow_unsafe_werkzeug=True,
                                            use_reloader=False, log_output=False)
 

@@ -42,9 +42,9 @@ class SocketTransport:
         if session is not None:
             self.socketio.emit(EV_CANCEL, {"run_id": run_id, "round": round_no}, to=session.sid, namespace=NAMESPACE)
 
-    def announce_model(self, version: int) -> None:
+    def announce_model(self, version: int, sha256: str) -> None:
         """Tell every client a new global model is committed: they fetch it while the server evaluates it."""
-        self.socketio.emit(EV_NEW_MODEL, {"version": version}, namespace=NAMESPACE)
+        self.socketio.emit(EV_NEW_MODEL, {"version": version, "sha256": sha256}, namespace=NAMESPACE)
 
     def publish(self, event: str, data: dict[str, Any]) -> None:
         self.socketio.emit(event, data, namespace=DASHBOARD_NAMESPACE)

@@ -19,6 +19,18 @@ KEY = "meshfed:leader"
 TTL_SECONDS = 15.0
 
 
+def leader_identity(port: int) -> str:
+    """What a leader writes into the lock: host and port, so a refusal names who holds it."""
+    return f"{socket.gethostname()}:{port}"
+
+
+def release_if_held(url: str, identity: str) -> None:
+    """Free the lock if `identity` (a leader that has exited) still holds it; another's stays."""
+    lock = LeaderLock(url, identity)
+    lock.lock.local.token = identity.encode()
+    lock.release()
+
+
 class LeaderLock:
     def __init__(self, url: str, identity: str | None = None):
         self.redis = redis.Redis.from_url(url, socket_timeout=5)

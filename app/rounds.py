@@ -23,7 +23,7 @@ from app import strategy
 from shared.aggregate import anomaly_scores_of
 from shared.errors import MeshfedError, UpdateRefused
 from shared.models import weight_spec
-from shared.protocol import SyncHeader, TrainRequest, UpdateHeader, decode_weights, encode_weights, sha256_hex
+from shared.protocol import SyncHeader, TrainRequest, UpdateHeader, decode_weights, encode_weights
 
 log = logging.getLogger("meshfed.rounds")
 
@@ -34,7 +34,7 @@ class Transport(Protocol):
     def send_train(self, client_id: str, request: TrainRequest) -> bool: ...
     def send_cancel(self, client_id: str, run_id: str, round_no: int) -> None: ...
     def publish(self, event: str, data: dict[str, Any]) -> None: ...
-    def announce_model(self, version: int) -> None: ...
+    def announce_model(self, version: int, sha256: str) -> None: ...
 
 
 class Conflict(MeshfedError):
@@ -96,7 +96,9 @@ class RoundLoop:
             self._strategy_state = decode_weights(state) if state else {}
 
     def _set_global(self, version: int, data: bytes, weights: dict[str, np.ndarray] | None = None) -> None:
-        self.global_version, self._global_bytes, self._global_sha256 = version, data, sha256_hex(data)
+        """Adopt stored `version` (its bytes, and weights if already decoded) as the global model."""
+        self.global_version, self._global_bytes = version, data
+        self._global_sha256 = self.store.get_version(version)["sha256"]  # hashed once, when it was stored
         self._global = weights if weights is not None else decode_weights(data)
 
     def global_model(self) -> tuple[int | None, bytes | None, str | None]:
@@ -356,6 +358,7 @@ class RoundLoop:
         started = time.monotonic()
         selected = self._select(online, cfg, round_no)
         request = TrainRequest(run_id=self.run_id, round=round_no, model_version=self.global_version,
+                               model_sha256=self._global_sha256,
                                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout,
                                partition=cfg.partition, alpha=cfg.alpha,
@@ -443,7 +446,7 @@ class RoundLoop:
             self._strategy_state = new_state
         row["model_version"] = version
         row["timings"]["committed"] = time.monotonic() - started
-        self.transport.announce_model(version)
+        self.transport.announce_model(version, self._global_sha256)
         t_eval = time.monotonic()
         row["loss"], row["accuracy"] = self.evaluator_for(cfg)(new_weights)
         row["eval_seconds"] = time.monotonic() - t_eval

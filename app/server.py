@@ -5,10 +5,10 @@ the leader for everything else (app/control.py); Socket.IO rooms are shared thro
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import hmac
-import socket
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,9 +121,10 @@ def create_app(config: ServerConfig) -> Flask:
         raise ValueError(f"role must be 'leader' or 'follower', not {config.role!r}")
     lock = None
     if config.message_queue:
-        from app.leader import LeaderLock  # needs redis, only installed where a queue is used
-        lock = LeaderLock(config.message_queue, identity=f"{socket.gethostname()}:{config.port}")
+        from app.leader import LeaderLock, leader_identity  # needs redis, only installed where a queue is used
+        lock = LeaderLock(config.message_queue, identity=leader_identity(config.port))
         lock.acquire()
+        atexit.register(lock.release)  # a leader that exits cleanly frees the lock at once, not after its TTL
     store = Store(config.state_dir)
     registry = Registry()
 

@@ -120,10 +120,10 @@ def main() -> None:
     p.add_argument("--max-samples", type=int, default=1000, help="samples per client")
     p.add_argument("--eval-limit", type=int, default=2000, help="test samples per evaluation")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--only", default="", help="run only jobs whose name contains this")
+    p.add_argument("--only", default="", help="run only jobs whose name contains one of these (comma-separated)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    todo = [j for j in jobs(args) if args.only in j["name"]]
+    todo = [j for j in jobs(args) if any(part in j["name"] for part in args.only.split(","))]
     started = time.monotonic()
     results = []
     with mp.get_context("spawn").Pool(args.workers) as pool:

@@ -68,7 +68,7 @@ class Node:
                                    reconnection_delay_max=5.0, http_session=self.http)
         self._requests: queue.Queue[TrainRequest] = queue.Queue()
         self._cancelled: set[tuple[str, int]] = set()
-        self._model_cache: tuple[int, dict] | None = None
+        self._model_cache: tuple[int, str, dict] | None = None  # (version, sha256, weights) of the last download
         self.fatal: str | None = None
         self.stats = {"accepted": 0, "refused": 0}
         self.sio.on("connect", self._on_connect, namespace=NAMESPACE)
@@ -82,7 +82,7 @@ class Node:
         self._state = "idle"
         self.mesh: MeshNode | None = None
         self._fetch_lock = threading.Lock()  # one download per version, whoever asks first
-        self._evaluated: tuple[int, dict[str, float]] | None = None  # (version, its held-out metrics)
+        self._evaluated: tuple[str, dict[str, float]] | None = None  # (model sha256, its held-out metrics)
         self.downloads = 0  # models fetched over HTTP (a prefetched one is not fetched again)
         if config.mesh is not None:
             self.mesh = MeshNode(config.mesh, config.client_id, self.key, trainer,
@@ -124,20 +124,20 @@ class Node:
             try:
                 if hasattr(os, "setpriority"):  # background work yields the CPU to training and serving
                     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-                self.evaluate_global(int(data["version"]))
+                self.evaluate_global(int(data["version"]), str(data.get("sha256", "")))
             except (requests.RequestException, KeyError, ValueError, TypeError) as exc:
                 log.info("could not prefetch model %s: %s", data.get("version"), exc)
         threading.Thread(target=prefetch, daemon=True).start()
 
-    def evaluate_global(self, version: int) -> dict[str, float]:
+    def evaluate_global(self, version: int, sha256: str = "") -> dict[str, float]:
         """Held-out loss and accuracy of global model `version` (federated evaluation), computed once."""
-        weights = self.fetch_model(version)
+        sha256, weights = self.fetch_model(version, sha256)
         with self.train_lock:
-            if self._evaluated is None or self._evaluated[0] != version:
+            if self._evaluated is None or self._evaluated[0] != sha256:
                 started = time.perf_counter()
                 loss, accuracy = self.trainer.evaluate(weights)
-                self._evaluated = (version, {"eval_loss": loss, "eval_accuracy": accuracy,
-                                             "eval_seconds": time.perf_counter() - started})
+                self._evaluated = (sha256, {"eval_loss": loss, "eval_accuracy": accuracy,
+                                            "eval_seconds": time.perf_counter() - started})
             return self._evaluated[1]
 
     # --- main loop -------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ class Node:
         """Serve train requests until stop is set; returns a process exit code."""
         stop = stop or threading.Event()
         if self.mesh is not None:  # before connecting: a client restarted during an outage gossips on
-            self.mesh.start(connected=lambda: self.sio.connected, latest_model=lambda: self._model_cache,
+            self.mesh.start(connected=lambda: self.sio.connected, latest_model=self._latest_model,
                             upload=self.upload_sync, fetch_roster=self.fetch_roster,
                             report=lambda: self._emit_status(self._state), stop=stop)
         if not self.connect(stop):
@@ -206,7 +206,7 @@ class Node:
                 log.info("re-partitioned as %s (alpha %s): %d training samples", request.partition, request.alpha,
                          self.trainer.num_examples)
             downloads = self.downloads
-            global_weights = self.fetch_model(request.model_version)
+            model_sha256, global_weights = self.fetch_model(request.model_version, request.model_sha256)
             fetch_seconds, prefetched = time.perf_counter() - received, self.downloads == downloads
             c = self.config
             epochs, batch_size = c.local_epochs or request.local_epochs, c.batch_size or request.batch_size
@@ -218,7 +218,7 @@ class Node:
                 # The held-out evaluation of this model was done on new_model, if it was announced (not
                 # for a run's initial model); it is not worth delaying the round for.
                 done = self._evaluated
-                evaluated = done[1] if done and done[0] == request.model_version else {}
+                evaluated = done[1] if done and done[0] == model_sha256 else {}
                 delta, metrics = self.trainer.fit(global_weights, epochs, c.lr or request.lr, batch_size,
                                                   max_batches, seed=request.round, proximal_mu=request.proximal_mu)
             delta = poison(delta, b.attack, b.attack_scale, self._rng)
@@ -234,9 +234,13 @@ class Node:
         finally:
             self._emit_status("idle")
 
-    def fetch_model(self, version: int) -> dict:
+    def fetch_model(self, version: int, sha256: str = "") -> tuple[str, dict]:
+        """(sha256, weights) of global model `version`, downloaded once; `sha256`, if known, must match,
+        so a cached model with the same version number from a server reset onto a fresh state dir is
+        not trained from."""
         with self._fetch_lock:
-            if self._model_cache is None or self._model_cache[0] != version:
+            cached = self._model_cache
+            if cached is None or cached[0] != version or (sha256 and cached[1] != sha256):
                 # stream=True and one raw read: Response.content would assemble the 6.65 MB from 10 KB
                 # chunks, three times the CPU of the whole download here
                 with self.http.get(f"{self.config.server_address}/api/model/{version}", stream=True,
@@ -246,11 +250,20 @@ class Node:
                         body = r.raw.read(decode_content=True)
                     except urllib3.exceptions.HTTPError as exc:  # the connection broke mid-body
                         raise requests.ConnectionError(f"model version {version}: {exc}") from exc
-                if sha256_hex(body) != r.headers.get("X-Model-SHA256"):
+                digest = sha256_hex(body)
+                if digest != r.headers.get("X-Model-SHA256"):
                     raise requests.RequestException(f"model version {version} arrived corrupted")
-                self._model_cache = (version, decode_weights(body))
+                if sha256 and digest != sha256:
+                    raise requests.RequestException(f"the server's model version {version} is not the one it "
+                                                    "asked us to train (it changed meanwhile)")
+                cached = self._model_cache = (version, digest, decode_weights(body))
                 self.downloads += 1
-            return self._model_cache[1]
+            return cached[1], cached[2]
+
+    def _latest_model(self) -> tuple[int, dict] | None:
+        """(version, weights) of the newest global model we downloaded, for the mesh."""
+        cached = self._model_cache
+        return None if cached is None else (cached[0], cached[2])
 
     def upload_sync(self, body: bytes) -> dict[str, Any]:
         """POST an offline contribution; returns the server's reply or raises with its reason."""

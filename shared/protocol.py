@@ -52,6 +52,8 @@ class TrainRequest:
     local_epochs: int
     lr: float
     batch_size: int
+    model_sha256: str = ""    # sha256 of model_version's bytes: a version number alone is not unique
+                              # across servers (a server reset onto a fresh state dir counts from 0 again)
     max_batches: int = 0      # 0 = no cap; >0 stops local training after that many batches
     deadline_s: float = 0.0   # seconds the client has before the round closes without it
     partition: str = ""       # '' = keep the client's own partition; else re-partition this way

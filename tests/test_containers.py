@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 import requests
 import socketio
 import yaml
@@ -202,6 +203,8 @@ def test_scale_out_behind_nginx_with_tls_and_redis(cluster, tmp_path, certs):
         cluster.kill(cluster.server, signal.SIGTERM)  # the follower stays up and says the leader is gone
         r = requests.get(web + "/readyz", timeout=10)
         assert r.status_code == 503 and r.json()["checks"] == {"leader_reachable": False} and leader_up() == 0
+        # it left cleanly: the lock is free now, a new leader need not wait for it to expire
+        assert redis.Redis.from_url(queue_url).get("meshfed:leader") is None
     finally:
         nginx.send_signal(signal.SIGTERM)  # fast shutdown: SIGQUIT would wait for open websockets
         nginx.wait(timeout=20)

@@ -124,6 +124,13 @@ def test_dashboard_in_chromium_live_rounds_start_stop_and_screenshots(cluster):
             page.wait_for_timeout(300)
             page.screenshot(path=str(ARTIFACTS / "dashboard-1440.png"), full_page=True)
 
+            # The Mesh tab draws every registered client as a node; nobody synced offline work in this run.
+            page.click("button[data-bs-target='#tab-mesh']")
+            page.wait_for_selector("#tab-mesh.show.active")
+            nodes = page.eval_on_selector_all("#mesh-graph circle", "els => els.map(e => e.getAttribute('data-client'))")
+            assert sorted(nodes) == ["c0", "c1"], nodes
+            assert "No client has synced offline work yet." in page.text_content("#mesh-body")
+
             # A second browser that arrives mid-run sees the whole history, not only new points.
             late = browser.new_page(viewport={"width": 1440, "height": 900})
             late.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -1,0 +1,58 @@
+"""The client's model downloads: each model fetched once, and never a cached model of another server."""
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import requests
+
+from client.node import Node, NodeConfig
+from shared.protocol import encode_weights, sha256_hex
+
+
+def serve_models(models: dict[int, bytes]) -> ThreadingHTTPServer:
+    """A loopback HTTP server answering GET /api/model/<version> from `models` (changed by the test)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = models[int(self.path.rsplit("/", 1)[1])]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Model-SHA256", sha256_hex(body))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_cached_model_is_reused_only_while_its_sha256_matches(tmp_path):
+    old, new = encode_weights({"w": np.zeros(3, np.float32)}), encode_weights({"w": np.ones(3, np.float32)})
+    models = {3: old}
+    server = serve_models(models)
+    try:
+        config = NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path))
+        node = Node(config, trainer=None)  # downloads only: no training here
+        assert node.fetch_model(3, sha256_hex(old))[0] == sha256_hex(old)
+        node.fetch_model(3, sha256_hex(old))
+        node.fetch_model(3)  # no sha256 given (an older server): the version decides
+        assert node.downloads == 1
+
+        # The server was reset onto a fresh state dir: its version 3 is another model now.
+        models[3] = new
+        digest, weights = node.fetch_model(3, sha256_hex(new))
+        assert digest == sha256_hex(new) and node.downloads == 2 and weights["w"].tolist() == [1, 1, 1]
+
+        # A server whose version 3 is not the model it asked us to train from: refused, not trained from.
+        with pytest.raises(requests.RequestException, match="not the one"):
+            node.fetch_model(3, sha256_hex(old))
+        assert node.fetch_model(3)[0] == sha256_hex(new) and node.downloads == 2  # kept the verified one
+    finally:
+        server.shutdown()
+        server.server_close()
