@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--byzantine-f", type=int, default=D.byzantine_f, help="attackers tolerated (Krum, Bulyan)")
     p.add_argument("--multikrum-m", type=int, default=D.multikrum_m, help="Multi-Krum: updates averaged (0 = n-f)")
     p.add_argument("--trim-beta", type=float, default=D.trim_beta, help="trimmed mean: share cut at each end")
+    p.add_argument("--mixing", default=D.mixing, choices=["none", "nnm"],
+                   help="robust rules: nnm mixes each update with its n - f nearest first (non-IID clients)")
     p.add_argument("--anomaly-z", type=float, default=D.anomaly_z, help="flag updates beyond this z-score")
     p.add_argument("--target-accuracy", type=float, default=D.target_accuracy)
     p.add_argument("--seed", type=int, default=D.seed)
@@ -97,7 +99,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "max_batches": args.max_batches, "partition": args.partition, "alpha": args.alpha,
         "strategy": args.strategy, "proximal_mu": args.proximal_mu, "server_lr": args.server_lr, "beta1": args.beta1,
         "beta2": args.beta2, "tau": args.tau, "byzantine_f": args.byzantine_f, "multikrum_m": args.multikrum_m,
-        "trim_beta": args.trim_beta, "anomaly_z": args.anomaly_z, "target_accuracy": args.target_accuracy, "seed": args.seed})
+        "trim_beta": args.trim_beta, "mixing": args.mixing, "anomaly_z": args.anomaly_z,
+        "target_accuracy": args.target_accuracy, "seed": args.seed})
     return ServerConfig(
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
         admin_token=args.admin_token or secrets.token_hex(16),

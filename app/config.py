@@ -8,7 +8,7 @@ from typing import Any
 from shared.datasets import DATASET_NAMES
 from shared.errors import ConfigError
 from shared.models import MODEL_NAMES
-from app.strategy import STRATEGIES, min_updates
+from app.strategy import ROBUST, STRATEGIES, min_updates
 from shared.partition import PARTITION_NAMES
 
 
@@ -47,6 +47,8 @@ class RunConfig:
     byzantine_f: int = 0            # Krum / Multi-Krum / Bulyan: attackers tolerated per round
     multikrum_m: int = 0            # Multi-Krum: updates averaged; 0 = n - f
     trim_beta: float = 0.1          # trimmed mean: share cut from each end per coordinate
+    mixing: str = "none"            # robust rules: 'nnm' first mixes each update with its n - f nearest
+                                    # (Allouah et al. 2023; uses byzantine_f), for non-IID clients
     anomaly_z: float = 2.5          # flag updates whose norm or cosine-distance z-score exceeds this
     seed: int = 0                   # seeds the initial model and client selection
 
@@ -105,6 +107,7 @@ _CHECKS: dict[str, tuple[type, Any, str]] = {
     "byzantine_f": (int, lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
     "multikrum_m": (int, lambda v: 0 <= v <= 10_000, "an integer >= 0 (0 = n - f)"),
     "trim_beta": (float, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "mixing": (str, lambda v: v in ("none", "nnm"), "'none' or 'nnm'"),
     "anomaly_z": (float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
     "seed": (int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32-1"),
 }
@@ -138,6 +141,13 @@ def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
         raise ConfigError({"max_fit_clients": "must be 0 or at least min_fit_clients"})
     if result.strategy == "fedprox" and result.proximal_mu <= 0:
         raise ConfigError({"proximal_mu": "fedprox needs proximal_mu > 0 (e.g. 0.01)"})
+    if result.mixing == "nnm":
+        if result.strategy not in ROBUST:
+            raise ConfigError({"mixing": f"nnm mixes updates before a robust rule ({', '.join(ROBUST)}); "
+                                         f"{result.strategy} does not take it"})
+        if not 0 < 2 * result.byzantine_f < result.min_fit_clients:
+            raise ConfigError({"byzantine_f": "nnm needs the attackers to tolerate: 1 <= byzantine_f < "
+                                              "min_fit_clients / 2"})
     needed = min_updates(result)
     if needed > result.min_fit_clients:
         raise ConfigError({"min_fit_clients": f"{result.strategy} with byzantine_f={result.byzantine_f} needs "

@@ -60,9 +60,14 @@ def aggregate(cfg: "RunConfig", global_weights: Weights, updates: list[tuple[Wei
     return STRATEGIES[cfg.strategy](global_weights, updates, state, cfg)
 
 
+ROBUST = ("krum", "multikrum", "median", "trimmed_mean", "bulyan")  # rules that take --mixing
+
+
 def _robust(global_weights: Weights, updates: list[tuple[Weights, int]],
-            combine: Callable[[np.ndarray], np.ndarray]) -> Weights:
+            combine: Callable[[np.ndarray], np.ndarray], cfg: Any) -> Weights:
     x = np.stack([agg.flatten(d) for d, _ in updates])  # (n, d)
+    if cfg.mixing == "nnm":
+        x = agg.nearest_neighbor_mixing(x, cfg.byzantine_f)
     return agg.apply_delta(global_weights, agg.unflatten(combine(x), global_weights))
 
 
@@ -85,17 +90,17 @@ for _kind in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
 
 @register("median")
 def median(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
-    return _robust(global_weights, updates, agg.coordinate_median), state
+    return _robust(global_weights, updates, agg.coordinate_median, cfg), state
 
 
 @register("trimmed_mean")
 def trimmed_mean(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
-    return _robust(global_weights, updates, lambda x: agg.trimmed_mean(x, cfg.trim_beta)), state
+    return _robust(global_weights, updates, lambda x: agg.trimmed_mean(x, cfg.trim_beta), cfg), state
 
 
 @register("krum")
 def krum(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
-    return _robust(global_weights, updates, lambda x: agg.multikrum(x, cfg.byzantine_f, 1)[0]), state
+    return _robust(global_weights, updates, lambda x: agg.multikrum(x, cfg.byzantine_f, 1)[0], cfg), state
 
 
 @register("multikrum")
@@ -103,9 +108,9 @@ def multikrum(global_weights: Weights, updates: list[tuple[Weights, int]], state
     def combine(x: np.ndarray) -> np.ndarray:
         m = cfg.multikrum_m or x.shape[0] - cfg.byzantine_f
         return agg.multikrum(x, cfg.byzantine_f, m)[0]
-    return _robust(global_weights, updates, combine), state
+    return _robust(global_weights, updates, combine, cfg), state
 
 
 @register("bulyan")
 def bulyan(global_weights: Weights, updates: list[tuple[Weights, int]], state: State, cfg: Any) -> tuple[Weights, State]:
-    return _robust(global_weights, updates, lambda x: agg.bulyan(x, cfg.byzantine_f)), state
+    return _robust(global_weights, updates, lambda x: agg.bulyan(x, cfg.byzantine_f), cfg), state

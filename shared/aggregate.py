@@ -105,6 +105,22 @@ def multikrum(x: np.ndarray, f: int, m: int = 1) -> tuple[np.ndarray, np.ndarray
     return x[chosen].mean(axis=0), chosen
 
 
+def nearest_neighbor_mixing(x: np.ndarray, f: int) -> np.ndarray:
+    """NNM (Allouah et al. 2023): replace each row by the mean of its n - f nearest rows, itself included.
+
+    A pre-aggregation step for the robust rules: with heterogeneous (non-IID) honest clients, the
+    mixed rows are far less spread out, so a median or trimmed mean over them loses less of what the
+    honest clients contributed, while a far-off attacker is mixed away. Needs 0 <= f < n/2.
+    """
+    n = x.shape[0]
+    if not 0 <= f < n / 2:
+        raise ValueError(f"nearest-neighbour mixing needs 0 <= f < n/2; got n={n}, f={f}")
+    nearest = np.argsort(pairwise_sq_distances(x), axis=1, kind="stable")[:, :n - f]  # (n, n - f)
+    mix = np.zeros((n, n), dtype=x.dtype)
+    np.put_along_axis(mix, nearest, 1.0 / (n - f), axis=1)
+    return mix @ x  # one matrix product: row i = mean of x over nearest[i]
+
+
 def bulyan(x: np.ndarray, f: int) -> np.ndarray:
     """Bulyan (El Mhamdi et al. 2018): pick n-2f rows by repeated Krum, then per coordinate average
     the n-4f values closest to the median. Needs n >= 4f + 3."""

@@ -104,8 +104,48 @@ def test_anomaly_scores_single_out_the_attacker():
         np.testing.assert_allclose(s32[key], s[key], rtol=1e-4, atol=1e-5)
 
 
+def brute_nnm(x, f):
+    """Nearest-neighbour mixing by its definition: each row -> mean of its n - f nearest rows."""
+    n = len(x)
+    out = []
+    for i in range(n):
+        dist = [float(np.sum((x[i].astype(np.float64) - x[j]) ** 2)) for j in range(n)]
+        nearest = sorted(range(n), key=lambda j: (dist[j], j))[:n - f]
+        out.append(np.mean([x[j] for j in nearest], axis=0))
+    return np.array(out)
+
+
+def test_nearest_neighbor_mixing_matches_its_definition_and_mixes_an_outlier_away():
+    rng = np.random.default_rng(3)
+    x = np.vstack([rng.normal(0, 1, (7, 5)), [[40, -40, 40, -40, 40]]]).astype(np.float32)
+    np.testing.assert_allclose(agg.nearest_neighbor_mixing(x, 2), brute_nnm(x, 2), rtol=1e-5, atol=1e-6)
+    # f = 1: the 7 nearest rows of every honest row are the 7 honest rows, never the outlier
+    honest_mean = np.tile(x[:7].mean(axis=0), (7, 1))
+    np.testing.assert_allclose(agg.nearest_neighbor_mixing(x, 1)[:7], honest_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(agg.nearest_neighbor_mixing(x, 0), np.tile(x.mean(axis=0), (8, 1)), atol=1e-5)
+    with pytest.raises(ValueError, match="f < n/2"):
+        agg.nearest_neighbor_mixing(x, 4)
+
+
 def cfg(**kw):
     return update_run_config(RunConfig(min_fit_clients=10), kw)
+
+
+def test_median_after_nnm_returns_the_honest_mean_and_nnm_is_validated():
+    g = {"w": np.zeros(8, np.float32)}
+    ups = updates(n=7, attackers=2)
+    honest_mean = np.mean([d["w"] for d, _ in ups[:5]], axis=0)
+    mixed, _ = strategy.aggregate(cfg(strategy="median", mixing="nnm", byzantine_f=2), g, ups, {})
+    plain, _ = strategy.aggregate(cfg(strategy="median"), g, ups, {})
+    np.testing.assert_allclose(mixed["w"], honest_mean, rtol=1e-5)  # every honest row mixed to this
+    assert np.abs(plain["w"] - honest_mean).max() > 0.01             # the plain median is one client's value
+    for changes, field in [({"strategy": "fedavg", "mixing": "nnm", "byzantine_f": 1}, "mixing"),
+                           ({"strategy": "median", "mixing": "nnm"}, "byzantine_f"),
+                           ({"strategy": "median", "mixing": "nnm", "byzantine_f": 5}, "byzantine_f"),
+                           ({"mixing": "average"}, "mixing")]:
+        with pytest.raises(ConfigError) as info:
+            update_run_config(RunConfig(min_fit_clients=10), changes)
+        assert field in info.value.fields, changes
 
 
 def updates(n=6, attackers=0, seed=0):

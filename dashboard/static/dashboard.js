@@ -198,7 +198,8 @@ const CONFIG_FIELDS = [
   ["strategy", "Strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "krum", "multikrum",
                             "median", "trimmed_mean", "bulyan"]],
   ["proximal_mu", "FedProx mu"], ["server_lr", "Server learning rate"], ["byzantine_f", "Byzantine f"],
-  ["trim_beta", "Trimmed-mean beta"], ["anomaly_z", "Anomaly z-score"],
+  ["trim_beta", "Trimmed-mean beta"], ["mixing", "Robust rules: mixing", ["none", "nnm"]],
+  ["anomaly_z", "Anomaly z-score"],
 ];
 function buildForm() {
   const box = $("config-fields");
