@@ -107,20 +107,25 @@ def plot(results: list[dict], path: Path, mixing: str) -> None:
 
     settings = ["clean"] + [f"{s}%/{a}" for s in (20, 30) for a, _ in ATTACKS]
     by_name = {r["name"]: r["final"] for r in results}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 1]})
+    slow = [r for r in results if r["name"].startswith("slow3/")]
+    fig, axes = plt.subplots(1, 2 if slow else 1, figsize=(15 if slow else 11, 5), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1] if slow else [1]})
+    ax = axes[0][0]
     width = 0.16
     for j, name in enumerate(labels(mixing)):
         vals = [100 * by_name.get(f"{s}/{name}", np.nan) for s in settings]
-        ax.bar(np.arange(len(settings)) + (j - 2) * width, vals, width, label=name)
+        if not np.isnan(vals).all():  # strategies left out with --only get no bar and no legend entry
+            ax.bar(np.arange(len(settings)) + (j - 2) * width, vals, width, label=name)
     ax.set_xticks(np.arange(len(settings)), settings, rotation=20)
     ax.set(ylabel="test accuracy after the last round (%)", title="Byzantine robustness, 10 clients, Dirichlet(0.5)")
     ax.axhline(100 * by_name["clean/fedavg"], color="k", lw=0.8, ls="--")
     ax.legend(fontsize=8)
-    for r in results:
-        if r["name"].startswith("slow3/"):
+    if slow:
+        ax2 = axes[0][1]
+        for r in slow:
             ax2.plot(range(1, len(r["accuracy"]) + 1), [100 * a for a in r["accuracy"]], label=r["name"])
-    ax2.set(xlabel="round", ylabel="accuracy (%)", title="3 slow clients (1/5 of the work)")
-    ax2.legend(fontsize=8)
+        ax2.set(xlabel="round", ylabel="accuracy (%)", title="3 slow clients (1/5 of the work)")
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
