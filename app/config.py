@@ -146,7 +146,7 @@ def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
             raise ConfigError({"mixing": f"nnm mixes updates before a robust rule ({', '.join(ROBUST)}); "
                                          f"{result.strategy} does not take it"})
         if not 0 < 2 * result.byzantine_f < result.min_fit_clients:
-            raise ConfigError({"byzantine_f": "nnm needs the attackers to tolerate: 1 <= byzantine_f < "
+            raise ConfigError({"byzantine_f": "nnm needs byzantine_f (attackers to tolerate) with 1 <= byzantine_f < "
                                               "min_fit_clients / 2"})
     needed = min_updates(result)
     if needed > result.min_fit_clients:
