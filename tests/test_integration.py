@@ -232,3 +232,23 @@ def test_async_rounds_close_at_min_updates_and_merge_stragglers(cluster):
     assert merged and all(m["merged"] and 1 <= m["staleness"] <= 5 for m in merged), merged
     c2 = next(c for c in cluster.api("GET", "/api/clients").json()["clients"] if c["id"] == "c2")
     assert c2["refusals"] == {}  # late is not bad
+
+
+def test_median_after_nnm_learns_with_an_attacker_and_bad_mixing_is_refused(cluster):
+    cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "3", "--min-clients", "5",
+                         "--strategy", "median", "--mixing", "nnm", "--byzantine-f", "1", "--eval-limit", "500",
+                         "--start")
+    for i in range(5):  # c4 sends -10 x its delta every round
+        cluster.start_client(f"c{i}", "--dataset", "synthetic", "--model", "mlp", "--partition", "iid",
+                             "--num-clients", "5", "--client-index", str(i), "--max-samples", "300",
+                             *(["--attack", "sign_flip", "--attack-scale", "10"] if i == 4 else []))
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 180, "3 rounds")
+    rounds = cluster.rounds()
+    assert all(r["num_clients"] == 5 for r in rounds)
+    assert rounds[-1]["accuracy"] > 0.5, [r["accuracy"] for r in rounds]  # chance is 0.1
+    config = cluster.api("GET", "/api/config").json()
+    assert (config["strategy"], config["mixing"]) == ("median", "nnm")
+
+    r = cluster.api("POST", "/api/config", admin=True, json={"strategy": "fedavg", "mixing": "nnm"})
+    assert r.status_code == 400 and "mixing" in r.json()["fields"], r.text
+    assert cluster.api("GET", "/api/config").json()["strategy"] == "median"  # nothing changed, server up
