@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import signal
@@ -9,12 +10,13 @@ import sys
 
 import torch
 from flask import Flask
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from app import create_app
 from app.config import RunConfig, ServerConfig, update_run_config
 from app.strategy import load_modules
-from shared.log import setup_logging
+from shared.log import JsonFormatter, setup_logging
 
 D = RunConfig()
 
@@ -125,6 +127,15 @@ def build_app(args: argparse.Namespace, config: ServerConfig) -> Flask:
     return app
 
 
+class JsonGunicornLogger(glogging.Logger):
+    """gunicorn's own lines (starting, booting and stopping the worker) as JSON, for --log-format json."""
+
+    def setup(self, cfg: object) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+
+
 class Gunicorn(BaseApplication):
     """gunicorn in-process (its documented custom-application API), configured from our flags.
 
@@ -143,6 +154,8 @@ class Gunicorn(BaseApplication):
                            "timeout": 120, "control_socket_disable": True, "accesslog": None,
                            "on_exit": self.on_exit}.items():
             self.cfg.set(key, value)
+        if self.args.log_format == "json":
+            self.cfg.set("logger_class", JsonGunicornLogger)
 
     def load(self) -> Flask:
         return build_app(self.args, self.config)
@@ -161,9 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.torch_threads)
     config = build_config(args)
     url = f"http://{config.host}:{config.port}/"
-    print(f"meshfed server ({config.role}, {args.wsgi}) on {url}\n"
-          f"  dashboard:        {url}?token={config.admin_token}\n"
-          f"  admin token:      {config.admin_token}\n  enrollment token: {config.enrollment_token}", flush=True)
+    if args.log_format == "json":  # one object, like every other line of a JSON log
+        print(json.dumps({"message": "meshfed server started", "role": config.role, "wsgi": args.wsgi, "url": url,
+                          "admin_token": config.admin_token, "enrollment_token": config.enrollment_token}), flush=True)
+    else:
+        print(f"meshfed server ({config.role}, {args.wsgi}) on {url}\n"
+              f"  dashboard:        {url}?token={config.admin_token}\n"
+              f"  admin token:      {config.admin_token}\n  enrollment token: {config.enrollment_token}", flush=True)
     if args.wsgi == "gunicorn":
         Gunicorn(args, config).run()
         return

@@ -3,6 +3,7 @@ front of a real leader and follower sharing a real redis-server: clients over ht
 socket through the same nginx."""
 from __future__ import annotations
 
+import json
 import queue
 import re
 import shutil
@@ -151,7 +152,7 @@ def test_scale_out_behind_nginx_with_tls_and_redis(cluster, tmp_path, certs):
         front, web = f"https://127.0.0.1:{port}", f"http://127.0.0.1:{web_port}"
         cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "2", "--min-clients", "2",
                              "--eval-limit", "200", "--message-queue", queue_url, "--wsgi", "gunicorn",
-                             "--threads", "20")
+                             "--threads", "20", "--log-format", "json")
         cluster.wait_ready()
         follower = cluster._spawn("run_server.py", [
             "--port", str(web_port), "--role", "follower", "--leader-url", cluster.url, "--message-queue", queue_url,
@@ -189,7 +190,10 @@ def test_scale_out_behind_nginx_with_tls_and_redis(cluster, tmp_path, certs):
         assert [events.get(timeout=10)["round"] for _ in range(2)] == [1, 2]  # leader -> redis -> follower
         dash.disconnect()
         assert all("accepted" in (cluster.workdir / f"c{i}.log").read_text() for i in range(2))
-        assert "Booting worker" in (cluster.workdir / "server.log").read_text()  # the leader ran on gunicorn
+        # the leader ran on gunicorn, and its log is JSON throughout: our lines, gunicorn's, the banner
+        lines = [json.loads(line) for line in (cluster.workdir / "server.log").read_text().splitlines() if line]
+        assert any(entry["message"].startswith("Booting worker") for entry in lines)
+        assert any(entry["message"].startswith("round 2") for entry in lines)
         # without the CA the client refuses the self-signed certificate
         r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", front + "/healthz"],
                            capture_output=True, text=True)
