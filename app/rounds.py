@@ -153,8 +153,9 @@ class RoundLoop:
         if run is not None and run["status"] == "running":
             self.start()
             return True
-        if run is not None:
-            self._evaluate_unevaluated(run["id"])
+        if run is not None:  # in the background: start-up does not wait seconds for the test set
+            run_id = run["id"]
+            self._spawn(lambda: self._evaluate_unevaluated(run_id))
         return False
 
     def _evaluate_unevaluated(self, run_id: str) -> None:
@@ -162,8 +163,8 @@ class RoundLoop:
         rounds = self.store.rounds(run_id, evaluated_only=False)
         if not rounds or rounds[-1]["accuracy"] is not None or rounds[-1]["model_version"] != self.global_version:
             return
-        row, t_eval = rounds[-1], time.monotonic()
-        row["loss"], row["accuracy"] = self.evaluator_for(self.run_config)(self._global)
+        row, weights, t_eval = rounds[-1], self._global, time.monotonic()  # a new run may replace _global
+        row["loss"], row["accuracy"] = self.evaluator_for(self.run_config)(weights)
         row["eval_seconds"] = time.monotonic() - t_eval
         self.store.record_evaluation(run_id, row["round"], row["model_version"], row)
         log.info("round %d evaluated after the restart: accuracy %.4f", row["round"], row["accuracy"])

@@ -168,6 +168,38 @@ def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app
     assert not loop.status()["active"]
 
 
+def test_a_finished_runs_last_round_left_unevaluated_is_evaluated_in_the_background(tmp_path):
+    """SIGKILL between committing the last round and evaluating it: the run is finished, so nothing
+    resumes; the restarted server evaluates that model without making start-up wait for it."""
+    cfg = ServerConfig(state_dir=str(tmp_path / "state"), admin_token=ADMIN, enrollment_token=ENROLL,
+                       run=RunConfig(dataset="synthetic", model="mlp", num_rounds=1))
+    first = create_app(cfg)
+    loop, store = first.extensions["meshfed"].loop, first.extensions["meshfed"].store
+    run_id = loop.start()
+    loop.stop()
+    deadline = time.monotonic() + 10
+    while loop.status()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    from shared.protocol import encode_weights
+    row = {"round": 1, "accuracy": None, "loss": None, "num_clients": 1, "num_selected": 1, "num_refused": 0,
+           "seconds": 1.0, "train_seconds": 0.5, "eval_seconds": None, "clients": ["c0"]}
+    weights = {k: v + 0.01 for k, v in loop._global.items()}
+    store.commit_round(run_id, 1, encode_weights(weights), loop.global_version, row, "max_rounds")
+    store.close()
+
+    second = create_app(cfg)
+    meshfed = second.extensions["meshfed"]
+    spawned: list = []
+    meshfed.loop._spawn = spawned.append  # hold the background task to see start-up did not run it
+    assert not meshfed.loop.resume_if_interrupted() and len(spawned) == 1
+    assert second.test_client().get("/api/metrics").get_json()["rounds"] == []  # not evaluated yet
+    spawned[0]()
+    rounds = second.test_client().get("/api/metrics").get_json()["rounds"]
+    assert [r["round"] for r in rounds] == [1] and 0 <= rounds[0]["accuracy"] <= 1 and rounds[0]["loss"] > 0
+    assert meshfed.store.latest_run()["status"] == "finished"
+    meshfed.store.close()
+
+
 def test_a_round_committed_but_not_evaluated_is_hidden_then_evaluated_on_restart(tmp_path):
     """SIGKILL between committing a round's model and evaluating it: the round counts (the run
     resumes after it), /api/metrics leaves it out until the restarted server has evaluated it."""
