@@ -1,6 +1,6 @@
 """Robustness benchmark: strategies under Byzantine clients, and FedProx vs FedAvg with slow clients.
 
-Fashion-MNIST, 10 clients, Dirichlet(0.5), McMahan CNN, E=1, B=32, lr 0.05. Clients are simulated
+Fashion-MNIST, 10 clients (--num-clients), Dirichlet(0.5), McMahan CNN, E=1, B=32, lr 0.05. Clients are simulated
 in-process with the code the real system runs (LocalTrainer.fit, client/behaviour.poison,
 app/strategy.aggregate); each client keeps --max-samples samples so the 30+ runs fit on 2 cores.
 Prints a JSON table and writes a PNG next to --out.
@@ -8,6 +8,8 @@ Prints a JSON table and writes a PNG next to --out.
     python bench/robustness.py --rounds 20 --out bench/results/robustness.json
     python bench/robustness.py --rounds 20 --mixing nnm --only clean/fedavg,+nnm --out ...  # median and
         # trimmed mean after nearest-neighbour mixing, next to clean FedAvg
+    python bench/robustness.py --rounds 20 --num-clients 15 --mixing nnm --only clean/fedavg,bulyan+nnm \
+        --out ...  # Bulyan with f = 3 against 20% attackers (n >= 4f + 3 needs 15 clients)
 """
 from __future__ import annotations
 
@@ -30,24 +32,24 @@ from client.behaviour import partial_batches, poison  # noqa: E402
 from client.trainer import DataConfig, LocalTrainer  # noqa: E402
 from shared.models import build_model, get_weights  # noqa: E402
 
-NUM_CLIENTS = 10
 STRATEGIES = ["fedavg", "multikrum", "median", "trimmed_mean", "bulyan"]
 ATTACKS = [("sign_flip", 10.0), ("gaussian", 1.0), ("label_flip", 0.0)]
-# --mixing nnm applies to these; Bulyan's f is capped at 1 with 10 clients, too few to mix safely
-# against 2-3 attackers, and Multi-Krum meets the targets as it is
-MIXED = ("median", "trimmed_mean")
+# --mixing nnm applies to these (Multi-Krum meets the targets as it is). Bulyan tolerates at most
+# f = (n - 3) // 4 (1 with 10 clients); mixing with a smaller f than there are attackers would pull an
+# attacker into every honest mean, so Bulyan runs with nnm only where f covers the attackers.
+MIXED = ("median", "trimmed_mean", "bulyan")
 
 
 def run(job: dict) -> dict:
     """One simulated run; returns the job with its accuracy per round."""
     torch.set_num_threads(1)
-    n_bad, slow = job.get("attackers", 0), job.get("slow", 0)
-    cfg = update_run_config(RunConfig(min_fit_clients=NUM_CLIENTS), job["strategy_config"])
+    n, n_bad, slow = job["num_clients"], job.get("attackers", 0), job.get("slow", 0)
+    cfg = update_run_config(RunConfig(min_fit_clients=n), job["strategy_config"])
     trainers = [LocalTrainer(DataConfig(dataset="fashion-mnist", partition="dirichlet", alpha=0.5,
-                                        num_clients=NUM_CLIENTS, client_index=i, seed=0,
+                                        num_clients=n, client_index=i, seed=0,
                                         max_samples=job["max_samples"],
-                                        flip_labels=job.get("attack") == "label_flip" and i >= NUM_CLIENTS - n_bad))
-                for i in range(NUM_CLIENTS)]
+                                        flip_labels=job.get("attack") == "label_flip" and i >= n - n_bad))
+                for i in range(n)]
     evaluator = Evaluator("fashion-mnist", "cnn", limit=job["eval_limit"])
     weights, state = get_weights(build_model("cnn", (1, 28, 28), seed=0)), {}
     rng = np.random.default_rng(0)
@@ -57,7 +59,7 @@ def run(job: dict) -> dict:
         for i, t in enumerate(trainers):
             budget = partial_batches(t.num_examples, 32, 1, job.get("slowdown", 1.0)) if i < slow else 0
             delta, _ = t.fit(weights, 1, 0.05, 32, budget, seed=rnd, proximal_mu=cfg.proximal_mu)
-            if i >= NUM_CLIENTS - n_bad and job.get("attack") != "label_flip":
+            if i >= n - n_bad and job.get("attack") != "label_flip":
                 delta = poison(delta, job["attack"], job["attack_scale"], rng)
             updates.append((delta, t.num_examples))
         weights, state = strategy.aggregate(cfg, weights, updates, state)
@@ -66,37 +68,40 @@ def run(job: dict) -> dict:
 
 
 def labels(mixing: str) -> list[str]:
-    """Strategy labels in the table: with --mixing nnm, median and trimmed mean run after NNM."""
+    """Strategy labels in the table: with --mixing nnm, median, trimmed mean and Bulyan run after NNM."""
     return [f"{s}+nnm" if mixing == "nnm" and s in MIXED else s for s in STRATEGIES]
 
 
 def jobs(args: argparse.Namespace) -> list[dict]:
-    base = {"rounds": args.rounds, "max_samples": args.max_samples, "eval_limit": args.eval_limit}
+    n = args.num_clients
+    base = {"rounds": args.rounds, "max_samples": args.max_samples, "eval_limit": args.eval_limit, "num_clients": n}
     out = [{**base, "name": "clean/fedavg", "strategy_config": {"strategy": "fedavg"}}]
     for name, label in list(zip(STRATEGIES, labels(args.mixing)))[1:]:
-        out.append({**base, "name": f"clean/{label}", "strategy_config": robust(name, 1, args.mixing)})
+        out.append({**base, "name": f"clean/{label}", "strategy_config": robust(name, 1, n, args.mixing)})
     for share in (0.2, 0.3):
-        k = int(round(share * NUM_CLIENTS))
+        k = int(round(share * n))
         for attack, scale in ATTACKS:
             for name, label in zip(STRATEGIES, labels(args.mixing)):
+                if label == "bulyan+nnm" and k > (n - 3) // 4:
+                    continue
                 out.append({**base, "name": f"{int(share * 100)}%/{attack}/{label}", "attackers": k,
-                            "attack": attack, "attack_scale": scale, "strategy_config": robust(name, k, args.mixing)})
+                            "attack": attack, "attack_scale": scale, "strategy_config": robust(name, k, n, args.mixing)})
     for name, extra in (("fedavg", {}), ("fedprox", {"proximal_mu": 0.01})):
         out.append({**base, "name": f"slow3/{name}", "slow": 3, "slowdown": 5.0,
                     "strategy_config": {"strategy": name, **extra}})
     return out
 
 
-def robust(name: str, f: int, mixing: str = "none") -> dict:
-    """Strategy config tolerating f attackers; Bulyan with 10 clients tolerates at most f=1 (n >= 4f+3).
-    With mixing 'nnm', median and trimmed mean first mix each update with its n - f nearest."""
+def robust(name: str, f: int, n: int, mixing: str = "none") -> dict:
+    """Strategy config tolerating f attackers out of n; Bulyan tolerates at most (n-3)//4 (n >= 4f+3).
+    With mixing 'nnm', median, trimmed mean and Bulyan first mix each update with its n - f nearest."""
     nnm = {"mixing": "nnm", "byzantine_f": f} if mixing == "nnm" and name in MIXED else {}
     if name in ("fedavg", "median"):
         return {"strategy": name, **nnm}
     if name == "trimmed_mean":
-        return {"strategy": name, "trim_beta": max(0.1, f / NUM_CLIENTS), **nnm}
+        return {"strategy": name, "trim_beta": max(0.1, f / n), **nnm}
     if name == "bulyan":
-        return {"strategy": name, "byzantine_f": min(f, 1)}
+        return {"strategy": name, **nnm, "byzantine_f": min(f, (n - 3) // 4)}
     return {"strategy": name, "byzantine_f": f}
 
 
@@ -105,8 +110,9 @@ def plot(results: list[dict], path: Path, mixing: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = ["clean"] + [f"{s}%/{a}" for s in (20, 30) for a, _ in ATTACKS]
     by_name = {r["name"]: r["final"] for r in results}
+    settings = [s for s in ["clean"] + [f"{s}%/{a}" for s in (20, 30) for a, _ in ATTACKS]
+                if any(name.startswith(s + "/") for name in by_name)]  # settings left out with --only: no slot
     slow = [r for r in results if r["name"].startswith("slow3/")]
     fig, axes = plt.subplots(1, 2 if slow else 1, figsize=(15 if slow else 11, 5), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1] if slow else [1]})
@@ -117,7 +123,7 @@ def plot(results: list[dict], path: Path, mixing: str) -> None:
         if not np.isnan(vals).all():  # strategies left out with --only get no bar and no legend entry
             ax.bar(np.arange(len(settings)) + (j - 2) * width, vals, width, label=name)
     ax.set_xticks(np.arange(len(settings)), settings, rotation=20)
-    ax.set(ylabel="test accuracy after the last round (%)", title="Byzantine robustness, 10 clients, Dirichlet(0.5)")
+    ax.set(ylabel="test accuracy after the last round (%)", title=f"Byzantine robustness, {results[0]['num_clients']} clients, Dirichlet(0.5)")
     ax.axhline(100 * by_name["clean/fedavg"], color="k", lw=0.8, ls="--")
     ax.legend(fontsize=8)
     if slow:
@@ -134,6 +140,7 @@ def plot(results: list[dict], path: Path, mixing: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--num-clients", type=int, default=10)
     p.add_argument("--max-samples", type=int, default=1000, help="samples per client")
     p.add_argument("--eval-limit", type=int, default=2000, help="test samples per evaluation")
     p.add_argument("--workers", type=int, default=2)
@@ -155,7 +162,7 @@ def main() -> None:
     for r in sorted(results, key=lambda r: r["name"]):
         table[r["name"]] = {"final": r["final"], "vs_clean_fedavg_points": None if clean is None else
                             round(100 * (r["final"] - clean), 2)}
-    summary = {"benchmark": "robustness", "mixing": args.mixing, "rounds": args.rounds,
+    summary = {"benchmark": "robustness", "mixing": args.mixing, "num_clients": args.num_clients, "rounds": args.rounds,
                "max_samples_per_client": args.max_samples,
                "eval_limit": args.eval_limit, "wall_seconds": round(time.monotonic() - started, 1), "table": table}
     print(json.dumps(summary, indent=2))
