@@ -1,4 +1,9 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import torch
 
 from client.trainer import DataConfig, LocalTrainer
 from shared.datasets import load_split
@@ -24,3 +29,33 @@ def test_fit_returns_a_delta_that_improves_held_out_accuracy():
     assert list(delta) == list(start) and after > before + 0.3 and metrics["batches"] > 0
     assert any(np.abs(d).sum() > 0 for d in delta.values())
     assert load_split("synthetic", train=True).labels.shape == (6000,)
+
+
+def test_train_makes_torch_optim_sgds_update_without_importing_dynamo():
+    """train()'s hand-written step equals torch.optim.SGD's, bit for bit (with FedProx's term too),
+    and training does not import torch._dynamo (what torch.optim's first use costs a process)."""
+    from shared.models import build_model
+    from shared.training import train
+    x, y = torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,))
+    for mu in (0.0, 0.1):
+        ours, reference = build_model("cnn", (1, 28, 28), seed=3), build_model("cnn", (1, 28, 28), seed=3)
+        train(ours, x, y, epochs=1, lr=0.05, batch_size=32, seed=7, proximal_mu=mu)
+        reference.train()
+        optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+        anchor = [p.detach().clone() for p in reference.parameters()]
+        order = torch.randperm(100, generator=torch.Generator().manual_seed(7))
+        for start in range(0, 100, 32):
+            idx = order[start:start + 32]
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(reference(x[idx]), y[idx])
+            if mu:
+                loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(reference.parameters(), anchor))
+            loss.backward()
+            optimizer.step()
+        for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(a, b), name
+    code = ("import sys, torch; from shared.models import build_model; from shared.training import train; "
+            "train(build_model('mlp', (1, 28, 28)), torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)), 1, 0.1, 32); "
+            "assert 'torch._dynamo' not in sys.modules")
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=root).returncode == 0
