@@ -10,7 +10,8 @@ along the round's timeline, the three parts adding up to it:
   publishing      the rest after the server's evaluation (SQLite, events)
 Clients fetch and evaluate the new model on new_model, while the server evaluates it, so neither is
 on the critical path after round 1. Also start-up: from launching the processes, and from
-POST /api/start with clients connected, to the end of round 1.
+POST /api/start with clients connected, to the end of round 1. Then, in the same invocation, the floor
+(bench/transport_floor.py): the same per-update work with no framework around it, and the ratio.
 
     python bench/round_overhead.py --out bench/results/round_overhead.json
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.transport_floor import measure as measure_floor  # noqa: E402
 from run_demo import Cluster  # noqa: E402
 
 
@@ -88,11 +90,13 @@ def main() -> None:
     # end-to-end: time between consecutive round ends (includes checkpointing and the next dispatch)
     periods = [b["ended"] - a["ended"] for a, b in zip(rounds, rounds[1:])]
     period_overhead = [p - b["train_seconds"] - b["eval_seconds"] for p, b in zip(periods, rounds[1:])]
+    floor = measure_floor(args.num_clients, trials=args.num_rounds)
     result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "rounds": len(rounds),
               "round_wall_s": summary(wall), "client_training_s": summary(train),
               "server_evaluation_s": summary(evals), "overhead_s": summary(overhead), "overhead_parts_s": parts,
               "round_period_s": summary(periods), "overhead_per_period_s": summary(period_overhead),
-              "breakdown_s": timing, "cpu_core_seconds_per_round": cpu_per_round,
+              "breakdown_s": timing, **floor,
+              "overhead_over_floor": round(statistics.median(overhead) / floor["floor_s"]["median"], 2), "cpu_core_seconds_per_round": cpu_per_round,
               "startup_from_launch_s": round(cold_start, 2), "startup_from_start_clients_connected_s":
                   round(warm_start, 2),
               "targets": {"overhead_median_s": 0.1, "startup_s": 3.0},
