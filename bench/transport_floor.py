@@ -12,8 +12,10 @@ what moving and checking N full-precision updates costs on this machine, whateve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import statistics
 import sys
@@ -21,10 +23,18 @@ import threading
 import time
 from pathlib import Path
 
+import requests
+import torch
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.verify import OpenRound, check_arrays, check_signature  # noqa: E402
+from client.trainer import DataConfig, LocalTrainer  # noqa: E402
+from shared import crypto  # noqa: E402
 from shared.aggregate import weighted_average  # noqa: E402
+from shared.models import build_model, get_weights  # noqa: E402
 from shared.protocol import UpdateHeader, encode_weights, pack_update, sha256_hex, unpack_update  # noqa: E402
 
 MAX_BYTES = 64 * 1024 * 1024
@@ -32,15 +42,6 @@ MAX_BYTES = 64 * 1024 * 1024
 
 def _client(index: int, num_clients: int, url: str, barrier, results, keys) -> None:  # noqa: ANN001
     """One client process: train one batch, sign and POST the delta, once per trial."""
-    import dataclasses
-
-    import requests
-    import torch
-
-    from client.trainer import DataConfig, LocalTrainer
-    from shared import crypto
-    from shared.models import get_weights
-
     torch.set_num_threads(1)
     trainer = LocalTrainer(DataConfig(dataset="synthetic", partition="iid", num_clients=num_clients,
                                       client_index=index, max_samples=320), "cnn")
@@ -67,9 +68,6 @@ class FloorServer:
     """A threaded werkzeug server that verifies updates like app/api.py + app/verify.py."""
 
     def __init__(self, spec: dict, keys: dict[str, str]):
-        from werkzeug.serving import make_server
-        from werkzeug.wrappers import Request, Response
-
         self.spec, self.keys = spec, keys
         self.arrived: list[tuple[float, dict]] = []
         self.lock = threading.Lock()
@@ -91,16 +89,9 @@ class FloorServer:
 
 def measure(num_clients: int = 10, trials: int = 20) -> dict:
     """Median and p90 of the floor over `trials` rounds (the first, warm-up round left out)."""
-    import logging
-
-    import torch
-
-    from shared.models import build_model, get_weights
-
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
 
     spec = {k: (tuple(v.shape), v.dtype.str) for k, v in get_weights(build_model("cnn", (1, 28, 28))).items()}
-    torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
     barrier, results, key_queue = ctx.Barrier(num_clients + 1), ctx.Queue(), ctx.Queue()
     server = FloorServer(spec, {})
