@@ -12,6 +12,7 @@ import torch
 from flask import Flask
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
+from werkzeug.serving import run_simple
 
 from app import create_app
 from app.config import RunConfig, ServerConfig, update_run_config
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://{config.host}:{config.port}/"
     if args.log_format == "json":  # one object, like every other line of a JSON log
         print(json.dumps({"message": "meshfed server started", "role": config.role, "wsgi": args.wsgi, "url": url,
-                          "admin_token": config.admin_token, "enrollment_token": config.enrollment_token}), flush=True)
+                          "dashboard": f"{url}?token={config.admin_token}", "admin_token": config.admin_token, "enrollment_token": config.enrollment_token}), flush=True)
     else:
         print(f"meshfed server ({config.role}, {args.wsgi}) on {url}\n"
               f"  dashboard:        {url}?token={config.admin_token}\n"
@@ -187,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(args, config)
     # SIGTERM (docker stop, kill) exits like Ctrl-C, so exit handlers run (the leader lock is released)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    app.extensions["meshfed"].socketio.run(app, host=config.host, port=config.port, allow_unsafe_werkzeug=True,
-                                           use_reloader=False, log_output=False)
+    # What socketio.run() starts in threading mode (the app already wraps the Socket.IO middleware),
+    # without Flask's plain-text banner, so a --log-format json log stays JSON throughout
+    run_simple(config.host, config.port, app, threaded=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,13 @@
 in test_integration.py)."""
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
@@ -41,3 +47,31 @@ def test_json_logs_are_one_object_per_line(tmp_path, capsys):
     assert lines[0]["message"] == "round 3 done" and lines[0]["level"] == "INFO"
     assert lines[1]["logger"] == "meshfed.test" and "ValueError: boom" in lines[1]["exception"]
     setup_logging("WARNING")
+
+
+def test_a_server_started_with_json_logs_writes_only_json(tmp_path):
+    """run_server.py --log-format json (development server): the banner, werkzeug's and our lines are
+    all JSON objects; the banner names the dashboard URL with the admin token."""
+    from run_demo import free_port
+    port = free_port()
+    out = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "run_server.py"),
+                               "--port", str(port), "--state-dir", str(tmp_path / "state"), "--dataset", "synthetic",
+                               "--model", "mlp", "--admin-token", "tok", "--log-format", "json", "--log-level", "debug"],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        assert requests.post(f"http://127.0.0.1:{port}/api/stop", timeout=5).status_code == 401
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        out.close()
+    lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if line.strip()]
+    assert lines[0]["dashboard"] == f"http://127.0.0.1:{port}/?token=tok"
+    assert any(e.get("logger") == "werkzeug" and "POST /api/stop" in e["message"] for e in lines)  # request log
