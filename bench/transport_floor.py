@@ -1,8 +1,8 @@
 """The floor under bench/round_overhead.py: the same per-update work with no framework around it.
 
 N client processes, released together, each train one batch with the client's own code
-(LocalTrainer.fit), then encode, hash, sign and POST the delta as the real client does; a bare
-threaded werkzeug server (no Flask, no Socket.IO, no round loop, no SQLite) reads each body and runs
+(LocalTrainer.fit), then encode, hash and sign the delta (the client's `signed_update`) and POST
+it; a bare threaded werkzeug server (no Flask, no Socket.IO, no round loop, no SQLite) reads each body and runs
 the real server's checks (unpack, signature, sha256, names/shapes/dtypes/finite); when all N are in,
 it averages them (FedAvg). floor = time to the last verified update - slowest training + FedAvg:
 what moving and checking N full-precision updates costs on this machine, whatever the framework.
@@ -12,7 +12,6 @@ what moving and checking N full-precision updates costs on this machine, whateve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import logging
@@ -31,11 +30,12 @@ from werkzeug.wrappers import Request, Response
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.verify import OpenRound, check_arrays, check_signature  # noqa: E402
+from client.node import signed_update  # noqa: E402
 from client.trainer import DataConfig, LocalTrainer  # noqa: E402
 from shared import crypto  # noqa: E402
 from shared.aggregate import weighted_average  # noqa: E402
 from shared.models import build_model, get_weights  # noqa: E402
-from shared.protocol import UpdateHeader, encode_weights, pack_update, sha256_hex, unpack_update  # noqa: E402
+from shared.protocol import TrainRequest, pack_update, unpack_update  # noqa: E402
 
 MAX_BYTES = 64 * 1024 * 1024
 
@@ -54,10 +54,8 @@ def _client(index: int, num_clients: int, url: str, barrier, results, keys) -> N
         started = time.perf_counter()
         delta, _ = trainer.fit(weights, 1, 0.05, 32, 1, seed=trial)
         trained = time.perf_counter() - started
-        payload = encode_weights(delta)
-        header = UpdateHeader(run_id="floor", round=trial, model_version=1, client_id=f"c{index}",
-                              num_examples=trainer.num_examples, payload_sha256=sha256_hex(payload))
-        header = dataclasses.replace(header, signature=crypto.sign(key, header.canonical_bytes()))
+        header, payload = signed_update(key, TrainRequest("floor", trial, 1, 1, 0.05, 32), f"c{index}",
+                                        trainer.num_examples, delta)
         r = http.post(f"{url}/update", data=pack_update(header, payload), timeout=60,
                       headers={"Content-Type": "application/octet-stream"})
         r.raise_for_status()

@@ -47,6 +47,16 @@ class NodeConfig:
     mesh: MeshConfig | None = None  # --enable-mesh: fall back to a P2P mesh when the server is away
 
 
+def signed_update(key: Any, request: TrainRequest, client_id: str, num_examples: int, delta: dict,
+                  metrics: dict[str, float] | None = None) -> tuple[UpdateHeader, bytes]:
+    """Encode the delta, hash it and sign the header over it: (header, payload) for pack_update."""
+    payload = encode_weights(delta)
+    header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
+                          client_id=client_id, num_examples=num_examples, payload_sha256=sha256_hex(payload),
+                          metrics=metrics or {})
+    return dataclasses.replace(header, signature=crypto.sign(key, header.canonical_bytes())), payload
+
+
 class Node:
     """One client process: Socket.IO for control, HTTP for weights, one worker thread for training."""
 
@@ -285,11 +295,8 @@ class Node:
         """Encode, hash, sign: the exact bytes POSTed to /api/update. With `received` (perf_counter when
         the request came) the advisory metrics also get prepare_seconds and total_seconds."""
         started = time.perf_counter()
-        payload = encode_weights(delta)
-        header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
-                              client_id=self.config.client_id, num_examples=self.trainer.num_examples,
-                              payload_sha256=sha256_hex(payload), metrics=metrics)
-        header = dataclasses.replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
+        header, payload = signed_update(self.key, request, self.config.client_id, self.trainer.num_examples,
+                                        delta, metrics)
         if received is not None:  # metrics are not signed (canonical_bytes leaves them out)
             now = time.perf_counter()
             header = dataclasses.replace(header, metrics={**metrics, "prepare_seconds": now - started,

@@ -168,11 +168,12 @@ def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app
     assert not loop.status()["active"]
 
 
-def test_a_finished_runs_last_round_left_unevaluated_is_evaluated_in_the_background(tmp_path):
-    """SIGKILL between committing the last round and evaluating it: the run is finished, so nothing
-    resumes; the restarted server evaluates that model without making start-up wait for it."""
+def _killed_after_committing_round_1(tmp_path, num_rounds: int, finished: str | None) -> tuple[ServerConfig, str]:
+    """A state dir as a server SIGKILLed between committing round 1's model and evaluating it leaves it:
+    the run 'running' (or `finished`, if round 1 was the last), round 1 stored without an accuracy."""
+    from shared.protocol import encode_weights
     cfg = ServerConfig(state_dir=str(tmp_path / "state"), admin_token=ADMIN, enrollment_token=ENROLL,
-                       run=RunConfig(dataset="synthetic", model="mlp", num_rounds=1))
+                       run=RunConfig(dataset="synthetic", model="mlp", num_rounds=num_rounds))
     first = create_app(cfg)
     loop, store = first.extensions["meshfed"].loop, first.extensions["meshfed"].store
     run_id = loop.start()
@@ -180,13 +181,21 @@ def test_a_finished_runs_last_round_left_unevaluated_is_evaluated_in_the_backgro
     deadline = time.monotonic() + 10
     while loop.status()["active"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    from shared.protocol import encode_weights
+    weights = {k: v + 0.01 for k, v in loop._global.items()}  # what round 1's aggregation produced
     row = {"round": 1, "accuracy": None, "loss": None, "num_clients": 1, "num_selected": 1, "num_refused": 0,
            "seconds": 1.0, "train_seconds": 0.5, "eval_seconds": None, "clients": ["c0"]}
-    weights = {k: v + 0.01 for k, v in loop._global.items()}
-    store.commit_round(run_id, 1, encode_weights(weights), loop.global_version, row, "max_rounds")
+    version = store.commit_round(run_id, 1, encode_weights(weights), loop.global_version, row, finished)
+    if finished is None:
+        store.set_run_status(run_id, "running")  # as the killed server left it
     store.close()
+    assert version == 2
+    return cfg, run_id
 
+
+def test_a_finished_runs_last_round_left_unevaluated_is_evaluated_in_the_background(tmp_path):
+    """SIGKILL between committing the last round and evaluating it: the run is finished, so nothing
+    resumes; the restarted server evaluates that model without making start-up wait for it."""
+    cfg, _ = _killed_after_committing_round_1(tmp_path, num_rounds=1, finished="max_rounds")
     second = create_app(cfg)
     meshfed = second.extensions["meshfed"]
     spawned: list = []
@@ -203,24 +212,7 @@ def test_a_finished_runs_last_round_left_unevaluated_is_evaluated_in_the_backgro
 def test_a_round_committed_but_not_evaluated_is_hidden_then_evaluated_on_restart(tmp_path):
     """SIGKILL between committing a round's model and evaluating it: the round counts (the run
     resumes after it), /api/metrics leaves it out until the restarted server has evaluated it."""
-    cfg = ServerConfig(state_dir=str(tmp_path / "state"), admin_token=ADMIN, enrollment_token=ENROLL,
-                       run=RunConfig(dataset="synthetic", model="mlp", num_rounds=5))
-    first = create_app(cfg)
-    loop, store = first.extensions["meshfed"].loop, first.extensions["meshfed"].store
-    run_id = loop.start()
-    loop.stop()
-    deadline = time.monotonic() + 10
-    while loop.status()["active"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    weights = {k: v + 0.01 for k, v in loop._global.items()}  # what round 1's aggregation produced
-    from shared.protocol import encode_weights
-    row = {"round": 1, "accuracy": None, "loss": None, "num_clients": 1, "num_selected": 1, "num_refused": 0,
-           "seconds": 1.0, "train_seconds": 0.5, "eval_seconds": None, "clients": ["c0"]}
-    version = store.commit_round(run_id, 1, encode_weights(weights), loop.global_version, row)
-    store.set_run_status(run_id, "running")  # as the killed server left it
-    store.close()
-    assert version == 2
-
+    cfg, run_id = _killed_after_committing_round_1(tmp_path, num_rounds=5, finished=None)
     second = create_app(cfg)
     client = second.extensions["meshfed"]
     assert client.store.rounds(run_id) == [] and len(client.store.rounds(run_id, evaluated_only=False)) == 1
