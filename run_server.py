@@ -17,6 +17,7 @@ from werkzeug.serving import run_simple
 from app import create_app
 from app.config import RunConfig, ServerConfig, update_run_config
 from app.strategy import load_modules
+from shared.compression import COMPRESSIONS
 from shared.log import JsonFormatter, setup_logging
 
 D = RunConfig()
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trim-beta", type=float, default=D.trim_beta, help="trimmed mean: share cut at each end")
     p.add_argument("--mixing", default=D.mixing, choices=["none", "nnm"],
                    help="robust rules: nnm mixes each update with its n - f nearest first (non-IID clients)")
+    p.add_argument("--compression", default=D.compression, choices=list(COMPRESSIONS),
+                   help="how clients encode updates: fp16 halves the bytes, int8 quarters them")
     p.add_argument("--anomaly-z", type=float, default=D.anomaly_z, help="flag updates beyond this z-score")
     p.add_argument("--target-accuracy", type=float, default=D.target_accuracy)
     p.add_argument("--seed", type=int, default=D.seed)
@@ -103,6 +106,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "strategy": args.strategy, "proximal_mu": args.proximal_mu, "server_lr": args.server_lr, "beta1": args.beta1,
         "beta2": args.beta2, "tau": args.tau, "byzantine_f": args.byzantine_f, "multikrum_m": args.multikrum_m,
         "trim_beta": args.trim_beta, "mixing": args.mixing, "anomaly_z": args.anomaly_z,
+        "compression": args.compression,
         "target_accuracy": args.target_accuracy, "seed": args.seed})
     return ServerConfig(
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,

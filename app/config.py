@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from shared.compression import COMPRESSIONS
 from shared.datasets import DATASET_NAMES
 from shared.errors import ConfigError
 from shared.models import MODEL_NAMES
@@ -49,6 +50,7 @@ class RunConfig:
     trim_beta: float = 0.1          # trimmed mean: share cut from each end per coordinate
     mixing: str = "none"            # robust rules: 'nnm' first mixes each update with its n - f nearest
                                     # (Allouah et al. 2023; uses byzantine_f), for non-IID clients
+    compression: str = "none"       # how clients encode updates: none | fp16 | int8 (shared/compression.py)
     anomaly_z: float = 2.5          # flag updates whose norm or cosine-distance z-score exceeds this
     seed: int = 0                   # seeds the initial model and client selection
 
@@ -108,6 +110,7 @@ _CHECKS: dict[str, tuple[type, Any, str]] = {
     "multikrum_m": (int, lambda v: 0 <= v <= 10_000, "an integer >= 0 (0 = n - f)"),
     "trim_beta": (float, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "mixing": (str, lambda v: v in ("none", "nnm"), "'none' or 'nnm'"),
+    "compression": (str, lambda v: v in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
     "anomaly_z": (float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
     "seed": (int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32-1"),
 }

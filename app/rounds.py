@@ -228,7 +228,7 @@ class RoundLoop:
         delta = check_arrays(payload, open_round)
         with self._cond:  # the round may have closed while we decoded
             check_round(header, self._open, set(self._delivered))
-            metrics = {**header.metrics, "arrived": time.monotonic()}
+            metrics = {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(payload)}
             self._delivered[header.client_id] = (delta, header.num_examples, metrics)
             self._cond.notify_all()
         return "accepted"  # counted in the client's record when its round commits
@@ -363,11 +363,12 @@ class RoundLoop:
                                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout,
                                partition=cfg.partition, alpha=cfg.alpha,
-                               proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0)
+                               proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+                               compression=cfg.compression)
         with self._cond:
             self.round, self.state = round_no, "training"
             self._open = OpenRound(self.run_id, round_no, self.global_version, frozenset(selected),
-                                   weight_spec(self._global), self.max_update_bytes)
+                                   weight_spec(self._global), self.max_update_bytes, cfg.compression)
             self._delivered, self._gone, self._round_refusals = {}, set(), 0
         self.transport.publish("status_update", self.status())
         reached = {cid for cid in selected if self.transport.send_train(cid, request)}
@@ -430,12 +431,13 @@ class RoundLoop:
                "eval_seconds": None, "clients": ids, "flagged": flagged,
                "dropped": sorted(set(selected) - set(delivered)), "stragglers": stragglers,
                "offline_merged": sorted(merged),
-               "timings": {  # where the round's time went (bench/round_overhead.py reports these)
+               "timings": {  # where the round's time went, and the bytes uploaded (bench/round_overhead.py)
                    "dispatched": dispatched, "aggregate": aggregate_seconds,
                    "last_update_arrived": max(m["arrived"] for _, _, m in delivered.values()) - started,
                    **{f"client_{k}_max": max(m.get(f"{k}_seconds", 0.0) for _, _, m in delivered.values())
                       for k in ("fetch", "eval", "prepare", "total")},
-                   "prefetched": sum(int(m.get("prefetched", 0)) for _, _, m in delivered.values())}}
+                   "prefetched": sum(int(m.get("prefetched", 0)) for _, _, m in delivered.values()),
+                   "upload_bytes": sum(int(m["payload_bytes"]) for _, _, m in delivered.values())}}
         # Durable first, evaluated second: the round counts once its model is committed, and clients
         # fetch that model (announce_model) while the server evaluates it on the test split.
         data = encode_weights(new_weights)

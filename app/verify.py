@@ -14,7 +14,7 @@
   too_large         body or decoded weights exceed the configured limit
   malformed         framing, header or weights cannot be parsed
   shape_mismatch    array names or shapes differ from the model's
-  dtype_mismatch    array dtypes differ from the model's
+  dtype_mismatch    array dtypes differ from what the run's compression sends (the model's for 'none')
   non_finite        NaN or infinity in the update
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared import crypto
+from shared.compression import decompress, wire_spec
 from shared.errors import UpdateRefused
 from shared.protocol import PROTOCOL_VERSION, SyncHeader, UpdateHeader, decode_weights, sha256_hex
 
@@ -40,6 +41,7 @@ class OpenRound:
     selected: frozenset[str]
     spec: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype str) of the model
     max_bytes: int
+    compression: str = "none"  # how updates are encoded (shared/compression.py), as the TrainRequest said
 
 
 def check_signature(header: UpdateHeader | SyncHeader, payload: bytes, public_key_pem: str | None) -> None:
@@ -74,17 +76,23 @@ def check_round(header: UpdateHeader, open_round: OpenRound | None, delivered: s
 
 
 def check_arrays(payload: bytes, open_round: OpenRound) -> dict[str, np.ndarray]:
-    """Decode the delta and refuse unless names, shapes and dtypes match and every value is finite."""
-    delta = decode_weights(payload, max_bytes=open_round.max_bytes)
-    if set(delta) != set(open_round.spec):
-        raise UpdateRefused("shape_mismatch", f"arrays {sorted(delta)[:4]}... do not match the model's names")
-    delta = {name: delta[name] for name in open_round.spec}  # the model's order, whatever the sender's
-    for name, (shape, dtype) in open_round.spec.items():
-        array = delta[name]
+    """Decode the delta and refuse unless names, shapes and dtypes match what the round's compression
+    sends and every value is finite; returns float deltas in the model's order and dtypes."""
+    arrays = decode_weights(payload, max_bytes=open_round.max_bytes)
+    scheme = open_round.compression
+    expected = wire_spec(open_round.spec, scheme)
+    if set(arrays) != set(expected):
+        raise UpdateRefused("shape_mismatch", f"arrays {sorted(arrays)[:4]}... do not match the model's names "
+                                              f"(compression {scheme!r})")
+    for name, (shape, dtype) in expected.items():
+        array = arrays[name]
         if tuple(array.shape) != shape:
             raise UpdateRefused("shape_mismatch", f"{name} has shape {tuple(array.shape)}, expected {shape}")
         if array.dtype.str != dtype:
-            raise UpdateRefused("dtype_mismatch", f"{name} has dtype {array.dtype.str}, expected {dtype}")
+            raise UpdateRefused("dtype_mismatch", f"{name} has dtype {array.dtype.str}, expected {dtype} "
+                                                  f"(compression {scheme!r})")
+    delta = decompress({name: arrays[name] for name in expected}, scheme, open_round.spec)
+    for name, array in delta.items():
         if not np.isfinite(array).all():
             raise UpdateRefused("non_finite", f"{name} contains NaN or infinity")
     return delta

@@ -12,8 +12,9 @@ Clients fetch and evaluate the new model on new_model, while the server evaluate
 on the critical path after round 1. Also start-up: from launching the processes, and from
 POST /api/start with clients connected, to the end of round 1. Then, in the same invocation, the floor
 (bench/transport_floor.py): the same per-update work with no framework around it, and the ratio.
+--compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side.
 
-    python bench/round_overhead.py --out bench/results/round_overhead.json
+    python bench/round_overhead.py --compression none,fp16,int8 --out bench/results/round_overhead.json
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.transport_floor import measure as measure_floor  # noqa: E402
 from run_demo import Cluster  # noqa: E402
+from shared.compression import COMPRESSIONS, check_scheme  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -47,18 +49,13 @@ def summary(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 4)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-clients", type=int, default=10)
-    p.add_argument("--num-rounds", type=int, default=20)
-    p.add_argument("--eval-limit", type=int, default=1000, help="server test samples evaluated per round")
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
+def measure(args: argparse.Namespace, compression: str) -> dict:
+    """One cluster run (and its floor) with clients encoding updates as `compression` says."""
     with Cluster(tempfile.mkdtemp(prefix="meshfed-overhead-")) as cluster:
         launched = time.monotonic()
         cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", str(args.num_rounds),
                              "--min-clients", str(args.num_clients), "--max-batches", "1", "--quorum", "1",
-                             "--eval-limit", str(args.eval_limit), "--start")
+                             "--eval-limit", str(args.eval_limit), "--compression", compression, "--start")
         for i in range(args.num_clients):
             cluster.start_client(f"c{i}", "--dataset", "fashion-mnist", "--partition", "iid", "--max-samples", "320",
                                  "--num-clients", str(args.num_clients), "--client-index", str(i))
@@ -80,7 +77,7 @@ def main() -> None:
     train = [r["train_seconds"] for r in rounds]
     evals = [r["eval_seconds"] for r in rounds]
     overhead = [w - t - e for w, t, e in zip(wall, train, evals)]
-    timing = {k: summary([r["timings"][k] for r in rounds]) for k in rounds[0]["timings"]}
+    timing = {k: summary([r["timings"][k] for r in rounds]) for k in rounds[0]["timings"] if k != "upload_bytes"}
     # after the last update arrived: aggregation, checkpoint + SQLite commit, publishing (evaluation excluded)
     arrived = [r["timings"]["last_update_arrived"] for r in rounds]
     committed = [r["timings"]["committed"] for r in rounds]
@@ -90,15 +87,37 @@ def main() -> None:
     # end-to-end: time between consecutive round ends (includes checkpointing and the next dispatch)
     periods = [b["ended"] - a["ended"] for a, b in zip(rounds, rounds[1:])]
     period_overhead = [p - b["train_seconds"] - b["eval_seconds"] for p, b in zip(periods, rounds[1:])]
-    floor = measure_floor(args.num_clients, trials=args.num_rounds)
-    result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "rounds": len(rounds),
-              "round_wall_s": summary(wall), "client_training_s": summary(train),
-              "server_evaluation_s": summary(evals), "overhead_s": summary(overhead), "overhead_parts_s": parts,
-              "round_period_s": summary(periods), "overhead_per_period_s": summary(period_overhead),
-              "breakdown_s": timing, **floor,
-              "overhead_over_floor": round(statistics.median(overhead) / floor["floor_s"]["median"], 2), "cpu_core_seconds_per_round": cpu_per_round,
-              "startup_from_launch_s": round(cold_start, 2), "startup_from_start_clients_connected_s":
-                  round(warm_start, 2),
+    floor = measure_floor(args.num_clients, trials=args.num_rounds, compression=compression)
+    return {"compression": compression, "rounds": len(rounds),
+            "upload_mb_per_update": round(statistics.median(r["timings"]["upload_bytes"] / r["num_clients"]
+                                                            for r in rounds) / 1e6, 3),
+            "round_wall_s": summary(wall), "client_training_s": summary(train),
+            "server_evaluation_s": summary(evals), "overhead_s": summary(overhead), "overhead_parts_s": parts,
+            "round_period_s": summary(periods), "overhead_per_period_s": summary(period_overhead),
+            "breakdown_s": timing, **floor,
+            "overhead_over_floor": round(statistics.median(overhead) / floor["floor_s"]["median"], 2),
+            "cpu_core_seconds_per_round": cpu_per_round,
+            "startup_from_launch_s": round(cold_start, 2),
+            "startup_from_start_clients_connected_s": round(warm_start, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-clients", type=int, default=10)
+    p.add_argument("--num-rounds", type=int, default=20)
+    p.add_argument("--eval-limit", type=int, default=1000, help="server test samples evaluated per round")
+    p.add_argument("--compression", default="none",
+                   help=f"comma-separated, run one after the other and compared: {','.join(COMPRESSIONS)}")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    schemes = args.compression.split(",")
+    for scheme in schemes:
+        check_scheme(scheme)
+    runs = {scheme: measure(args, scheme) for scheme in schemes}
+    base = runs[schemes[0]]["overhead_s"]["median"]
+    result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "runs": runs,
+              "overhead_median_s": {s: r["overhead_s"]["median"] for s, r in runs.items()},
+              f"overhead_vs_{schemes[0]}": {s: round(r["overhead_s"]["median"] / base, 2) for s, r in runs.items()},
               "targets": {"overhead_median_s": 0.1, "startup_s": 3.0},
               "peer_flower_1_42": {"simulation_overhead_s": 0.24, "deployment_round_s": 42,
                                    "startup_s": [13, 72]}}

@@ -25,6 +25,7 @@ from client.trainer import LocalTrainer
 from mesh.node import MeshConfig, MeshNode
 from mesh.trust import trust_path
 from shared import crypto
+from shared.compression import COMPRESSIONS, compress
 from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, NAMESPACE,
                              TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex)
 
@@ -49,8 +50,8 @@ class NodeConfig:
 
 def signed_update(key: Any, request: TrainRequest, client_id: str, num_examples: int, delta: dict,
                   metrics: dict[str, float] | None = None) -> tuple[UpdateHeader, bytes]:
-    """Encode the delta, hash it and sign the header over it: (header, payload) for pack_update."""
-    payload = encode_weights(delta)
+    """Compress the delta as the request says, encode, hash and sign: (header, payload) for pack_update."""
+    payload = encode_weights(compress(delta, request.compression, np.random.default_rng()))
     header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
                           client_id=client_id, num_examples=num_examples, payload_sha256=sha256_hex(payload),
                           metrics=metrics or {})
@@ -207,6 +208,10 @@ class Node:
         """Fetch the model, train, sign and post the update; log the server's verdict."""
         received = time.perf_counter()
         b = self.behaviour
+        if request.compression not in COMPRESSIONS:  # a newer server's scheme: training would be wasted
+            log.error("round %d skipped: the server asks for compression %r; this client knows %s (upgrade it)",
+                      request.round, request.compression, ", ".join(COMPRESSIONS))
+            return
         if b.dropout_prob and self._rng.random() < b.dropout_prob:
             log.info("round %d: dropping out (simulated, p=%.2f)", request.round, b.dropout_prob)
             return

@@ -2,7 +2,7 @@
 
 Control travels as Socket.IO events on the /fl namespace; weights travel over HTTP as bytes:
   GET  /api/model/<version>   -> encode_weights(global weights)
-  POST /api/update            -> pack_update(header, encode_weights(delta))
+  POST /api/update            -> pack_update(header, encode_weights(compress(delta, request.compression)))
   POST /api/sync              -> pack_sync(header, encode_weights(delta)): what a client learned in
                                  the mesh while the server was away (mesh/), sent once it is back
 An update carries the *delta* (local weights - the global weights it started from).
@@ -59,6 +59,7 @@ class TrainRequest:
     partition: str = ""       # '' = keep the client's own partition; else re-partition this way
     alpha: float = 0.5        # Dirichlet concentration for partition 'dirichlet'
     proximal_mu: float = 0.0  # FedProx: > 0 adds mu/2 * ||w - w_global||^2 to the local loss
+    compression: str = "none" # how to encode the update: none | fp16 | int8 (shared/compression.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from client.node import Node, NodeConfig
-from shared.protocol import encode_weights, sha256_hex
+from shared.protocol import TrainRequest, encode_weights, sha256_hex
 
 
 def serve_models(models: dict[int, bytes]) -> ThreadingHTTPServer:
@@ -53,6 +53,19 @@ def test_a_cached_model_is_reused_only_while_its_sha256_matches(tmp_path):
         with pytest.raises(requests.RequestException, match="not the one"):
             node.fetch_model(3, sha256_hex(old))
         assert node.fetch_model(3)[0] == sha256_hex(new) and node.downloads == 2  # kept the verified one
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_request_for_an_unknown_compression_is_skipped_before_any_download(tmp_path, caplog):
+    models = {1: encode_weights({"w": np.zeros(3, np.float32)})}
+    server = serve_models(models)
+    try:
+        config = NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path))
+        node = Node(config, trainer=None)
+        node.handle(TrainRequest("run", 1, 1, 1, 0.05, 32, compression="zstd"))
+        assert node.downloads == 0 and "compression 'zstd'" in caplog.text
     finally:
         server.shutdown()
         server.server_close()

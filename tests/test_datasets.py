@@ -28,8 +28,9 @@ def test_mnist_loads_from_torchvision_layout(tmp_path, compress):
     assert split.images.shape == (7, 1, 28, 28)
     np.testing.assert_array_equal(split.images[:, 0], images)
     np.testing.assert_array_equal(split.labels, labels)
-    x, y = to_tensors(split)
-    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0 and y.dtype.is_floating_point is False
+    x, y = to_tensors(split)  # standardised with MNIST's public mean and std, not this sample's
+    np.testing.assert_allclose(x[:, 0].numpy(), (images / 255 - 0.1307) / 0.3081, rtol=1e-5, atol=1e-6)
+    assert y.dtype.is_floating_point is False
 
 
 def test_truncated_idx_is_a_clear_error(tmp_path):
@@ -58,6 +59,10 @@ def test_cifar10_loads_binary_batches(tmp_path):
     # channel planes: the first 1024 pixel bytes of a record are the red plane
     first = np.fromfile(folder / "data_batch_1.bin", dtype=np.uint8)[:3073]
     np.testing.assert_array_equal(train.images[0, 0].ravel(), first[1:1025])
+    # each colour plane standardised with its own channel's mean and std
+    x, _ = to_tensors(test)
+    for c, (mean, std) in enumerate([(0.4914, 0.2470), (0.4822, 0.2435), (0.4465, 0.2616)]):
+        np.testing.assert_allclose(x[:, c].numpy(), (test.images[:, c] / 255 - mean) / std, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_dataset_error_names_the_three_options(tmp_path):

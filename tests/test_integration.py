@@ -252,3 +252,18 @@ def test_median_after_nnm_learns_with_an_attacker_and_bad_mixing_is_refused(clus
     r = cluster.api("POST", "/api/config", admin=True, json={"strategy": "fedavg", "mixing": "nnm"})
     assert r.status_code == 400 and "mixing" in r.json()["fields"], r.text
     assert cluster.api("GET", "/api/config").json()["strategy"] == "median"  # nothing changed, server up
+
+
+def test_int8_compressed_updates_are_a_quarter_of_the_bytes_and_still_learn(cluster, fmnist):
+    cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", "3", "--min-clients", "2",
+                         "--compression", "int8", "--eval-limit", "2000", "--start")
+    start_clients(cluster, 2, "--max-samples", "1500")
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 240, "3 rounds")
+    rounds = cluster.rounds()
+    model_bytes = len(cluster.api("GET", "/api/model/latest").content)  # float32, 6.65 MB
+    per_update = [r["timings"]["upload_bytes"] / r["num_clients"] for r in rounds]
+    assert all(r["num_clients"] == 2 for r in rounds)
+    assert all(0.24 * model_bytes < b < 0.26 * model_bytes for b in per_update), (per_update, model_bytes)
+    acc = [r["accuracy"] for r in rounds]
+    assert acc[0] > 0.3 and acc[2] > acc[0], acc
+    assert all(c["refusals"] == {} and c["accepted"] == 3 for c in cluster.api("GET", "/api/clients").json()["clients"])

@@ -199,7 +199,7 @@ const CONFIG_FIELDS = [
                             "median", "trimmed_mean", "bulyan"]],
   ["proximal_mu", "FedProx mu"], ["server_lr", "Server learning rate"], ["byzantine_f", "Byzantine f"],
   ["trim_beta", "Trimmed-mean beta"], ["mixing", "Robust rules: mixing", ["none", "nnm"]],
-  ["anomaly_z", "Anomaly z-score"],
+  ["compression", "Update compression", ["none", "fp16", "int8"]], ["anomaly_z", "Anomaly z-score"],
 ];
 function buildForm() {
   const box = $("config-fields");
