@@ -14,7 +14,7 @@ POST /api/start with clients connected, to the end of round 1. Then, in the same
 (bench/transport_floor.py): the same per-update work with no framework around it, and the ratio.
 --compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side.
 
-    python bench/round_overhead.py --compression none,fp16,int8 --out bench/results/round_overhead.json
+    python bench/round_overhead.py --compression none,fp16,int8 --out bench/results/round_overhead_compression.json
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Update compression: fewer bytes per update for the same delta, chosen per run by the server.
 
   none  float32, as trained
-  fp16  IEEE half precision: 2x fewer bytes; relative error <= 2^-11 per value; a value beyond
-        +-65504 becomes infinity, which the server refuses as non_finite
+  fp16  IEEE half precision: 2x fewer bytes; error <= 2^-11 of the value for |x| >= 2^-14 (6.1e-5),
+        at most 2^-25 (3e-8) below, where half precision is subnormal; a value beyond +-65504
+        becomes infinity, which the server refuses as non_finite
   int8  per-tensor symmetric 8 bits with stochastic rounding (QSGD-style, Alistarh et al. 2017,
         with 127 levels each side): 4x fewer bytes; unbiased, error < one level (max|x| / 127)
 

@@ -32,6 +32,9 @@ def test_each_scheme_round_trips_within_its_error_and_shrinks_the_payload():
             peak = np.abs(DELTA[name]).max()
             bound = {"none": 0.0, "fp16": peak * 2.0 ** -11, "int8": peak / 127}[scheme]
             assert err <= bound, (scheme, name, err, bound)
+            if scheme == "fp16":  # per value: 2^-11 relative, 2^-25 absolute where half precision is subnormal
+                per_value = np.abs(got[name] - DELTA[name])
+                assert (per_value <= np.maximum(np.abs(DELTA[name]) * 2.0 ** -11, 2.0 ** -25)).all()
     assert sizes["fp16"] < 0.55 * sizes["none"] and sizes["int8"] < 0.3 * sizes["none"]
 
 
