@@ -9,6 +9,7 @@ import random
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, Callable, Protocol
 
@@ -17,10 +18,10 @@ import numpy as np
 from app.config import RunConfig, update_run_config
 from app.evaluator import Evaluator
 from app.registry import Registry
-from app.store import Store
+from app.store import Checkpoint, Store
 from app.verify import OpenRound, check_arrays, check_round, check_signature
 from app import strategy
-from shared.aggregate import anomaly_scores_of
+from shared.aggregate import anomaly_scores_of, update_norm
 from shared.errors import MeshfedError, UpdateRefused
 from shared.models import weight_spec
 from shared.protocol import SyncHeader, TrainRequest, UpdateHeader, decode_weights, encode_weights
@@ -72,6 +73,7 @@ class RoundLoop:
         self._global_sha256: str | None = None
         self._global: dict[str, np.ndarray] = {}
         self._strategy_state: dict[str, np.ndarray] = {}  # saved with every checkpoint (app/strategy.py)
+        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._load_latest()
 
     @staticmethod
@@ -226,9 +228,10 @@ class RoundLoop:
             check_round(header, late[0], late[1])  # run, version, asked, examples: as in its own round
             return self._straggler(header, check_arrays(payload, late[0]))
         delta = check_arrays(payload, open_round)
+        norm = update_norm(delta)  # for the anomaly scores, now while the delta is in the CPU cache
         with self._cond:  # the round may have closed while we decoded
             check_round(header, self._open, set(self._delivered))
-            metrics = {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(payload)}
+            metrics = {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(payload), "norm": norm}
             self._delivered[header.client_id] = (delta, header.num_examples, metrics)
             self._cond.notify_all()
         return "accepted"  # counted in the client's record when its round commits
@@ -421,8 +424,17 @@ class RoundLoop:
                 self._late_updates = late + self._late_updates  # stragglers wait for the next try
                 self._late = {**stragglers, **self._late}
             return None
-        flagged = self._flag_anomalies(ids, updates[:len(ids)], new_weights, cfg.anomaly_z)
         aggregate_seconds = time.monotonic() - t_aggregate
+        # Durable first, evaluated second: the round counts once its model is committed, and clients
+        # fetch that model (announce_model) while the server evaluates it on the test split. The
+        # checkpoint is hashed, written and fsynced on the checkpoint thread while this one scores the
+        # updates for anomalies (hashlib, file I/O and BLAS all run outside the GIL); the round's SQLite
+        # commit and the announcement follow on that thread, in order, while this one evaluates.
+        data = encode_weights(new_weights)
+        written = self._checkpointer.submit(self.store.write_checkpoint, data,
+                                            encode_weights(new_state) if new_state else None)
+        flagged = self._flag_anomalies(ids, updates[:len(ids)], new_weights, cfg.anomaly_z,
+                                       [delivered[cid][2]["norm"] for cid in ids])
         finished = "max_rounds" if round_no >= cfg.num_rounds else None
         row = {"round": round_no, "accuracy": None, "loss": None, "num_clients": len(delivered),
                "num_selected": len(selected), "num_refused": refusals,
@@ -438,21 +450,16 @@ class RoundLoop:
                       for k in ("fetch", "eval", "prepare", "total")},
                    "prefetched": sum(int(m.get("prefetched", 0)) for _, _, m in delivered.values()),
                    "upload_bytes": sum(int(m["payload_bytes"]) for _, _, m in delivered.values())}}
-        # Durable first, evaluated second: the round counts once its model is committed, and clients
-        # fetch that model (announce_model) while the server evaluates it on the test split.
-        data = encode_weights(new_weights)
-        state = encode_weights(new_state) if new_state else None
-        version = self.store.commit_round(self.run_id, round_no, data, self.global_version, row, finished, state,
-                                          merged)
-        with self._cond:
-            self._set_global(version, data, new_weights)
-            self._strategy_state = new_state
-        row["model_version"] = version
-        row["timings"]["committed"] = time.monotonic() - started
-        self.transport.announce_model(version, self._global_sha256)
+        committed = self._checkpointer.submit(self._commit, round_no, written, data, new_weights, new_state,
+                                              {**row, "timings": dict(row["timings"])}, finished, merged, started)
+        row["timings"]["closed"] = time.monotonic() - started
         t_eval = time.monotonic()
-        row["loss"], row["accuracy"] = self.evaluator_for(cfg)(new_weights)
-        row["eval_seconds"] = time.monotonic() - t_eval
+        try:
+            row["loss"], row["accuracy"] = self.evaluator_for(cfg)(new_weights)
+            row["eval_seconds"] = time.monotonic() - t_eval
+        finally:  # the round is committed (or failed to be) before the loop moves on
+            version, row["timings"]["committed"] = committed.result()  # normally long done: the disk is faster
+        row["model_version"] = version
         row["seconds"] = time.monotonic() - started
         if finished is None and cfg.target_accuracy and row["accuracy"] >= cfg.target_accuracy:
             finished = "target_accuracy"
@@ -465,13 +472,30 @@ class RoundLoop:
             self.transport.publish("mesh_update", self.mesh_view())
         return finished
 
+    def _commit(self, round_no: int, written: Future, data: bytes, weights: dict[str, np.ndarray],
+                state: dict[str, np.ndarray], row: dict[str, Any], finished: str | None,
+                merged: dict[str, tuple[int, float]], started: float) -> tuple[int, float]:
+        """On the checkpoint thread, after `written`: record the round, adopt its model, announce it.
+        Returns (version, seconds from the round's start until committed)."""
+        checkpoint: Checkpoint = written.result()
+        version = self.store.commit_round(self.run_id, round_no, checkpoint, self.global_version, row, finished,
+                                          merged)
+        with self._cond:
+            self._set_global(version, data, weights)
+            self._strategy_state = state
+        committed = time.monotonic() - started
+        self.transport.announce_model(version, self._global_sha256)
+        return version, committed
+
     def _flag_anomalies(self, ids: list[str], updates: list[tuple[dict[str, np.ndarray], int]],
-                        new_weights: dict[str, np.ndarray], z: float) -> dict[str, dict[str, float]]:
-        """Clients whose update norm or cosine distance to the applied step is z-score > z."""
+                        new_weights: dict[str, np.ndarray], z: float,
+                        norms: list[float]) -> dict[str, dict[str, float]]:
+        """Clients whose update norm (`norms`, taken on arrival) or cosine distance to the applied step
+        is z-score > z."""
         if len(updates) < 3:
             return {}
         step = {k: new_weights[k] - self._global[k] for k in self._global}
-        scores = anomaly_scores_of([d for d, _ in updates], step)
+        scores = anomaly_scores_of([d for d, _ in updates], step, norms)
         return {cid: {k: round(float(v[i]), 4) for k, v in scores.items()} for i, cid in enumerate(ids)
                 if scores["norm_z"][i] > z or scores["cosine_z"][i] > z}
 

@@ -11,12 +11,24 @@ import json
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared.errors import RegistrationRefused
 from shared.fileio import write_atomic
 from shared.protocol import sha256_hex
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model version's files on disk, not yet recorded (Store.write_checkpoint -> Store.commit_round)."""
+
+    version: int
+    path: str                # file name under models/
+    sha256: str              # of the model bytes
+    state_path: str | None   # strategy state file name, if the strategy keeps state
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -124,22 +136,28 @@ class Store:
                        (version, run_id, source, parent, digest, name, accuracy, loss, time.time())))
         return version
 
-    def commit_round(self, run_id: str, round_no: int, data: bytes, parent: int, row: dict[str, Any],
-                     finished: str | None = None, state: bytes | None = None,
-                     merged: dict[str, tuple[int, float]] | None = None) -> int:
-        """Durably record one completed round, the model it produced and the strategy's state after it;
-        returns the new version. Only the two newest state files are kept."""
+    def write_checkpoint(self, data: bytes, state: bytes | None = None) -> Checkpoint:
+        """Write the next version's model (and strategy state) files to disk; commit_round records them.
+        A crash in between leaves files no row names: the next checkpoint of that version replaces them."""
         version = self.next_version()
         name, digest = self._write_model(version, data)
         state_name = None
         if state is not None:
             state_name = f"v{version:06d}.state.safetensors"
             write_atomic(self.models_dir / state_name, state)
+        return Checkpoint(version, name, digest, state_name)
+
+    def commit_round(self, run_id: str, round_no: int, checkpoint: Checkpoint, parent: int, row: dict[str, Any],
+                     finished: str | None = None, merged: dict[str, tuple[int, float]] | None = None) -> int:
+        """Durably record one completed round and the checkpoint it produced (write_checkpoint);
+        returns the new version. Only the two newest state files are kept."""
+        version = checkpoint.version
         now = time.time()
         statements = [
             ("INSERT INTO model_versions (version, run_id, round, source, parent, sha256, path, accuracy, "
              "loss, created, state_path) VALUES (?, ?, ?, 'round', ?, ?, ?, ?, ?, ?, ?)",
-             (version, run_id, round_no, parent, digest, name, row["accuracy"], row["loss"], now, state_name)),
+             (version, run_id, round_no, parent, checkpoint.sha256, checkpoint.path, row["accuracy"], row["loss"], now,
+              checkpoint.state_path)),
             ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
              "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings, flagged, "
              "stragglers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

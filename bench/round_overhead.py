@@ -6,10 +6,13 @@ upload, signature and array verification, aggregation, checkpointing). The overh
 along the round's timeline, the three parts adding up to it:
   to_last_update  round start -> last update verified, minus the slowest client's training
                   (dispatch, model download if not prefetched, encode + sign, upload, verification)
-  closing         last update -> new model committed (aggregation, anomaly scores, checkpoint, SQLite)
-  publishing      the rest after the server's evaluation (SQLite, events)
-Clients fetch and evaluate the new model on new_model, while the server evaluates it, so neither is
-on the critical path after round 1. Also start-up: from launching the processes, and from
+  closing         last update -> evaluation starts (aggregation, anomaly scores, encoding the model)
+  publishing      the rest after the server's evaluation (waiting for the commit if the disk is
+                  slower than the evaluation, SQLite, events)
+The checkpoint's hash, write and fsync, the round's SQLite commit and the new_model announcement run
+on the server's checkpoint thread while it evaluates (breakdown "checkpoint": closing -> committed);
+clients fetch and evaluate the new model on new_model meanwhile, so none of it is on the critical
+path after round 1. Also start-up: from launching the processes, and from
 POST /api/start with clients connected, to the end of round 1. Then, in the same invocation, the floor
 (bench/transport_floor.py): the same per-update work with no framework around it, and the ratio.
 --compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side.
@@ -78,12 +81,13 @@ def measure(args: argparse.Namespace, compression: str) -> dict:
     evals = [r["eval_seconds"] for r in rounds]
     overhead = [w - t - e for w, t, e in zip(wall, train, evals)]
     timing = {k: summary([r["timings"][k] for r in rounds]) for k in rounds[0]["timings"] if k != "upload_bytes"}
-    # after the last update arrived: aggregation, checkpoint + SQLite commit, publishing (evaluation excluded)
+    # after the last update arrived: aggregation and anomaly scores, then publishing (evaluation excluded)
     arrived = [r["timings"]["last_update_arrived"] for r in rounds]
-    committed = [r["timings"]["committed"] for r in rounds]
+    closed = [r["timings"]["closed"] for r in rounds]
     parts = {"to_last_update": summary([a - t for a, t in zip(arrived, train)]),
-             "closing": summary([c - a for c, a in zip(committed, arrived)]),
-             "publishing": summary([w - c - e for w, c, e in zip(wall, committed, evals)])}
+             "closing": summary([c - a for c, a in zip(closed, arrived)]),
+             "publishing": summary([w - c - e for w, c, e in zip(wall, closed, evals)])}
+    timing["checkpoint"] = summary([r["timings"]["committed"] - r["timings"]["closed"] for r in rounds])
     # end-to-end: time between consecutive round ends (includes checkpointing and the next dispatch)
     periods = [b["ended"] - a["ended"] for a, b in zip(rounds, rounds[1:])]
     period_overhead = [p - b["train_seconds"] - b["eval_seconds"] for p, b in zip(periods, rounds[1:])]

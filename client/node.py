@@ -215,7 +215,7 @@ class Node:
         if b.dropout_prob and self._rng.random() < b.dropout_prob:
             log.info("round %d: dropping out (simulated, p=%.2f)", request.round, b.dropout_prob)
             return
-        self._emit_status("training")
+        self._state = "training"  # no status message: the server marked us training when it asked (send_train)
         try:
             if request.partition and self.trainer.repartition(request.partition, request.alpha):
                 log.info("re-partitioned as %s (alpha %s): %d training samples", request.partition, request.alpha,

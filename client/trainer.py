@@ -40,6 +40,15 @@ class LocalTrainer:
         self.data = data
         self._load(data)
         self.model = build_model(model_name, tuple(self.x.shape[1:]))
+        self._loaded: Weights | None = None  # the weights dict the model holds unchanged, if known
+
+    def _load_weights(self, weights: Weights) -> None:
+        """Put `weights` into the model, unless it holds them already: the held-out evaluation of a new
+        global model loads it, and the round that trains from it comes next. Weight dicts are never
+        changed in place here (a new model is a new dict), so holding the same dict means the same values."""
+        if weights is not self._loaded:
+            set_weights(self.model, weights)
+            self._loaded = weights
 
     def repartition(self, scheme: str, alpha: float) -> bool:
         """Switch to another partitioning of the same dataset (the server's run config asked); True if changed."""
@@ -69,7 +78,8 @@ class LocalTrainer:
     def fit(self, global_weights: Weights, epochs: int, lr: float, batch_size: int, max_batches: int = 0,
             seed: int = 0, proximal_mu: float = 0.0) -> tuple[Weights, dict[str, float]]:
         """Train from global_weights; returns (delta = local - global, training metrics)."""
-        set_weights(self.model, global_weights)
+        self._load_weights(global_weights)
+        self._loaded = None  # training changes the model's weights
         started = time.perf_counter()
         stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed, proximal_mu)
         train_seconds = time.perf_counter() - started
@@ -81,7 +91,7 @@ class LocalTrainer:
     def evaluate(self, weights: Weights | None = None) -> tuple[float, float]:
         """(loss, accuracy) on our held-out 20%, of `weights` or of the current local model."""
         if weights is not None:
-            set_weights(self.model, weights)
+            self._load_weights(weights)
         if len(self.y_hold) == 0:
             return 0.0, 0.0
         with torch.no_grad():

@@ -186,15 +186,25 @@ def anomaly_scores(x: np.ndarray, aggregate: np.ndarray) -> dict[str, np.ndarray
     return _scores(np.linalg.norm(x64, axis=1), x64 @ agg64, float(np.linalg.norm(agg64)))
 
 
-def anomaly_scores_of(updates: list[Weights], aggregate: Weights) -> dict[str, np.ndarray]:
-    """anomaly_scores over named arrays, without stacking or copying them: one BLAS dot product per
-    array and update (float32 sums are plenty for z-scores)."""
-    def dot(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.dot(a.reshape(-1), b.reshape(-1)))
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a.reshape(-1), b.reshape(-1)))
 
-    norms = np.sqrt([sum(dot(u[k], u[k]) for k in aggregate) for u in updates])
-    dots = np.array([sum(dot(u[k], aggregate[k]) for k in aggregate) for u in updates])
-    return _scores(norms, dots, float(np.sqrt(sum(dot(v, v) for v in aggregate.values()))))
+
+def update_norm(update: Weights) -> float:
+    """L2 norm of an update over all its arrays (one BLAS dot product per array)."""
+    return float(np.sqrt(sum(_dot(a, a) for a in update.values())))
+
+
+def anomaly_scores_of(updates: list[Weights], aggregate: Weights,
+                      norms: list[float] | None = None) -> dict[str, np.ndarray]:
+    """anomaly_scores over named arrays, without stacking or copying them: one BLAS dot product per
+    array and update (float32 sums are plenty for z-scores). `norms`, if given, are the updates'
+    norms over the aggregate's arrays, computed beforehand (the server does it as each update arrives)."""
+    if norms is None:
+        norms = [np.sqrt(sum(_dot(u[k], u[k]) for k in aggregate)) for u in updates]
+    dots = np.array([sum(_dot(u[k], aggregate[k]) for k in aggregate) for u in updates])
+    return _scores(np.asarray(norms, dtype=np.float64), dots,
+                   float(np.sqrt(sum(_dot(v, v) for v in aggregate.values()))))
 
 
 def _scores(norms: np.ndarray, dots: np.ndarray, agg_norm: float) -> dict[str, np.ndarray]:

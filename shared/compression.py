@@ -15,6 +15,8 @@ The model the server sends stays float32: compression is for the upload, the man
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -53,19 +55,22 @@ def compress(delta: dict[str, np.ndarray], scheme: str, rng: np.random.Generator
 def quantize_int8(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(q, [scale]) with x ~ q * scale: q = floor(x / scale + u), u uniform on 256 steps of [0, 1).
 
-    E[q * scale] = x up to 1/512 of a level (u is drawn as a byte: 4x cheaper than a float32 draw).
+    E[q * scale] = x up to 1/512 of a level. The noise is one random byte per value, cut from 64-bit
+    draws (8 values per draw), and the float passes run in torch: about half the CPU of numpy's
+    per-value byte draws and float passes, which matters when ten clients quantise on two cores.
     """
-    peak = float(np.abs(x).max()) if x.size else 0.0
-    if not np.isfinite(peak):
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    lo, hi = (float(v) for v in torch.aminmax(t)) if t.numel() else (0.0, 0.0)  # one pass, no |x| copy
+    peak = max(-lo, hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         scale = np.float32(np.nan)  # NaN or inf in x: the scale says so and the server refuses it (non_finite)
     else:
         scale = np.float32(peak / LEVELS if peak > 0 else 1.0)
-    with np.errstate(invalid="ignore"):  # NaN/inf in x: a NaN scale travels, the server refuses it
-        v = np.asarray(x, dtype=np.float32) * np.float32(1 / scale)
-        v += rng.integers(0, 256, v.shape, dtype=np.uint8) * np.float32(1 / 256) + np.float32(1 / 512)
-        np.floor(v, out=v)
-        np.clip(v, -LEVELS, LEVELS, out=v)
-        return v.astype(np.int8), np.array([scale], dtype=np.float32)
+    words = rng.integers(0, 2**64, size=-(-t.numel() // 8), dtype=np.uint64)
+    noise = torch.from_numpy(words.view(np.uint8)[:t.numel()]).reshape(t.shape)
+    v = noise.to(torch.float32).mul_(1 / 256).add_(1 / 512).add_(t, alpha=float(np.float32(1) / scale))
+    q = v.floor_().clamp_(-LEVELS, LEVELS).to(torch.int8)  # NaN (a NaN scale) casts to some int8: refused anyway
+    return q.numpy(), np.array([scale], dtype=np.float32)
 
 
 def wire_spec(spec: Spec, scheme: str) -> Spec:

@@ -184,7 +184,8 @@ def _killed_after_committing_round_1(tmp_path, num_rounds: int, finished: str | 
     weights = {k: v + 0.01 for k, v in loop._global.items()}  # what round 1's aggregation produced
     row = {"round": 1, "accuracy": None, "loss": None, "num_clients": 1, "num_selected": 1, "num_refused": 0,
            "seconds": 1.0, "train_seconds": 0.5, "eval_seconds": None, "clients": ["c0"]}
-    version = store.commit_round(run_id, 1, encode_weights(weights), loop.global_version, row, finished)
+    version = store.commit_round(run_id, 1, store.write_checkpoint(encode_weights(weights)), loop.global_version, row,
+                                 finished)
     if finished is None:
         store.set_run_status(run_id, "running")  # as the killed server left it
     store.close()

@@ -237,7 +237,7 @@ def test_async_rounds_close_at_min_updates_and_merge_stragglers(cluster):
 def test_median_after_nnm_learns_with_an_attacker_and_bad_mixing_is_refused(cluster):
     cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "3", "--min-clients", "5",
                          "--strategy", "median", "--mixing", "nnm", "--byzantine-f", "1", "--eval-limit", "500",
-                         "--start")
+                         "--anomaly-z", "1.5", "--start")  # of 5 z-scores none can exceed 2 (= sqrt(5 - 1))
     for i in range(5):  # c4 sends -10 x its delta every round
         cluster.start_client(f"c{i}", "--dataset", "synthetic", "--model", "mlp", "--partition", "iid",
                              "--num-clients", "5", "--client-index", str(i), "--max-samples", "300",
@@ -246,6 +246,10 @@ def test_median_after_nnm_learns_with_an_attacker_and_bad_mixing_is_refused(clus
     rounds = cluster.rounds()
     assert all(r["num_clients"] == 5 for r in rounds)
     assert rounds[-1]["accuracy"] > 0.5, [r["accuracy"] for r in rounds]  # chance is 0.1
+    # the anomaly scores (norms taken as updates arrive) single out the attacker, and only it, every round
+    assert all(list(r["flagged"]) == ["c4"] and r["flagged"]["c4"]["norm_z"] > 1.5 for r in rounds), rounds
+    flagged = {c["id"]: c["flagged"] for c in cluster.api("GET", "/api/clients").json()["clients"]}
+    assert flagged == {"c0": 0, "c1": 0, "c2": 0, "c3": 0, "c4": 3}, flagged
     config = cluster.api("GET", "/api/config").json()
     assert (config["strategy"], config["mixing"]) == ("median", "nnm")
 

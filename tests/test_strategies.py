@@ -102,6 +102,11 @@ def test_anomaly_scores_single_out_the_attacker():
     s32 = agg.anomaly_scores_of(named, {"a": mean[:8].reshape(2, 4), "b": mean[8:]})
     for key in s:
         np.testing.assert_allclose(s32[key], s[key], rtol=1e-4, atol=1e-5)
+    # norms computed as each update arrived (update_norm) give the same scores
+    ahead = agg.anomaly_scores_of(named, {"a": mean[:8].reshape(2, 4), "b": mean[8:]},
+                                  [agg.update_norm(u) for u in named])
+    for key in s:
+        np.testing.assert_allclose(ahead[key], s[key], rtol=1e-4, atol=1e-5)
 
 
 def brute_nnm(x, f):

@@ -31,6 +31,21 @@ def test_fit_returns_a_delta_that_improves_held_out_accuracy():
     assert load_split("synthetic", train=True).labels.shape == (6000,)
 
 
+def test_a_model_loaded_for_evaluation_is_trained_from_as_is_and_reloaded_after_training():
+    t = LocalTrainer(DataConfig(dataset="synthetic", partition="iid", num_clients=2, client_index=0), "mlp")
+    fresh = LocalTrainer(DataConfig(dataset="synthetic", partition="iid", num_clients=2, client_index=0), "mlp")
+    from shared.models import build_model, get_weights
+    start = get_weights(build_model("mlp", (1, 28, 28), seed=5))
+    held_out = t.evaluate(start)                   # loads start
+    first, _ = t.fit(start, 1, 0.05, 32, seed=1)   # trains from it without loading it again
+    second, _ = t.fit(start, 1, 0.05, 32, seed=1)  # training changed the model: start is loaded again
+    expected, _ = fresh.fit(start, 1, 0.05, 32, seed=1)
+    for k in start:
+        np.testing.assert_array_equal(first[k], expected[k])
+        np.testing.assert_array_equal(second[k], expected[k])
+    assert t.evaluate(start) == held_out           # and after training, evaluating start reloads it
+
+
 def test_train_makes_torch_optim_sgds_update_without_importing_dynamo():
     """train()'s hand-written step equals torch.optim.SGD's, bit for bit (with FedProx's term too),
     and training does not import torch._dynamo (what torch.optim's first use costs a process)."""
