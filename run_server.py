@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-staleness", type=int, default=D.max_staleness, help="rounds a late update may lag")
     p.add_argument("--local-epochs", type=int, default=D.local_epochs)
     p.add_argument("--lr", type=float, default=D.lr)
+    p.add_argument("--momentum", type=float, default=D.momentum, help="client SGD momentum (0 = plain SGD)")
     p.add_argument("--batch-size", type=int, default=D.batch_size)
     p.add_argument("--max-batches", type=int, default=D.max_batches, help="cap local batches per round (0 = none)")
     p.add_argument("--partition", default=D.partition, help="'' = clients' own; iid|dirichlet|shards for all")
@@ -101,7 +102,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "min_fit_clients": args.min_clients, "max_fit_clients": args.max_clients,
         "fraction_fit": args.fraction_fit, "quorum": args.quorum, "round_timeout": args.round_timeout,
         "min_updates": args.min_updates, "stragglers": args.stragglers, "max_staleness": args.max_staleness,
-        "local_epochs": args.local_epochs, "lr": args.lr, "batch_size": args.batch_size,
+        "local_epochs": args.local_epochs, "lr": args.lr, "momentum": args.momentum, "batch_size": args.batch_size,
         "max_batches": args.max_batches, "partition": args.partition, "alpha": args.alpha,
         "strategy": args.strategy, "proximal_mu": args.proximal_mu, "server_lr": args.server_lr, "beta1": args.beta1,
         "beta2": args.beta2, "tau": args.tau, "byzantine_f": args.byzantine_f, "multikrum_m": args.multikrum_m,

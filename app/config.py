@@ -32,6 +32,7 @@ class RunConfig:
     max_staleness: int = 2          # rounds after which a late update is simply stale
     local_epochs: int = 1           # E: local passes over each client's training split
     lr: float = 0.05                # client SGD learning rate
+    momentum: float = 0.0           # client SGD momentum, buffers started afresh each round (0 = plain SGD)
     batch_size: int = 32            # B: client minibatch size
     max_batches: int = 0            # cap on local batches per round; 0 = no cap (E epochs)
     partition: str = ""             # '' = each client keeps its own --partition; else every client
@@ -94,6 +95,7 @@ _CHECKS: dict[str, tuple[type, Any, str]] = {
     "max_staleness": (int, lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
     "local_epochs": (int, lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
     "lr": (float, lambda v: 0 < v <= 10, "a number in (0, 10]"),
+    "momentum": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "batch_size": (int, lambda v: 1 <= v <= 65_536, "an integer from 1 to 65536"),
     "max_batches": (int, lambda v: 0 <= v <= 10_000_000, "an integer >= 0 (0 = no cap)"),
     "partition": (str, lambda v: v in ("",) + PARTITION_NAMES,

@@ -367,7 +367,7 @@ class RoundLoop:
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout,
                                partition=cfg.partition, alpha=cfg.alpha,
                                proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-                               compression=cfg.compression)
+                               compression=cfg.compression, momentum=cfg.momentum)
         with self._cond:
             self.round, self.state = round_no, "training"
             self._open = OpenRound(self.run_id, round_no, self.global_version, frozenset(selected),

@@ -235,7 +235,8 @@ class Node:
                 done = self._evaluated
                 evaluated = done[1] if done and done[0] == model_sha256 else {}
                 delta, metrics = self.trainer.fit(global_weights, epochs, c.lr or request.lr, batch_size,
-                                                  max_batches, seed=request.round, proximal_mu=request.proximal_mu)
+                                                  max_batches, seed=request.round, proximal_mu=request.proximal_mu,
+                                                  momentum=request.momentum)
             delta = poison(delta, b.attack, b.attack_scale, self._rng)
             if b.delay:
                 time.sleep(b.delay)

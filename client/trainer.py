@@ -76,12 +76,12 @@ class LocalTrainer:
         return len(self.y)
 
     def fit(self, global_weights: Weights, epochs: int, lr: float, batch_size: int, max_batches: int = 0,
-            seed: int = 0, proximal_mu: float = 0.0) -> tuple[Weights, dict[str, float]]:
+            seed: int = 0, proximal_mu: float = 0.0, momentum: float = 0.0) -> tuple[Weights, dict[str, float]]:
         """Train from global_weights; returns (delta = local - global, training metrics)."""
         self._load_weights(global_weights)
         self._loaded = None  # training changes the model's weights
         started = time.perf_counter()
-        stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed, proximal_mu)
+        stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed, proximal_mu, momentum)
         train_seconds = time.perf_counter() - started
         local = {k: v.detach().numpy() for k, v in self.model.state_dict().items()}  # views, no copy
         delta = subtract(local, global_weights)

@@ -60,6 +60,7 @@ class TrainRequest:
     alpha: float = 0.5        # Dirichlet concentration for partition 'dirichlet'
     proximal_mu: float = 0.0  # FedProx: > 0 adds mu/2 * ||w - w_global||^2 to the local loss
     compression: str = "none" # how to encode the update: none | fp16 | int8 (shared/compression.py)
+    momentum: float = 0.0     # local SGD momentum (0 = plain SGD), buffers started afresh each round
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

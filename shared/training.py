@@ -6,17 +6,19 @@ from torch import nn
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
-          max_batches: int = 0, seed: int = 0, proximal_mu: float = 0.0) -> dict[str, float]:
+          max_batches: int = 0, seed: int = 0, proximal_mu: float = 0.0, momentum: float = 0.0) -> dict[str, float]:
     """SGD on (x, y) for `epochs` passes (or `max_batches` batches if > 0); returns loss/accuracy/batches.
 
     proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 (Li et al. 2020), w_start = the weights
-    training started from (the global model).
+    training started from (the global model). momentum > 0 is heavy-ball momentum as torch.optim.SGD
+    makes it (buffer = grad at the first step, then momentum * buffer + grad), started afresh each call.
     """
     model.train()
     # Plain SGD by hand, the update torch.optim.SGD(lr) makes on the CPU (param.add_(grad, alpha=-lr)):
     # the first torch.optim optimizer a process builds imports torch._dynamo, ~1.9 s of CPU per client.
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    buffers: list[torch.Tensor | None] = [None] * len(params)  # momentum buffers, one per parameter
     generator = torch.Generator().manual_seed(seed)
     loss_sum, correct, seen, batches = 0.0, 0, 0, 0
     for _ in range(epochs):
@@ -31,9 +33,14 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
                 loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             loss.backward()
             with torch.no_grad():
-                for p in params:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-lr)
+                for i, p in enumerate(params):
+                    if p.grad is None:
+                        continue
+                    step = p.grad
+                    if momentum:
+                        buf = buffers[i]
+                        step = buffers[i] = p.grad.clone() if buf is None else buf.mul_(momentum).add_(p.grad)
+                    p.add_(step, alpha=-lr)
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(idx)

@@ -69,3 +69,25 @@ def test_a_request_for_an_unknown_compression_is_skipped_before_any_download(tmp
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_client_trains_with_the_momentum_the_server_asks_for(tmp_path):
+    from client.trainer import DataConfig, LocalTrainer
+    from shared.models import build_model, get_weights
+
+    class Recording(LocalTrainer):
+        def fit(self, *args, **kwargs):
+            self.asked = kwargs.get("momentum")
+            return super().fit(*args, **kwargs)
+
+    trainer = Recording(DataConfig(dataset="synthetic", partition="iid", num_clients=10, client_index=0), "mlp")
+    models = {1: encode_weights(get_weights(build_model("mlp", (1, 28, 28), seed=0)))}
+    server = serve_models(models)  # answers GET only: the update's POST is refused, which is fine here
+    try:
+        node = Node(NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path)),
+                    trainer=trainer)
+        node.handle(TrainRequest("run", 1, 1, 1, 0.05, 32, max_batches=2, momentum=0.9))
+        assert trainer.asked == 0.9 and node.downloads == 1
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,17 +5,17 @@ from shared.errors import ConfigError
 
 
 def test_valid_changes_are_coerced():
-    cfg = update_run_config(RunConfig(), {"num_rounds": "7", "lr": 0.1, "dataset": "synthetic"})
-    assert (cfg.num_rounds, cfg.lr, cfg.dataset) == (7, 0.1, "synthetic")
+    cfg = update_run_config(RunConfig(), {"num_rounds": "7", "lr": 0.1, "dataset": "synthetic", "momentum": "0.9"})
+    assert (cfg.num_rounds, cfg.lr, cfg.dataset, cfg.momentum) == (7, 0.1, "synthetic", 0.9)
 
 
 def test_every_bad_field_is_reported_with_what_it_must_be():
     with pytest.raises(ConfigError) as info:
         update_run_config(RunConfig(), {"num_rounds": 0, "lr": "fast", "dataset": "imagenet", "bogus": 1,
-                                        "batch_size": 2.5})
+                                        "batch_size": 2.5, "momentum": 1.0})
     f = info.value.fields
-    assert set(f) == {"num_rounds", "lr", "dataset", "bogus", "batch_size"}
-    assert "1 to 100000" in f["num_rounds"] and "fashion-mnist" in f["dataset"]
+    assert set(f) == {"num_rounds", "lr", "dataset", "bogus", "batch_size", "momentum"}
+    assert "1 to 100000" in f["num_rounds"] and "fashion-mnist" in f["dataset"] and "[0, 1)" in f["momentum"]
 
 
 def test_cross_field_check():

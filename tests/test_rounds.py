@@ -27,8 +27,10 @@ class ClientsBehindAFakeTransport:
         self.store, self.loop = store, None
         self.keys = {cid: crypto.load_or_create_key(key_dir, cid) for cid in CLIENTS}
         self.announced: list[tuple[int, bool]] = []  # (version, committed when announced)
+        self.requests: list = []
 
     def send_train(self, client_id, request) -> bool:
+        self.requests.append(request)
         weights = decode_weights(self.store.read_model(request.model_version))
         delta = {k: np.full_like(v, 0.01 * (1 + CLIENTS.index(client_id))) for k, v in weights.items()}
         header, payload = signed_update(self.keys[client_id], request, client_id, 100, delta)
@@ -55,7 +57,8 @@ def loop(tmp_path):
         pem = crypto.public_pem(key)
         store.pin_client(cid, pem, crypto.fingerprint(pem), 100)
         registry.connect(Session(client_id=cid, sid=f"sid-{cid}", fingerprint="", num_examples=100))
-    config = RunConfig(dataset="synthetic", model="mlp", num_rounds=2, min_fit_clients=3, round_timeout=30)
+    config = RunConfig(dataset="synthetic", model="mlp", num_rounds=2, min_fit_clients=3, round_timeout=30,
+                       momentum=0.5)
     evaluators: list = [lambda cfg: Evaluator(cfg.dataset, cfg.model)]
     transport.loop = RoundLoop(store, registry, transport, lambda cfg: evaluators[0](cfg), config, 1 << 24)
     yield transport.loop, store, transport, evaluators
@@ -77,6 +80,7 @@ def test_each_round_is_committed_before_it_is_announced_and_evaluated_after(loop
     assert [r["round"] for r in rounds] == [1, 2] and all(r["accuracy"] is not None for r in rounds)
     assert transport.announced == [(2, True), (3, True)]  # versions 2 and 3 (1 is the initial model)
     assert loop.global_version == 3 and store.latest_run()["status"] == "finished"
+    assert len(transport.requests) == 6 and all(r.momentum == 0.5 for r in transport.requests)  # as configured
     for r in rounds:  # written and committed on the checkpoint thread while the loop evaluated
         t = r["timings"]
         assert t["last_update_arrived"] <= t["closed"] < r["seconds"] and t["committed"] < r["seconds"], t

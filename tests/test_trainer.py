@@ -47,16 +47,16 @@ def test_a_model_loaded_for_evaluation_is_trained_from_as_is_and_reloaded_after_
 
 
 def test_train_makes_torch_optim_sgds_update_without_importing_dynamo():
-    """train()'s hand-written step equals torch.optim.SGD's, bit for bit (with FedProx's term too),
-    and training does not import torch._dynamo (what torch.optim's first use costs a process)."""
+    """train()'s hand-written step equals torch.optim.SGD's, bit for bit (with FedProx's term and with
+    momentum too), and training does not import torch._dynamo (what torch.optim's first use costs a process)."""
     from shared.models import build_model
     from shared.training import train
     x, y = torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,))
-    for mu in (0.0, 0.1):
+    for mu, momentum in ((0.0, 0.0), (0.1, 0.0), (0.0, 0.9), (0.1, 0.5)):
         ours, reference = build_model("cnn", (1, 28, 28), seed=3), build_model("cnn", (1, 28, 28), seed=3)
-        train(ours, x, y, epochs=1, lr=0.05, batch_size=32, seed=7, proximal_mu=mu)
+        train(ours, x, y, epochs=1, lr=0.05, batch_size=32, seed=7, proximal_mu=mu, momentum=momentum)
         reference.train()
-        optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+        optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=momentum)
         anchor = [p.detach().clone() for p in reference.parameters()]
         order = torch.randperm(100, generator=torch.Generator().manual_seed(7))
         for start in range(0, 100, 32):

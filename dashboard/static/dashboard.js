@@ -192,7 +192,7 @@ const CONFIG_FIELDS = [
   ["partition", "Partition", ["", "iid", "dirichlet", "shards"]], ["alpha", "Dirichlet alpha"],
   ["num_rounds", "Rounds"], ["min_fit_clients", "Min clients"], ["max_fit_clients", "Max clients per round (0 = all)"],
   ["fraction_fit", "Fraction of clients per round"], ["local_epochs", "Local epochs"], ["lr", "Learning rate"],
-  ["batch_size", "Batch size"], ["max_batches", "Max local batches (0 = all)"], ["quorum", "Quorum"],
+  ["batch_size", "Batch size"], ["momentum", "Client momentum"], ["max_batches", "Max local batches (0 = all)"], ["quorum", "Quorum"],
   ["round_timeout", "Round timeout (s)"], ["min_updates", "Close round at N updates (0 = all)"],
   ["stragglers", "Late updates", ["drop", "merge"]], ["target_accuracy", "Target accuracy (0 = off)"], ["seed", "Seed"],
   ["strategy", "Strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "krum", "multikrum",
