@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
+import gc
 import hashlib
+import logging
+import multiprocessing
 import os
 import re
 import socket
@@ -52,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enrollment-token", default=os.environ.get("MESHFED_ENROLLMENT_TOKEN"),
                    help="the server's enrollment token (default $MESHFED_ENROLLMENT_TOKEN)")
     p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads (1 when several share a CPU)")
+    p.add_argument("--local-clients", type=int, default=1, metavar="N",
+                   help="run N clients on this host, each its own process forked after one import of torch: "
+                        "ids <client-id>-0..N-1, partitions client-index..client-index+N-1, log files "
+                        "<log-file stem>-k, mesh ports mesh-port+k")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
@@ -70,7 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print this client's key fingerprint as a QR code (also <key-dir>/<id>-qr/) and exit")
     p.add_argument("--confirm-peer", default=None, metavar="FINGERPRINT",
                    help="trust a mesh peer that is not on the server's roster, after comparing its QR code; exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.local_clients < 1:
+        p.error("--local-clients must be at least 1")
+    args.log_tag = ""  # set for each of --local-clients N, whose logs share one stderr
+    return args
 
 
 def mesh_config(args: argparse.Namespace) -> MeshConfig | None:
@@ -101,11 +114,19 @@ def operator_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log_level, args.log_file, args.log_format)
+    operator = args.show_fingerprint or args.confirm_peer
+    if not (operator or args.enrollment_token):
+        sys.exit("error: pass --enrollment-token (printed by run_server.py) or set MESHFED_ENROLLMENT_TOKEN")
+    if args.local_clients > 1 and not operator:
+        return run_local_clients(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """One client, in this process, until SIGTERM/SIGINT."""
+    setup_logging(args.log_level, args.log_file, args.log_format, tag=args.log_tag)
     if args.show_fingerprint or args.confirm_peer:
         return operator_command(args)
-    if not args.enrollment_token:
-        sys.exit("error: pass --enrollment-token (printed by run_server.py) or set MESHFED_ENROLLMENT_TOKEN")
     torch.set_num_threads(args.torch_threads)
     if args.client_index < 0:  # replicas of one compose service share their flags: spread them by id
         args.client_index = int(hashlib.sha256(args.client_id.encode()).hexdigest(), 16) % args.num_clients
@@ -125,6 +146,68 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     return node.run(stop)
+
+
+def local_client_args(args: argparse.Namespace, k: int) -> argparse.Namespace:
+    """The flags of the k-th of --local-clients N: its own id, partition, log file and mesh port."""
+    child = copy.copy(args)
+    child.local_clients, child.log_tag = 1, f"{args.client_id}-{k}"
+    child.client_id = f"{args.client_id}-{k}"
+    if args.client_index >= 0:  # -1 stays -1: each derives its partition from its own id
+        child.client_index = args.client_index + k
+        if child.client_index >= args.num_clients:
+            sys.exit(f"error: --client-index {args.client_index} + --local-clients {args.local_clients} "
+                     f"exceeds --num-clients {args.num_clients}")
+    if args.log_file:
+        log_file = Path(args.log_file)
+        child.log_file = str(log_file.with_name(f"{log_file.stem}-{k}{log_file.suffix}"))
+    if args.mesh_port:
+        child.mesh_port = args.mesh_port + k
+    return child
+
+
+def _local_client(args: argparse.Namespace, parent: int) -> None:
+    """A forked client: dies with its launcher (Linux), then runs like `run_client.py` would."""
+    try:  # PR_SET_PDEATHSIG: SIGTERM us when the launcher dies, even by SIGKILL
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: a launcher killed by SIGKILL leaves its clients running
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        sys.exit(0)
+    sys.exit(run(args))
+
+
+def run_local_clients(args: argparse.Namespace) -> int:
+    """--local-clients N: fork N client processes from this one, which has imported torch and meshfed
+    once, so they start in a fraction of N separate starts' CPU time and share the imported pages.
+    Each is a whole client (own id, key, partition, connection); SIGTERM/SIGINT stop them all.
+    Returns the worst exit code."""
+    setup_logging(args.log_level, args.log_file, args.log_format)  # the clients log to <stem>-k
+    log = logging.getLogger("meshfed.launcher")
+    children = [local_client_args(args, k) for k in range(args.local_clients)]  # validates before forking
+    fork = multiprocessing.get_context("fork")  # nothing here has started a torch thread pool yet
+    gc.freeze()  # the imported objects: the clients' collections skip them, so their pages stay shared
+    procs = [fork.Process(target=_local_client, args=(child, os.getpid()), name=child.client_id)
+             for child in children]
+    for proc in procs:
+        proc.start()
+    log.info("started %s", ", ".join(f"{p.name} (pid {p.pid})" for p in procs))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    running = list(procs)
+    while running and not stop.wait(0.2):
+        for proc in [p for p in running if not p.is_alive()]:
+            running.remove(proc)
+            log.info("%s (pid %d) exited with code %s", proc.name, proc.pid, proc.exitcode)
+    for proc in running:
+        proc.terminate()
+    for proc in running:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return max(abs(p.exitcode or 0) for p in procs)
 
 
 if __name__ == "__main__":

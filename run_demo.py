@@ -68,6 +68,11 @@ class Cluster:
             *(args if "--key-dir" in args else ("--key-dir", "keys", *args))], f"{client_id}.log")
         return self.clients[client_id]
 
+    def start_clients(self, prefix: str, count: int, *args: str) -> subprocess.Popen:
+        """`count` clients <prefix>-0..count-1, forked by one launcher (run_client.py --local-clients),
+        which stops them when it is stopped; their logs interleave in <prefix>.log."""
+        return self.start_client(prefix, "--local-clients", str(count), *args)
+
     def api(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.admin_token}"} if admin else {}
         return requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
@@ -169,7 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--malicious", type=int, default=0, help="make the last K clients attackers")
     p.add_argument("--attack", default="sign_flip", help="their attack: sign_flip scale gaussian label_flip")
     p.add_argument("--keep-open", action="store_true", help="keep the server up after the last round")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.malicious <= args.num_clients:
+        p.error(f"--malicious must be between 0 and --num-clients ({args.num_clients})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,12 +193,16 @@ def main(argv: list[str] | None = None) -> int:
                              "--eval-limit", str(args.eval_limit), "--round-timeout", str(args.round_timeout),
                              "--strategy", args.strategy, "--byzantine-f", str(args.byzantine_f),
                              *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
-        for i in range(args.num_clients):
-            cluster.start_client(f"client-{i}", "--dataset", args.dataset, "--partition", args.partition,
-                                 "--alpha", str(args.alpha), "--num-clients", str(args.num_clients),
-                                 "--client-index", str(i), "--max-samples", str(args.max_samples),
-                                 *(["--attack", args.attack] if i >= args.num_clients - args.malicious else []),
-                                 *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
+        # One launcher forks the clients after a single import of torch (run_client.py --local-clients):
+        # client-0..; the last --malicious ones are a second launcher's, attacker-0..
+        honest = args.num_clients - args.malicious
+        for prefix, first, count, attack in (("client", 0, honest, []),
+                                             ("attacker", honest, args.malicious, ["--attack", args.attack])):
+            if count:
+                cluster.start_clients(prefix, count, "--dataset", args.dataset, "--partition", args.partition,
+                                      "--alpha", str(args.alpha), "--num-clients", str(args.num_clients),
+                                      "--client-index", str(first), "--max-samples", str(args.max_samples), *attack,
+                                      *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
         cluster.wait_ready()
         print(f"dashboard: {cluster.url}/   (admin token {cluster.admin_token}; logs in {workdir})", flush=True)
         cluster.api("POST", "/api/start", admin=True).raise_for_status()

@@ -12,8 +12,10 @@ along the round's timeline, the three parts adding up to it:
 The checkpoint's hash, write and fsync, the round's SQLite commit and the new_model announcement run
 on the server's checkpoint thread while it evaluates (breakdown "checkpoint": closing -> committed);
 clients fetch and evaluate the new model on new_model meanwhile, so none of it is on the critical
-path after round 1. Also start-up: from launching the processes, and from
-POST /api/start with clients connected, to the end of round 1. Then, in the same invocation, the floor
+path after round 1. The clients are forked by one launcher (run_client.py --local-clients 10). Also
+start-up: from launching the processes, and from POST /api/start with clients connected, to the end of
+round 1; and first, side by side, start-up and the clients' memory (PSS) with the ten clients forked by
+one launcher and started as ten separate processes. Then, in the same invocation, the floor
 (bench/transport_floor.py): the same per-update work with no framework around it, and the ratio.
 --compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side.
 
@@ -47,6 +49,37 @@ def cpu_seconds(procs: list) -> float:
     return sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in procs)
 
 
+def client_processes(cluster: Cluster) -> list[psutil.Process]:
+    """Every client process: what the cluster started (launchers) and what those forked."""
+    started = [psutil.Process(p.pid) for p in cluster.clients.values()]
+    return [proc for p in started for proc in (p, *p.children())]
+
+
+def start_clients(cluster: Cluster, args: argparse.Namespace, forked: bool) -> None:
+    flags = ["--dataset", "fashion-mnist", "--partition", "iid", "--max-samples", "320",
+             "--num-clients", str(args.num_clients)]
+    if forked:
+        cluster.start_clients("c", args.num_clients, *flags, "--client-index", "0")
+    else:
+        for i in range(args.num_clients):
+            cluster.start_client(f"c-{i}", *flags, "--client-index", str(i))
+
+
+def measure_startup(args: argparse.Namespace, forked: bool) -> dict[str, float]:
+    """Launch to the end of round 1, and the clients' memory then (PSS: shared pages counted once)."""
+    with Cluster(tempfile.mkdtemp(prefix="meshfed-startup-")) as cluster:
+        launched = time.monotonic()
+        cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", "1", "--min-clients", str(args.num_clients),
+                             "--max-batches", "1", "--eval-limit", str(args.eval_limit), "--start")
+        start_clients(cluster, args, forked)
+        cluster.wait_until(lambda: cluster.rounds(), 300, "round 1", every=0.05)
+        startup = time.monotonic() - launched
+        procs = client_processes(cluster)
+        pss = sum(p.memory_full_info().pss for p in procs)
+        return {"startup_from_launch_s": round(startup, 2), "client_processes": len(procs),
+                "clients_pss_mb": round(pss / 2**20)}
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 4), "p90": round(pct(values, 0.9), 4),
             "max": round(max(values), 4)}
@@ -59,15 +92,13 @@ def measure(args: argparse.Namespace, compression: str) -> dict:
         cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", str(args.num_rounds),
                              "--min-clients", str(args.num_clients), "--max-batches", "1", "--quorum", "1",
                              "--eval-limit", str(args.eval_limit), "--compression", compression, "--start")
-        for i in range(args.num_clients):
-            cluster.start_client(f"c{i}", "--dataset", "fashion-mnist", "--partition", "iid", "--max-samples", "320",
-                                 "--num-clients", str(args.num_clients), "--client-index", str(i))
+        start_clients(cluster, args, forked=args.launch == "forked")
         cluster.wait_until(lambda: cluster.rounds(), 300, "round 1", every=0.05)
         cold_start = time.monotonic() - launched
-        procs = [cluster.server, *cluster.clients.values()]
+        procs = [cluster.server, *client_processes(cluster)]
         cpu_before, first = cpu_seconds(procs), len(cluster.rounds())
         cluster.wait_until(lambda: cluster.status()["state"] == "finished", 600, "all rounds", every=0.2)
-        # CPU of all 11 processes per round, rounds after the first (imports and start-up excluded)
+        # CPU of the server and every client process per round, rounds after the first (imports and start-up excluded)
         cpu_per_round = round((cpu_seconds(procs) - cpu_before) / max(1, args.num_rounds - first), 3)
         rounds = cluster.rounds()
 
@@ -112,14 +143,23 @@ def main() -> None:
     p.add_argument("--eval-limit", type=int, default=1000, help="server test samples evaluated per round")
     p.add_argument("--compression", default="none",
                    help=f"comma-separated, run one after the other and compared: {','.join(COMPRESSIONS)}")
+    p.add_argument("--launch", default="forked", choices=["forked", "separate"],
+                   help="clients of the per-encoding runs: forked by one launcher, or ten separate processes")
+    p.add_argument("--skip-startup", action="store_true", help="leave out the forked/separate start-up comparison")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     schemes = args.compression.split(",")
     for scheme in schemes:
         check_scheme(scheme)
+    startup = {}
+    if not args.skip_startup:
+        startup = {"forked": measure_startup(args, forked=True), "separate": measure_startup(args, forked=False)}
+        for key in ("startup_from_launch_s", "clients_pss_mb"):
+            startup[f"{key}_forked_over_separate"] = round(startup["forked"][key] / startup["separate"][key], 2)
     runs = {scheme: measure(args, scheme) for scheme in schemes}
     base = runs[schemes[0]]["overhead_s"]["median"]
-    result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "runs": runs,
+    result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "launch": args.launch,
+              "startup": startup, "runs": runs,
               "overhead_median_s": {s: r["overhead_s"]["median"] for s, r in runs.items()},
               f"overhead_vs_{schemes[0]}": {s: round(r["overhead_s"]["median"] / base, 2) for s, r in runs.items()},
               "targets": {"overhead_median_s": 0.1, "startup_s": 3.0},

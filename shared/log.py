@@ -7,23 +7,30 @@ import sys
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+    """One JSON object per line: time, level, logger, message (and the tag and exception, if any)."""
+
+    def __init__(self, tag: str = ""):
+        super().__init__()
+        self.tag = tag
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
                  "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if self.tag:
+            entry["tag"] = self.tag
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-def setup_logging(level: str = "INFO", log_file: str | None = None, fmt: str = "text") -> None:
-    """Log to stderr and, if given, to log_file; fmt 'text' (time level logger: message) or 'json'."""
+def setup_logging(level: str = "INFO", log_file: str | None = None, fmt: str = "text", tag: str = "") -> None:
+    """Log to stderr and, if given, to log_file; fmt 'text' (time level [tag] logger: message) or 'json'
+    (with "tag"). The tag tells apart processes that share one stderr (run_client.py --local-clients)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
-    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    formatter = JsonFormatter(tag) if fmt == "json" else logging.Formatter(
+        f"%(asctime)s %(levelname)-7s {f'[{tag}] ' if tag else ''}%(name)s: %(message)s")
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True)

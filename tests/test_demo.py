@@ -54,9 +54,9 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
     proc = demo(tmp_path, "--num-rounds", "50")
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(processes_in(tmp_path / "work")) < 3:
+        while time.monotonic() < deadline and len(processes_in(tmp_path / "work")) < 4:
             time.sleep(0.5)
-        assert len(processes_in(tmp_path / "work")) == 3  # server + 2 clients running
+        assert len(processes_in(tmp_path / "work")) == 4  # server, the clients' launcher, 2 forked clients
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     finally:

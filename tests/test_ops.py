@@ -46,6 +46,14 @@ def test_json_logs_are_one_object_per_line(tmp_path, capsys):
     lines = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert lines[0]["message"] == "round 3 done" and lines[0]["level"] == "INFO"
     assert lines[1]["logger"] == "meshfed.test" and "ValueError: boom" in lines[1]["exception"]
+    assert "tag" not in lines[0]
+    # a tag tells apart processes sharing one stderr (run_client.py --local-clients), in both formats
+    setup_logging("INFO", str(log_file), "json", tag="c-1")
+    logging.getLogger("meshfed.test").info("tagged")
+    assert json.loads(log_file.read_text().splitlines()[-1])["tag"] == "c-1"
+    setup_logging("INFO", str(tmp_path / "log.txt"), tag="c-1")
+    logging.getLogger("meshfed.test").info("tagged")
+    assert " [c-1] meshfed.test: tagged" in (tmp_path / "log.txt").read_text()
     setup_logging("WARNING")
 
 
