@@ -70,7 +70,9 @@ class Cluster:
 
     def start_clients(self, prefix: str, count: int, *args: str) -> subprocess.Popen:
         """`count` clients <prefix>-0..count-1, forked by one launcher (run_client.py --local-clients),
-        which stops them when it is stopped; their logs interleave in <prefix>.log."""
+        which stops them when it is stopped; their logs interleave in <prefix>.log. One is started alone."""
+        if count == 1:
+            return self.start_client(f"{prefix}-0", *args)
         return self.start_client(prefix, "--local-clients", str(count), *args)
 
     def api(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> requests.Response:
