@@ -56,6 +56,7 @@ class MeshNode:
                  train_lock: threading.Lock, lr: float, batch_size: int, trust_file: str | Path):
         self.cfg, self.client_id, self.key, self.trainer = cfg, client_id, key, trainer
         self.train_lock, self.lr, self.batch_size = train_lock, lr, batch_size
+        self.momentum = 0.0  # lr, batch size and momentum follow the server's last round (client/node.py)
         self.fingerprint = crypto.fingerprint(crypto.public_pem(key))
         self.store = OfflineStore(directory)
         self.trust = Trust(trust_file)
@@ -75,6 +76,7 @@ class MeshNode:
         self.server = ThreadingHTTPServer((cfg.host, cfg.port), _handler(self))
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
+        self._serving: threading.Thread | None = None
         self.discovery = Discovery(client_id, self.fingerprint, cfg.host, self.port,
                                    interfaces=list(cfg.interfaces) or None)
 
@@ -85,7 +87,8 @@ class MeshNode:
               stop: threading.Event) -> None:
         """`report` is called every few seconds while online: the client tells the server what its
         mesh sees (peers and their modes), which the dashboard shows live."""
-        threading.Thread(target=self.server.serve_forever, name="mesh-http", daemon=True).start()
+        self._serving = threading.Thread(target=self.server.serve_forever, name="mesh-http", daemon=True)
+        self._serving.start()
         self.discovery.start()
         threading.Thread(target=self._supervise, args=(connected, latest_model, upload, fetch_roster, report, stop),
                          name="mesh", daemon=True).start()
@@ -93,7 +96,9 @@ class MeshNode:
 
     def close(self) -> None:
         self.discovery.close()
-        self.server.shutdown()
+        if self._serving is not None:  # shutdown() waits for serve_forever, forever if it never ran
+            self.server.shutdown()
+        self.server.server_close()
 
     def _supervise(self, connected: Callable[[], bool], latest_model: Callable[[], tuple[int, dict] | None],
                    upload: Callable[[bytes], dict], fetch_roster: Callable[[], dict], report: Callable[[], None],
@@ -161,7 +166,7 @@ class MeshNode:
         assert c is not None
         with self.train_lock:
             delta, _ = self.trainer.fit(c.current, 1, self.lr, self.batch_size, self.cfg.local_batches,
-                                        seed=c.local_steps)
+                                        seed=c.local_steps, momentum=self.momentum)
         trained = apply_delta(c.current, delta)
         received, names = [], []
         for peer in choose_peers(self.peers(), self.cfg.fanout, self._rng):

@@ -91,3 +91,33 @@ def test_the_client_trains_with_the_momentum_the_server_asks_for(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_mesh_steps_train_with_the_momentum_of_the_last_round(tmp_path):
+    """Offline, a client's gossip steps train like the server's last round asked: same lr, batch size
+    and momentum (no peers here: the step trains and finds nobody to exchange with)."""
+    from client.trainer import DataConfig, LocalTrainer
+    from mesh.node import MeshConfig
+    from shared.models import build_model, get_weights
+
+    class Recording(LocalTrainer):
+        def fit(self, *args, **kwargs):
+            self.asked = (args[2], args[3], kwargs.get("momentum"))
+            return super().fit(*args, **kwargs)
+
+    trainer = Recording(DataConfig(dataset="synthetic", partition="iid", num_clients=10, client_index=0), "mlp")
+    weights = get_weights(build_model("mlp", (1, 28, 28), seed=0))
+    server = serve_models({1: encode_weights(weights)})
+    mesh = MeshConfig(host="127.0.0.1", port=0, local_batches=2, interfaces=("127.0.0.1",))
+    node = Node(NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path),
+                           mesh=mesh), trainer=trainer)
+    try:
+        node.handle(TrainRequest("run", 1, 1, 1, 0.02, 16, max_batches=2, momentum=0.5))
+        node.mesh._enter((1, weights), offline_for=6.0)
+        node.mesh._gossip_step()
+        assert trainer.asked == (0.02, 16, 0.5)
+        assert node.mesh.contribution.local_steps == 1
+    finally:
+        node.mesh.close()
+        server.shutdown()
+        server.server_close()
