@@ -98,7 +98,7 @@ def measure(args: argparse.Namespace, compression: str) -> dict:
         procs = [cluster.server, *client_processes(cluster)]
         cpu_before, first = cpu_seconds(procs), len(cluster.rounds())
         cluster.wait_until(lambda: cluster.status()["state"] == "finished", 600, "all rounds", every=0.2)
-        # CPU of the server and every client process per round, rounds after the first (imports and start-up excluded)
+        # CPU of the server and every client process per round after the first (imports, start-up excluded)
         cpu_per_round = round((cpu_seconds(procs) - cpu_before) / max(1, args.num_rounds - first), 3)
         rounds = cluster.rounds()
 

@@ -228,7 +228,8 @@ class Node:
             max_batches = partial_batches(self.trainer.num_examples, batch_size, epochs, b.slowdown,
                                           request.max_batches)
             if self.mesh is not None:  # mesh steps train like the server's last round asked
-                self.mesh.lr, self.mesh.batch_size, self.mesh.momentum = c.lr or request.lr, batch_size, request.momentum
+                self.mesh.lr, self.mesh.batch_size = c.lr or request.lr, batch_size
+                self.mesh.momentum = request.momentum
             with self.train_lock:
                 # The held-out evaluation of this model was done on new_model, if it was announced (not
                 # for a run's initial model); it is not worth delaying the round for.

@@ -30,7 +30,7 @@ def setup_logging(level: str = "INFO", log_file: str | None = None, fmt: str = "
     if log_file:
         handlers.append(logging.FileHandler(log_file))
     formatter = JsonFormatter(tag) if fmt == "json" else logging.Formatter(
-        f"%(asctime)s %(levelname)-7s {f'[{tag}] ' if tag else ''}%(name)s: %(message)s")
+        "%(asctime)s %(levelname)-7s " + (f"[{tag}] ".replace("%", "%%") if tag else "") + "%(name)s: %(message)s")
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True)
