@@ -151,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
 def local_client_args(args: argparse.Namespace, k: int) -> argparse.Namespace:
     """The flags of the k-th of --local-clients N: its own id, partition, log file and mesh port."""
     child = copy.copy(args)
-    child.local_clients, child.log_tag = 1, f"{args.client_id}-{k}"
-    child.client_id = f"{args.client_id}-{k}"
+    child.local_clients = 1
+    child.client_id = child.log_tag = f"{args.client_id}-{k}"
     if args.client_index >= 0:  # -1 stays -1: each derives its partition from its own id
         child.client_index = args.client_index + k
         if child.client_index >= args.num_clients:
