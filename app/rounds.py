@@ -9,8 +9,8 @@ import random
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from app.config import RunConfig, update_run_config
 from app.evaluator import Evaluator
 from app.registry import Registry
-from app.store import Checkpoint, Store
+from app.store import Store
 from app.verify import OpenRound, check_arrays, check_round, check_signature
 from app import strategy
 from shared.aggregate import anomaly_scores_of, update_norm
@@ -40,6 +40,26 @@ class Transport(Protocol):
 
 class Conflict(MeshfedError):
     """The action does not fit the loop's current state (e.g. Start while running)."""
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a round's anomaly scores need, captured when it closes: the delivered updates (in `ids`
+    order), their norms (taken on arrival) and the global model they were trained from."""
+    ids: list[str]
+    updates: list[dict[str, np.ndarray]]
+    norms: list[float]
+    previous: dict[str, np.ndarray]
+    z: float
+
+    def flag(self, new_weights: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        """Clients whose update norm or cosine distance to the applied step has a z-score > z."""
+        if len(self.updates) < 3:
+            return {}
+        step = {k: new_weights[k] - self.previous[k] for k in self.previous}
+        scores = anomaly_scores_of(self.updates, step, self.norms)
+        return {cid: {k: round(float(v[i]), 4) for k, v in scores.items()} for i, cid in enumerate(self.ids)
+                if scores["norm_z"][i] > self.z or scores["cosine_z"][i] > self.z}
 
 
 class RoundLoop:
@@ -426,21 +446,16 @@ class RoundLoop:
             return None
         aggregate_seconds = time.monotonic() - t_aggregate
         # Durable first, evaluated second: the round counts once its model is committed, and clients
-        # fetch that model (announce_model) while the server evaluates it on the test split. The
-        # checkpoint is hashed, written and fsynced on the checkpoint thread while this one scores the
-        # updates for anomalies (hashlib, file I/O and BLAS all run outside the GIL); the round's SQLite
-        # commit and the announcement follow on that thread, in order, while this one evaluates.
-        data = encode_weights(new_weights)
-        written = self._checkpointer.submit(self.store.write_checkpoint, data,
-                                            encode_weights(new_state) if new_state else None)
-        flagged = self._flag_anomalies(ids, updates[:len(ids)], new_weights, cfg.anomaly_z,
-                                       [delivered[cid][2]["norm"] for cid in ids])
+        # fetch that model (announce_model) while the server evaluates it on the test split. Everything
+        # else after the aggregation runs on the checkpoint thread, in order, while this one evaluates:
+        # encode, hash, write and fsync the checkpoint, score the updates for anomalies, commit the round
+        # to SQLite, announce the model (numpy, hashlib, file I/O and torch all run outside the GIL).
         finished = "max_rounds" if round_no >= cfg.num_rounds else None
         row = {"round": round_no, "accuracy": None, "loss": None, "num_clients": len(delivered),
                "num_selected": len(selected), "num_refused": refusals,
                "seconds": time.monotonic() - started,
                "train_seconds": max((m.get("train_seconds", 0.0) for _, _, m in delivered.values()), default=0.0),
-               "eval_seconds": None, "clients": ids, "flagged": flagged,
+               "eval_seconds": None, "clients": ids, "flagged": {},
                "dropped": sorted(set(selected) - set(delivered)), "stragglers": stragglers,
                "offline_merged": sorted(merged),
                "timings": {  # where the round's time went, and the bytes uploaded (bench/round_overhead.py)
@@ -450,7 +465,9 @@ class RoundLoop:
                       for k in ("fetch", "eval", "prepare", "total")},
                    "prefetched": sum(int(m.get("prefetched", 0)) for _, _, m in delivered.values()),
                    "upload_bytes": sum(int(m["payload_bytes"]) for _, _, m in delivered.values())}}
-        committed = self._checkpointer.submit(self._commit, round_no, written, data, new_weights, new_state,
+        scoring = Scoring(ids, [delivered[cid][0] for cid in ids], [delivered[cid][2]["norm"] for cid in ids],
+                          self._global, cfg.anomaly_z)
+        committed = self._checkpointer.submit(self._commit, round_no, new_weights, new_state, scoring,
                                               {**row, "timings": dict(row["timings"])}, finished, merged, started)
         row["timings"]["closed"] = time.monotonic() - started
         t_eval = time.monotonic()
@@ -458,7 +475,7 @@ class RoundLoop:
             row["loss"], row["accuracy"] = self.evaluator_for(cfg)(new_weights)
             row["eval_seconds"] = time.monotonic() - t_eval
         finally:  # the round is committed (or failed to be) before the loop moves on
-            version, row["timings"]["committed"] = committed.result()  # normally long done: the disk is faster
+            version, row["timings"]["committed"], row["flagged"] = committed.result()  # normally long done
         row["model_version"] = version
         row["seconds"] = time.monotonic() - started
         if finished is None and cfg.target_accuracy and row["accuracy"] >= cfg.target_accuracy:
@@ -472,12 +489,15 @@ class RoundLoop:
             self.transport.publish("mesh_update", self.mesh_view())
         return finished
 
-    def _commit(self, round_no: int, written: Future, data: bytes, weights: dict[str, np.ndarray],
-                state: dict[str, np.ndarray], row: dict[str, Any], finished: str | None,
-                merged: dict[str, tuple[int, float]], started: float) -> tuple[int, float]:
-        """On the checkpoint thread, after `written`: record the round, adopt its model, announce it.
-        Returns (version, seconds from the round's start until committed)."""
-        checkpoint: Checkpoint = written.result()
+    def _commit(self, round_no: int, weights: dict[str, np.ndarray], state: dict[str, np.ndarray],
+                scoring: Scoring, row: dict[str, Any], finished: str | None,
+                merged: dict[str, tuple[int, float]], started: float) -> tuple[int, float, dict[str, Any]]:
+        """On the checkpoint thread: write the round's checkpoint, flag anomalous updates, record the
+        round, adopt its model, announce it. Returns (version, seconds from the round's start until
+        committed, the flagged clients)."""
+        data = encode_weights(weights)
+        checkpoint = self.store.write_checkpoint(data, encode_weights(state) if state else None)
+        row["flagged"] = scoring.flag(weights)
         version = self.store.commit_round(self.run_id, round_no, checkpoint, self.global_version, row, finished,
                                           merged)
         with self._cond:
@@ -485,19 +505,7 @@ class RoundLoop:
             self._strategy_state = state
         committed = time.monotonic() - started
         self.transport.announce_model(version, self._global_sha256)
-        return version, committed
-
-    def _flag_anomalies(self, ids: list[str], updates: list[tuple[dict[str, np.ndarray], int]],
-                        new_weights: dict[str, np.ndarray], z: float,
-                        norms: list[float]) -> dict[str, dict[str, float]]:
-        """Clients whose update norm (`norms`, taken on arrival) or cosine distance to the applied step
-        is z-score > z."""
-        if len(updates) < 3:
-            return {}
-        step = {k: new_weights[k] - self._global[k] for k in self._global}
-        scores = anomaly_scores_of([d for d, _ in updates], step, norms)
-        return {cid: {k: round(float(v[i]), 4) for k, v in scores.items()} for i, cid in enumerate(ids)
-                if scores["norm_z"][i] > z or scores["cosine_z"][i] > z}
+        return version, committed, row["flagged"]
 
     # --- views -----------------------------------------------------------------------------------
 
