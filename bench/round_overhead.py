@@ -6,17 +6,18 @@ upload, signature and array verification, aggregation, checkpointing). The overh
 along the round's timeline, the three parts adding up to it:
   to_last_update  round start -> last update verified, minus the slowest client's training
                   (dispatch, model download if not prefetched, encode + sign, upload, verification)
-  closing         last update -> evaluation starts (aggregation, anomaly scores, encoding the model)
+  closing         last update -> evaluation starts (aggregation)
   publishing      the rest after the server's evaluation (waiting for the commit if the disk is
                   slower than the evaluation, SQLite, events)
-The checkpoint's hash, write and fsync, the round's SQLite commit and the new_model announcement run
-on the server's checkpoint thread while it evaluates (breakdown "checkpoint": closing -> committed);
-clients fetch and evaluate the new model on new_model meanwhile, so none of it is on the critical
-path after round 1. The clients are forked by one launcher (run_client.py --local-clients 10). Also
-start-up: from launching the processes, and from POST /api/start with clients connected, to the end of
-round 1; and first, side by side, start-up and the clients' memory (PSS) with the ten clients forked by
-one launcher and started as ten separate processes. Then, in the same invocation, the floor
-(bench/transport_floor.py): the same per-update work with no framework around it, and the ratio.
+Encoding the model, the checkpoint's hash, write and fsync, the anomaly scores, the round's SQLite commit
+and the new_model announcement run on the server's checkpoint thread while it evaluates (breakdown
+"checkpoint": closing -> committed); clients fetch and evaluate the new model on new_model meanwhile, so
+none of it is on the critical path after round 1. The clients are forked by one launcher (run_client.py
+--local-clients 10). Also start-up: from launching the processes, and from POST /api/start with clients
+connected, to the end of round 1; and first, side by side, start-up and the clients' memory (PSS) with
+the ten clients forked by one launcher and started as ten separate processes. Then, in the same
+invocation, the floor (bench/transport_floor.py): the same per-update work with no framework around it,
+and the ratio.
 --compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side.
 
     python bench/round_overhead.py --compression none,fp16,int8 --out bench/results/round_overhead_compression.json
@@ -112,7 +113,7 @@ def measure(args: argparse.Namespace, compression: str) -> dict:
     evals = [r["eval_seconds"] for r in rounds]
     overhead = [w - t - e for w, t, e in zip(wall, train, evals)]
     timing = {k: summary([r["timings"][k] for r in rounds]) for k in rounds[0]["timings"] if k != "upload_bytes"}
-    # after the last update arrived: aggregation and anomaly scores, then publishing (evaluation excluded)
+    # after the last update arrived: aggregation, then publishing (evaluation excluded)
     arrived = [r["timings"]["last_update_arrived"] for r in rounds]
     closed = [r["timings"]["closed"] for r in rounds]
     parts = {"to_last_update": summary([a - t for a, t in zip(arrived, train)]),
