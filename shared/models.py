@@ -57,17 +57,32 @@ class MLP(nn.Module):
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """Build model `name` ('cnn' or 'mlp') for inputs of `input_shape` (C, H, W), seeded."""
+    """Build model `name` ('cnn' or 'mlp') for inputs of `input_shape` (C, H, W), seeded, initialised
+    as TensorFlow initialises its layers (glorot_init)."""
     torch.manual_seed(seed)
     if name == "mlp":
-        return MLP(input_shape, num_classes)
-    if name == "cnn":
+        model: nn.Module = MLP(input_shape, num_classes)
+    elif name == "cnn":
         if tuple(input_shape) == (1, 28, 28):
-            return McMahanCNN(num_classes)
-        if tuple(input_shape) == (3, 32, 32):
-            return CifarCNN(num_classes)
-        raise ValueError(f"no CNN for input shape {input_shape}; use --model mlp")
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+            model = McMahanCNN(num_classes)
+        elif tuple(input_shape) == (3, 32, 32):
+            model = CifarCNN(num_classes)
+        else:
+            raise ValueError(f"no CNN for input shape {input_shape}; use --model mlp")
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return glorot_init(model)
+
+
+def glorot_init(model: nn.Module) -> nn.Module:
+    """Glorot-uniform weights and zero biases in every conv and linear layer: TensorFlow's defaults, so
+    the initialisation McMahan et al.'s TensorFlow models had. PyTorch's own (Kaiming-uniform, a=sqrt(5))
+    learns more slowly here: bench/RESULTS.md, Learning quality."""
+    for layer in model.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return model
 
 
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
