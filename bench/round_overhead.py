@@ -15,7 +15,9 @@ and the new_model announcement run on the server's checkpoint thread while it ev
 none of it is on the critical path after round 1. The clients are forked by one launcher (run_client.py
 --local-clients 10). Also start-up: from launching the processes, and from POST /api/start with clients
 connected, to the end of round 1; and first, side by side, start-up and the clients' memory (PSS) with
-the ten clients forked by one launcher and started as ten separate processes. Then, in the same
+the ten clients forked by one launcher and started as ten separate processes, and what start-up is made of
+before any framework work ("floor": importing PyTorch, the server and a client in fresh interpreters; a
+client's partition and RSA key in CPU seconds; PyTorch's import plus one steady round). Then, in the same
 invocation, the floor (bench/transport_floor.py): the same per-update work with no framework around it,
 and the ratio.
 --compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +39,13 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.transport_floor import measure as measure_floor  # noqa: E402
+from client.trainer import DataConfig, LocalTrainer  # noqa: E402
 from run_demo import Cluster  # noqa: E402
+from shared import crypto  # noqa: E402
 from shared.compression import COMPRESSIONS, check_scheme  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_DATA = {"dataset": "fashion-mnist", "partition": "iid", "max_samples": 320}  # as start_clients asks
 
 
 def pct(values: list[float], q: float) -> float:
@@ -57,8 +65,8 @@ def client_processes(cluster: Cluster) -> list[psutil.Process]:
 
 
 def start_clients(cluster: Cluster, args: argparse.Namespace, forked: bool) -> None:
-    flags = ["--dataset", "fashion-mnist", "--partition", "iid", "--max-samples", "320",
-             "--num-clients", str(args.num_clients)]
+    flags = ["--dataset", CLIENT_DATA["dataset"], "--partition", CLIENT_DATA["partition"],
+             "--max-samples", str(CLIENT_DATA["max_samples"]), "--num-clients", str(args.num_clients)]
     if forked:
         cluster.start_clients("c", args.num_clients, *flags, "--client-index", "0")
     else:
@@ -79,6 +87,38 @@ def measure_startup(args: argparse.Namespace, forked: bool) -> dict[str, float]:
         pss = sum(p.memory_full_info().pss for p in procs)
         return {"startup_from_launch_s": round(startup, 2), "client_processes": len(procs),
                 "clients_pss_mb": round(pss / 2**20)}
+
+
+def import_seconds(module: str, trials: int = 3) -> float:
+    """Fastest of `trials` fresh interpreters importing `module` (files already in the page cache)."""
+    times = []
+    for _ in range(trials):
+        t = time.monotonic()
+        subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, check=True)
+        times.append(time.monotonic() - t)
+    return round(min(times), 3)
+
+
+def cpu_median(fn, trials: int) -> float:
+    times = []
+    for _ in range(trials):
+        t = time.process_time()
+        fn()
+        times.append(time.process_time() - t)
+    return round(statistics.median(times), 3)
+
+
+def measure_startup_floor(args: argparse.Namespace) -> dict[str, float]:
+    """What start-up from launch is made of before any framework work: a client imports PyTorch before
+    it can train, and each client decodes its partition and makes its RSA key (CPU seconds that the
+    machine's cores share)."""
+    data = DataConfig(num_clients=args.num_clients, **CLIENT_DATA)
+    floor = {"import_torch_s": import_seconds("torch"), "import_server_s": import_seconds("app.server"),
+             "import_client_s": import_seconds("run_client"),
+             "partition_cpu_s": cpu_median(lambda: LocalTrainer(data), 3),
+             "rsa_key_cpu_s": cpu_median(crypto.generate_key, 10), "cores": psutil.cpu_count()}
+    floor["clients_cpu_s"] = round(args.num_clients * (floor["partition_cpu_s"] + floor["rsa_key_cpu_s"]), 2)
+    return floor
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -157,7 +197,14 @@ def main() -> None:
         startup = {"forked": measure_startup(args, forked=True), "separate": measure_startup(args, forked=False)}
         for key in ("startup_from_launch_s", "clients_pss_mb"):
             startup[f"{key}_forked_over_separate"] = round(startup["forked"][key] / startup["separate"][key], 2)
+        startup["floor"] = measure_startup_floor(args)
     runs = {scheme: measure(args, scheme) for scheme in schemes}
+    if startup:  # importing PyTorch, then one steady round: no launch of PyTorch clients ends round 1 sooner
+        floor = startup["floor"]
+        floor["torch_then_one_round_s"] = round(floor["import_torch_s"] + min(
+            r["round_wall_s"]["median"] for r in runs.values()), 2)
+        floor["with_the_clients_cpu_s"] = round(floor["torch_then_one_round_s"]
+                                                + floor["clients_cpu_s"] / floor["cores"], 2)
     base = runs[schemes[0]]["overhead_s"]["median"]
     result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "launch": args.launch,
               "startup": startup, "runs": runs,
