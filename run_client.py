@@ -20,10 +20,11 @@ import torch
 
 from client.behaviour import Behaviour
 from client.node import Node, NodeConfig
-from client.trainer import DataConfig, LocalTrainer
+from client.trainer import DataConfig, LocalTrainer, drop_preloaded, preload_split
 from mesh.node import MeshConfig
 from mesh.trust import Trust, fingerprint_qr, trust_path
 from shared import crypto
+from shared.errors import DatasetNotFound
 from shared.log import setup_logging
 
 
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the server's enrollment token (default $MESHFED_ENROLLMENT_TOKEN)")
     p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads (1 when several share a CPU)")
     p.add_argument("--local-clients", type=int, default=1, metavar="N",
-                   help="run N clients on this host, each its own process forked after one import of torch: "
+                   help="run N clients on this host, each its own process forked after one import of torch "
+                        "and one decoding of the training split: "
                         "ids <client-id>-0..N-1, partitions client-index..client-index+N-1, log files "
                         "<log-file stem>-k, mesh ports mesh-port+k")
     p.add_argument("--log-level", default="INFO")
@@ -178,19 +180,25 @@ def _local_client(args: argparse.Namespace, parent: int) -> None:
 
 
 def run_local_clients(args: argparse.Namespace) -> int:
-    """--local-clients N: fork N client processes from this one, which has imported torch and meshfed
-    once, so they start in a fraction of N separate starts' CPU time and share the imported pages.
+    """--local-clients N: fork N client processes from this one, which has imported torch and meshfed and
+    decoded the training split once, so they start in a fraction of N separate starts' CPU time and share
+    the imported pages (each client keeps its own partition of the split and drops the rest).
     Each is a whole client (own id, key, partition, connection); SIGTERM/SIGINT stop them all.
     Returns the worst exit code."""
     setup_logging(args.log_level, args.log_file, args.log_format)  # the clients log to <stem>-k
     log = logging.getLogger("meshfed.launcher")
     children = [local_client_args(args, k) for k in range(args.local_clients)]  # validates before forking
+    try:  # decoded once here, not once per client; each client keeps only its partition of it
+        preload_split(args.dataset, args.data_dir)
+    except DatasetNotFound as exc:
+        sys.exit(f"error: {exc}")
     fork = multiprocessing.get_context("fork")  # nothing here has started a torch thread pool yet
     gc.freeze()  # the imported objects: the clients' collections skip them, so their pages stay shared
     procs = [fork.Process(target=_local_client, args=(child, os.getpid()), name=child.client_id)
              for child in children]
     for proc in procs:
         proc.start()
+    drop_preloaded()  # the launcher trains nothing
     log.info("started %s", ", ".join(f"{p.name} (pid {p.pid})" for p in procs))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -9,12 +9,27 @@ import numpy as np
 import torch
 
 from shared.aggregate import subtract
-from shared.datasets import load_split, to_tensors
+from shared.datasets import Split, load_split, to_tensors
 from shared.models import build_model, set_weights
 from shared.partition import HOLDOUT_FRACTION, partition, train_holdout
 from shared.training import evaluate, train
 
 Weights = dict[str, np.ndarray]
+
+
+# A launcher that forks several clients (run_client.py --local-clients) decodes their training split once,
+# before forking, instead of each client decoding all of it: each takes its own rows and drops the rest.
+_preloaded: dict[tuple[str, str | None], Split] = {}
+
+
+def preload_split(dataset: str, data_dir: str | None) -> None:
+    """Decode `dataset`'s training split for the LocalTrainer that this process (or a fork of it) makes
+    next; that one takes it (the preloaded split is used once)."""
+    _preloaded[(dataset, data_dir)] = load_split(dataset, train=True, data_dir=data_dir)
+
+
+def drop_preloaded() -> None:
+    _preloaded.clear()
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,9 @@ class LocalTrainer:
         return True
 
     def _load(self, data: DataConfig) -> None:
-        split = load_split(data.dataset, train=True, data_dir=data.data_dir)
+        split = _preloaded.pop((data.dataset, data.data_dir), None)
+        if split is None:
+            split = load_split(data.dataset, train=True, data_dir=data.data_dir)
         mine = partition(split.labels, data.partition, data.num_clients, data.alpha, data.seed)[data.client_index]
         if data.max_samples:
             mine = np.random.default_rng(data.seed).permutation(mine)[:data.max_samples]

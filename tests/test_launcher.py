@@ -28,7 +28,7 @@ def test_each_local_client_gets_its_own_id_partition_log_file_and_mesh_port():
         run_client.local_client_args(too_many, 2)
 
 
-def test_the_launcher_refuses_bad_flags_before_forking_anything(monkeypatch, capsys):
+def test_the_launcher_refuses_bad_flags_before_forking_anything(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit):
         run_client.parse_args(["--local-clients", "0"])
     assert "--local-clients must be at least 1" in capsys.readouterr().err
@@ -36,6 +36,13 @@ def test_the_launcher_refuses_bad_flags_before_forking_anything(monkeypatch, cap
     before = psutil.Process().children()
     with pytest.raises(SystemExit, match="pass --enrollment-token"):
         run_client.main(["--local-clients", "3"])
+    raw = tmp_path / "MNIST" / "raw"  # unreadable data: refused once, by the launcher, before forking
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"not idx")
+    with pytest.raises(SystemExit, match="train-images-idx3-ubyte is not an unsigned-byte idx file"):
+        run_client.main(["--local-clients", "3", "--num-clients", "3", "--enrollment-token", "t",
+                         "--dataset", "mnist", "--data-dir", str(tmp_path)])
     assert psutil.Process().children() == before
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.trainer import DataConfig, LocalTrainer
+from client import trainer as trainer_module
+from client.trainer import DataConfig, LocalTrainer, preload_split
 from shared.datasets import load_split
 
 
@@ -17,6 +18,20 @@ def test_client_keeps_only_its_partition_and_can_repartition():
     assert t.repartition("shards", 0.5) is True
     labels = np.unique(np.concatenate([t.y.numpy(), t.y_hold.numpy()]))
     assert len(labels) <= 4  # each of two label-sorted shards spans at most 2 classes
+
+
+def test_a_preloaded_split_is_taken_once_and_gives_the_same_partition(monkeypatch):
+    config = DataConfig(dataset="synthetic", partition="dirichlet", num_clients=4, client_index=2)
+    decoded = []
+    monkeypatch.setattr(trainer_module, "load_split", lambda *a, **k: decoded.append(a) or load_split(*a, **k))
+    alone = LocalTrainer(config, "mlp")
+    preload_split("synthetic", None)            # what a launcher does before forking its clients
+    assert len(decoded) == 2
+    forked = LocalTrainer(config, "mlp")        # takes the preloaded split: nothing decoded again
+    assert len(decoded) == 2 and trainer_module._preloaded == {}
+    assert torch.equal(alone.x, forked.x) and torch.equal(alone.y_hold, forked.y_hold)
+    LocalTrainer(config, "mlp")                 # the next one decodes its own
+    assert len(decoded) == 3
 
 
 def test_fit_returns_a_delta_that_improves_held_out_accuracy():
