@@ -16,7 +16,7 @@ none of it is on the critical path after round 1. The clients are forked by one 
 --local-clients 10). Also start-up: from launching the processes, and from POST /api/start with clients
 connected, to the end of round 1; and first, side by side, start-up and the clients' memory (PSS) with
 the ten clients forked by one launcher and started as ten separate processes, and what start-up is made of
-before any framework work ("floor": importing PyTorch, the server and a client in fresh interpreters; a
+besides meshfed's own work ("floor": importing PyTorch, the server and a client in fresh interpreters; a
 client's partition and RSA key in CPU seconds; PyTorch's import plus one steady round). Then, in the same
 invocation, the floor (bench/transport_floor.py): the same per-update work with no framework around it,
 and the ratio.
@@ -109,7 +109,7 @@ def cpu_median(fn, trials: int) -> float:
 
 
 def measure_startup_floor(args: argparse.Namespace) -> dict[str, float]:
-    """What start-up from launch is made of before any framework work: a client imports PyTorch before
+    """What start-up from launch is made of besides meshfed's own work: a client imports PyTorch before
     it can train; the launcher decodes the training split (a client's partition, decoding it alone), and
     each client makes its RSA key (CPU seconds that the machine's cores share)."""
     data = DataConfig(num_clients=args.num_clients, **CLIENT_DATA)
