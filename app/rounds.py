@@ -10,7 +10,8 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from functools import partial
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -21,7 +22,7 @@ from app.registry import Registry
 from app.store import Store
 from app.verify import OpenRound, check_arrays, check_round, check_signature
 from app import strategy
-from shared.aggregate import anomaly_scores_of, update_norm
+from shared.aggregate import flag_anomalies, update_norm
 from shared.errors import MeshfedError, UpdateRefused
 from shared.models import weight_spec
 from shared.protocol import SyncHeader, TrainRequest, UpdateHeader, decode_weights, encode_weights
@@ -40,26 +41,6 @@ class Transport(Protocol):
 
 class Conflict(MeshfedError):
     """The action does not fit the loop's current state (e.g. Start while running)."""
-
-
-@dataclass(frozen=True)
-class Scoring:
-    """What a round's anomaly scores need, captured when it closes: the delivered updates (in `ids`
-    order), their norms (taken on arrival) and the global model they were trained from."""
-    ids: list[str]
-    updates: list[dict[str, np.ndarray]]
-    norms: list[float]
-    previous: dict[str, np.ndarray]
-    z: float
-
-    def flag(self, new_weights: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        """Clients whose update norm or cosine distance to the applied step has a z-score > z."""
-        if len(self.updates) < 3:
-            return {}
-        step = {k: new_weights[k] - self.previous[k] for k in self.previous}
-        scores = anomaly_scores_of(self.updates, step, self.norms)
-        return {cid: {k: round(float(v[i]), 4) for k, v in scores.items()} for i, cid in enumerate(self.ids)
-                if scores["norm_z"][i] > self.z or scores["cosine_z"][i] > self.z}
 
 
 class RoundLoop:
@@ -465,9 +446,9 @@ class RoundLoop:
                       for k in ("fetch", "eval", "prepare", "total")},
                    "prefetched": sum(int(m.get("prefetched", 0)) for _, _, m in delivered.values()),
                    "upload_bytes": sum(int(m["payload_bytes"]) for _, _, m in delivered.values())}}
-        scoring = Scoring(ids, [delivered[cid][0] for cid in ids], [delivered[cid][2]["norm"] for cid in ids],
-                          self._global, cfg.anomaly_z)
-        committed = self._checkpointer.submit(self._commit, round_no, new_weights, new_state, scoring,
+        flag = partial(flag_anomalies, ids, [delivered[cid][0] for cid in ids],
+                       [delivered[cid][2]["norm"] for cid in ids], self._global, cfg.anomaly_z)
+        committed = self._checkpointer.submit(self._commit, round_no, new_weights, new_state, flag,
                                               {**row, "timings": dict(row["timings"])}, finished, merged, started)
         row["timings"]["closed"] = time.monotonic() - started
         t_eval = time.monotonic()
@@ -490,14 +471,14 @@ class RoundLoop:
         return finished
 
     def _commit(self, round_no: int, weights: dict[str, np.ndarray], state: dict[str, np.ndarray],
-                scoring: Scoring, row: dict[str, Any], finished: str | None,
+                flag: Callable[[dict[str, np.ndarray]], dict[str, Any]], row: dict[str, Any], finished: str | None,
                 merged: dict[str, tuple[int, float]], started: float) -> tuple[int, float, dict[str, Any]]:
         """On the checkpoint thread: write the round's checkpoint, flag anomalous updates, record the
         round, adopt its model, announce it. Returns (version, seconds from the round's start until
         committed, the flagged clients)."""
         data = encode_weights(weights)
         checkpoint = self.store.write_checkpoint(data, encode_weights(state) if state else None)
-        row["flagged"] = scoring.flag(weights)
+        row["flagged"] = flag(weights)
         version = self.store.commit_round(self.run_id, round_no, checkpoint, self.global_version, row, finished,
                                           merged)
         with self._cond:

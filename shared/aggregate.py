@@ -207,6 +207,19 @@ def anomaly_scores_of(updates: list[Weights], aggregate: Weights,
                    float(np.sqrt(sum(_dot(v, v) for v in aggregate.values()))))
 
 
+def flag_anomalies(ids: list[str], updates: list[Weights], norms: list[float], previous: Weights, z: float,
+                   new: Weights) -> dict[str, dict[str, float]]:
+    """The ids (in `updates` order) whose update norm or cosine distance to the applied step `new -
+    previous` has a z-score above z, with their scores. `norms` are the updates' norms (the server takes
+    them as updates arrive). Fewer than three updates flag nothing: their z-scores say nothing."""
+    if len(updates) < 3:
+        return {}
+    step = {k: new[k] - previous[k] for k in previous}
+    scores = anomaly_scores_of(updates, step, norms)
+    return {cid: {k: round(float(v[i]), 4) for k, v in scores.items()} for i, cid in enumerate(ids)
+            if scores["norm_z"][i] > z or scores["cosine_z"][i] > z}
+
+
 def _scores(norms: np.ndarray, dots: np.ndarray, agg_norm: float) -> dict[str, np.ndarray]:
     cos_dist = 1.0 - dots / np.maximum(norms * agg_norm, 1e-12)
 

@@ -10,7 +10,7 @@ import pytest
 from app.config import RunConfig
 from app.evaluator import Evaluator
 from app.registry import Registry, Session
-from app.rounds import RoundLoop, Scoring
+from app.rounds import RoundLoop
 from app.store import Store
 from client.node import signed_update
 from shared import crypto
@@ -106,17 +106,3 @@ def test_a_failing_evaluation_still_leaves_the_round_committed_and_stops_the_run
     assert [r["round"] for r in store.rounds(run_id, evaluated_only=False)] == [1]
     assert transport.announced == [(2, True)] and loop.global_version == 2
 
-
-def test_scoring_flags_the_update_far_from_the_others_and_needs_three():
-    rng = np.random.default_rng(0)
-    previous = {"w": np.zeros((4, 5), np.float32), "b": np.zeros(5, np.float32)}
-    honest = [{k: (0.1 + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in previous.items()}
-              for _ in range(5)]
-    attacker = {k: -v for k, v in honest[0].items()}  # as long as an honest one, the other way
-    updates = [*honest, attacker]
-    norms = [float(np.sqrt(sum((u[k] ** 2).sum() for k in u))) for u in updates]
-    new = {k: previous[k] + np.mean([u[k] for u in updates], axis=0) for k in previous}
-    ids = [f"c{i}" for i in range(6)]
-    flagged = Scoring(ids, updates, norms, previous, 2.0).flag(new)
-    assert list(flagged) == ["c5"] and flagged["c5"]["cosine_distance"] > 1.9, flagged
-    assert Scoring(ids[:2], updates[4:], norms[4:], previous, 1.5).flag(new) == {}  # z-scores of two say nothing

@@ -109,6 +109,21 @@ def test_anomaly_scores_single_out_the_attacker():
         np.testing.assert_allclose(ahead[key], s[key], rtol=1e-4, atol=1e-5)
 
 
+def test_flag_anomalies_names_the_update_far_from_the_others_and_needs_three():
+    rng = np.random.default_rng(0)
+    previous = {"w": np.zeros((4, 5), np.float32), "b": np.zeros(5, np.float32)}
+    honest = [{k: (0.1 + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in previous.items()}
+              for _ in range(5)]
+    attacker = {k: -v for k, v in honest[0].items()}  # as long as an honest one, the other way
+    updates = [*honest, attacker]
+    norms = [float(np.sqrt(sum((u[k] ** 2).sum() for k in u))) for u in updates]
+    new = {k: previous[k] + np.mean([u[k] for u in updates], axis=0) for k in previous}
+    ids = [f"c{i}" for i in range(6)]
+    flagged = agg.flag_anomalies(ids, updates, norms, previous, 2.0, new)
+    assert list(flagged) == ["c5"] and flagged["c5"]["cosine_distance"] > 1.9, flagged
+    assert agg.flag_anomalies(ids[:2], updates[4:], norms[4:], previous, 1.5, new) == {}  # z-scores of two say nothing
+
+
 def brute_nnm(x, f):
     """Nearest-neighbour mixing by its definition: each row -> mean of its n - f nearest rows."""
     n = len(x)
