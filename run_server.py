@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-update-mb", type=float, default=32.0, help="largest update body accepted")
     p.add_argument("--start", action="store_true", help="start a run at once (else: POST /api/start)")
     p.add_argument("--no-resume", action="store_true", help="do not resume a run that was active at a crash")
-    p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads for evaluation")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="PyTorch threads for evaluation (0 = one per core: the round's training is over by then)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
@@ -177,7 +178,8 @@ class Gunicorn(BaseApplication):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_file, args.log_format)
-    torch.set_num_threads(args.torch_threads)
+    if args.torch_threads > 0:  # else PyTorch's default, a thread per core
+        torch.set_num_threads(args.torch_threads)
     config = build_config(args)
     url = f"http://{config.host}:{config.port}/"
     if args.log_format == "json":  # one object, like every other line of a JSON log

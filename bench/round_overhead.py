@@ -15,9 +15,11 @@ and the new_model announcement run on the server's checkpoint thread while it ev
 none of it is on the critical path after round 1. The clients are forked by one launcher (run_client.py
 --local-clients 10). Also start-up: from launching the processes, and from POST /api/start with clients
 connected, to the end of round 1; and first, side by side, start-up and the clients' memory (PSS) with
-the ten clients forked by one launcher and started as ten separate processes, and what start-up is made of
-besides meshfed's own work ("floor": importing PyTorch, the server and a client in fresh interpreters; a
-client's partition and RSA key in CPU seconds; PyTorch's import plus one steady round). Then, in the same
+the ten clients forked by one launcher and started as ten separate processes, with the CPU seconds all
+processes spent until then, and what start-up is made of besides meshfed's own work ("floor": importing
+PyTorch, the server and a client in fresh interpreters; a client's partition and RSA key in CPU seconds;
+PyTorch's import plus one steady round; "floor.cpu": the CPU seconds that start-up cannot do without,
+divided by the cores, a lower bound on its wall time). Then, in the same
 invocation, the floor (bench/transport_floor.py): the same per-update work with no framework around it,
 and the ratio.
 --compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side.
@@ -36,13 +38,16 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from app.evaluator import Evaluator  # noqa: E402
 from bench.transport_floor import measure as measure_floor  # noqa: E402
 from client.trainer import DataConfig, LocalTrainer  # noqa: E402
 from run_demo import Cluster  # noqa: E402
 from shared import crypto  # noqa: E402
 from shared.compression import COMPRESSIONS, check_scheme  # noqa: E402
+from shared.models import get_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_DATA = {"dataset": "fashion-mnist", "partition": "iid", "max_samples": 320}  # as start_clients asks
@@ -79,14 +84,17 @@ def measure_startup(args: argparse.Namespace, forked: bool) -> dict[str, float]:
     with Cluster(tempfile.mkdtemp(prefix="meshfed-startup-")) as cluster:
         launched = time.monotonic()
         cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", "1", "--min-clients", str(args.num_clients),
-                             "--max-batches", "1", "--eval-limit", str(args.eval_limit), "--start")
+                             "--max-batches", "1", "--eval-limit", str(args.eval_limit),
+                             "--torch-threads", str(args.server_threads), "--start")
         start_clients(cluster, args, forked)
         cluster.wait_until(lambda: cluster.rounds(), 300, "round 1", every=0.05)
         startup = time.monotonic() - launched
         procs = client_processes(cluster)
+        cpu = cpu_seconds([cluster.server, *procs])
         pss = sum(p.memory_full_info().pss for p in procs)
         return {"startup_from_launch_s": round(startup, 2), "client_processes": len(procs),
-                "clients_pss_mb": round(pss / 2**20)}
+                "clients_pss_mb": round(pss / 2**20), "cpu_s": round(cpu, 2),
+                "cores_busy": round(cpu / (psutil.cpu_count() * startup), 2)}
 
 
 def import_seconds(module: str, trials: int = 3) -> float:
@@ -97,6 +105,13 @@ def import_seconds(module: str, trials: int = 3) -> float:
         subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, check=True)
         times.append(time.monotonic() - t)
     return round(min(times), 3)
+
+
+def import_cpu_seconds(module: str, trials: int = 3) -> float:
+    """Fewest CPU seconds (user + system) of `trials` fresh interpreters starting and importing `module`."""
+    code = f"import resource, {module}; r = resource.getrusage(resource.RUSAGE_SELF); print(r.ru_utime + r.ru_stime)"
+    return round(min(float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
+                                          text=True).stdout) for _ in range(trials)), 3)
 
 
 def cpu_median(fn, trials: int) -> float:
@@ -118,7 +133,31 @@ def measure_startup_floor(args: argparse.Namespace) -> dict[str, float]:
              "partition_cpu_s": cpu_median(lambda: LocalTrainer(data), 3),
              "rsa_key_cpu_s": cpu_median(crypto.generate_key, 10), "cores": psutil.cpu_count()}
     floor["keys_cpu_s"] = round(args.num_clients * floor["rsa_key_cpu_s"], 2)
+    floor["cpu"] = startup_cpu_floor(args, floor)
     return floor
+
+
+def startup_cpu_floor(args: argparse.Namespace, floor: dict[str, float]) -> dict[str, float]:
+    """The CPU seconds that launch -> end of round 1 cannot do without, each part at its cheapest (one
+    thread, warm): the server's process and the clients' launcher each import what they run, the split is
+    decoded once, each client makes its key and trains one batch, the server evaluates once. On the
+    machine's cores, perfectly packed, that is a lower bound on start-up's wall time for any system doing
+    this work in a server process and client processes, before a byte is sent; torch_only_floor_s is the
+    same if those two processes imported nothing but PyTorch (no Flask, Socket.IO, cryptography...)."""
+    torch.set_num_threads(1)
+    trainer = LocalTrainer(DataConfig(num_clients=args.num_clients, **CLIENT_DATA))
+    weights = get_weights(trainer.model)
+    evaluator = Evaluator(CLIENT_DATA["dataset"], "cnn", limit=args.eval_limit)
+    cpu = {"import_torch_cpu_s": import_cpu_seconds("torch"), "import_server_cpu_s": import_cpu_seconds("app.server"),
+           "import_client_cpu_s": import_cpu_seconds("run_client"),
+           "train_batch_cpu_s": cpu_median(lambda: trainer.fit(weights, 1, 0.05, 32, 1), 5),
+           "evaluation_cpu_s": cpu_median(lambda: evaluator(weights), 3)}
+    work = (floor["partition_cpu_s"] + floor["keys_cpu_s"] + args.num_clients * cpu["train_batch_cpu_s"]
+            + cpu["evaluation_cpu_s"])
+    total = cpu["import_server_cpu_s"] + cpu["import_client_cpu_s"] + work
+    torch_only = 2 * cpu["import_torch_cpu_s"] + work  # as if both processes imported nothing but PyTorch
+    return {**cpu, "total_cpu_s": round(total, 2), "floor_s": round(total / floor["cores"], 2),
+            "torch_only_total_cpu_s": round(torch_only, 2), "torch_only_floor_s": round(torch_only / floor["cores"], 2)}
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -132,7 +171,8 @@ def measure(args: argparse.Namespace, compression: str) -> dict:
         launched = time.monotonic()
         cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", str(args.num_rounds),
                              "--min-clients", str(args.num_clients), "--max-batches", "1", "--quorum", "1",
-                             "--eval-limit", str(args.eval_limit), "--compression", compression, "--start")
+                             "--eval-limit", str(args.eval_limit), "--compression", compression,
+                             "--torch-threads", str(args.server_threads), "--start")
         start_clients(cluster, args, forked=args.launch == "forked")
         cluster.wait_until(lambda: cluster.rounds(), 300, "round 1", every=0.05)
         cold_start = time.monotonic() - launched
@@ -186,6 +226,8 @@ def main() -> None:
                    help=f"comma-separated, run one after the other and compared: {','.join(COMPRESSIONS)}")
     p.add_argument("--launch", default="forked", choices=["forked", "separate"],
                    help="clients of the per-encoding runs: forked by one launcher, or ten separate processes")
+    p.add_argument("--server-threads", type=int, default=0,
+                   help="the server's --torch-threads (0, its default: one per core)")
     p.add_argument("--skip-startup", action="store_true", help="leave out the forked/separate start-up comparison")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -207,6 +249,7 @@ def main() -> None:
                                               + floor["keys_cpu_s"] / floor["cores"], 2)
     base = runs[schemes[0]]["overhead_s"]["median"]
     result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "launch": args.launch,
+              "server_threads": args.server_threads,
               "startup": startup, "runs": runs,
               "overhead_median_s": {s: r["overhead_s"]["median"] for s, r in runs.items()},
               f"overhead_vs_{schemes[0]}": {s: round(r["overhead_s"]["median"] / base, 2) for s, r in runs.items()},
