@@ -144,14 +144,18 @@ def startup_cpu_floor(args: argparse.Namespace, floor: dict[str, float]) -> dict
     machine's cores, perfectly packed, that is a lower bound on start-up's wall time for any system doing
     this work in a server process and client processes, before a byte is sent; torch_only_floor_s is the
     same if those two processes imported nothing but PyTorch (no Flask, Socket.IO, cryptography...)."""
-    torch.set_num_threads(1)
     trainer = LocalTrainer(DataConfig(num_clients=args.num_clients, **CLIENT_DATA))
     weights = get_weights(trainer.model)
     evaluator = Evaluator(CLIENT_DATA["dataset"], "cnn", limit=args.eval_limit)
     cpu = {"import_torch_cpu_s": import_cpu_seconds("torch"), "import_server_cpu_s": import_cpu_seconds("app.server"),
-           "import_client_cpu_s": import_cpu_seconds("run_client"),
-           "train_batch_cpu_s": cpu_median(lambda: trainer.fit(weights, 1, 0.05, 32, 1), 5),
-           "evaluation_cpu_s": cpu_median(lambda: evaluator(weights), 3)}
+           "import_client_cpu_s": import_cpu_seconds("run_client")}
+    threads = torch.get_num_threads()  # the transport floor's server, in this process, keeps the default
+    torch.set_num_threads(1)
+    try:
+        cpu["train_batch_cpu_s"] = cpu_median(lambda: trainer.fit(weights, 1, 0.05, 32, 1), 5)
+        cpu["evaluation_cpu_s"] = cpu_median(lambda: evaluator(weights), 3)
+    finally:
+        torch.set_num_threads(threads)
     work = (floor["partition_cpu_s"] + floor["keys_cpu_s"] + args.num_clients * cpu["train_batch_cpu_s"]
             + cpu["evaluation_cpu_s"])
     total = cpu["import_server_cpu_s"] + cpu["import_client_cpu_s"] + work
