@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=100,
                    help="gunicorn threads; each connected client or browser holds one")
     args = p.parse_args(argv)
+    if args.torch_threads < 0:
+        p.error("--torch-threads must be 0 (one per core) or a number of threads")
     if args.role == "follower" and not (args.leader_url and args.message_queue):
         p.error("--role follower needs --leader-url and --message-queue")
     if args.role == "follower" and args.start:

@@ -1,5 +1,6 @@
 import pytest
 
+import run_server
 from app.config import RunConfig, update_run_config
 from shared.errors import ConfigError
 
@@ -29,3 +30,10 @@ def test_partition_is_checked():
     with pytest.raises(ConfigError) as info:
         update_run_config(RunConfig(), {"partition": "random", "alpha": 0})
     assert set(info.value.fields) == {"partition", "alpha"}
+
+
+def test_server_threads_default_to_one_per_core_and_refuse_negatives(capsys):
+    assert run_server.parse_args([]).torch_threads == 0  # main() leaves PyTorch's thread-per-core default
+    with pytest.raises(SystemExit):
+        run_server.parse_args(["--torch-threads", "-1"])
+    assert "--torch-threads must be 0 (one per core) or a number of threads" in capsys.readouterr().err
