@@ -97,21 +97,17 @@ def measure_startup(args: argparse.Namespace, forked: bool) -> dict[str, float]:
                 "cores_busy": round(cpu / (psutil.cpu_count() * startup), 2)}
 
 
-def import_seconds(module: str, trials: int = 3) -> float:
-    """Fastest of `trials` fresh interpreters importing `module` (files already in the page cache)."""
-    times = []
+def import_cost(module: str, trials: int = 3) -> tuple[float, float]:
+    """(fastest wall seconds, fewest CPU seconds) of `trials` fresh interpreters starting and importing
+    `module` (files already in the page cache)."""
+    code = f"import resource, {module}; r = resource.getrusage(resource.RUSAGE_SELF); print(r.ru_utime + r.ru_stime)"
+    walls, cpus = [], []
     for _ in range(trials):
         t = time.monotonic()
-        subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, check=True)
-        times.append(time.monotonic() - t)
-    return round(min(times), 3)
-
-
-def import_cpu_seconds(module: str, trials: int = 3) -> float:
-    """Fewest CPU seconds (user + system) of `trials` fresh interpreters starting and importing `module`."""
-    code = f"import resource, {module}; r = resource.getrusage(resource.RUSAGE_SELF); print(r.ru_utime + r.ru_stime)"
-    return round(min(float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
-                                          text=True).stdout) for _ in range(trials)), 3)
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        walls.append(time.monotonic() - t)
+        cpus.append(float(out))
+    return round(min(walls), 3), round(min(cpus), 3)
 
 
 def cpu_median(fn, trials: int) -> float:
@@ -128,16 +124,18 @@ def measure_startup_floor(args: argparse.Namespace) -> dict[str, float]:
     it can train; the launcher decodes the training split (a client's partition, decoding it alone), and
     each client makes its RSA key (CPU seconds that the machine's cores share)."""
     data = DataConfig(num_clients=args.num_clients, **CLIENT_DATA)
-    floor = {"import_torch_s": import_seconds("torch"), "import_server_s": import_seconds("app.server"),
-             "import_client_s": import_seconds("run_client"),
+    imports = {name: import_cost(module) for name, module in
+               (("torch", "torch"), ("server", "app.server"), ("client", "run_client"))}
+    floor = {**{f"import_{name}_s": wall for name, (wall, _) in imports.items()},
              "partition_cpu_s": cpu_median(lambda: LocalTrainer(data), 3),
              "rsa_key_cpu_s": cpu_median(crypto.generate_key, 10), "cores": psutil.cpu_count()}
     floor["keys_cpu_s"] = round(args.num_clients * floor["rsa_key_cpu_s"], 2)
-    floor["cpu"] = startup_cpu_floor(args, floor)
+    floor["cpu"] = startup_cpu_floor(args, floor, {f"import_{name}_cpu_s": cpu for name, (_, cpu) in imports.items()})
     return floor
 
 
-def startup_cpu_floor(args: argparse.Namespace, floor: dict[str, float]) -> dict[str, float]:
+def startup_cpu_floor(args: argparse.Namespace, floor: dict[str, float],
+                      imports_cpu: dict[str, float]) -> dict[str, float]:
     """The CPU seconds that launch -> end of round 1 cannot do without, each part at its cheapest (one
     thread, warm): the server's process and the clients' launcher each import what they run, the split is
     decoded once, each client makes its key and trains one batch, the server evaluates once. On the
@@ -147,8 +145,7 @@ def startup_cpu_floor(args: argparse.Namespace, floor: dict[str, float]) -> dict
     trainer = LocalTrainer(DataConfig(num_clients=args.num_clients, **CLIENT_DATA))
     weights = get_weights(trainer.model)
     evaluator = Evaluator(CLIENT_DATA["dataset"], "cnn", limit=args.eval_limit)
-    cpu = {"import_torch_cpu_s": import_cpu_seconds("torch"), "import_server_cpu_s": import_cpu_seconds("app.server"),
-           "import_client_cpu_s": import_cpu_seconds("run_client")}
+    cpu = dict(imports_cpu)  # import_{torch,server,client}_cpu_s
     threads = torch.get_num_threads()  # the transport floor's server, in this process, keeps the default
     torch.set_num_threads(1)
     try:
