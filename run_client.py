@@ -25,7 +25,8 @@ from mesh.node import MeshConfig
 from mesh.trust import Trust, fingerprint_qr, trust_path
 from shared import crypto
 from shared.errors import DatasetNotFound
-from shared.log import setup_logging
+from shared.fileio import read_secret
+from shared.log import redact, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,8 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slowdown", type=float, default=1.0, help="> 1: do only 1/slowdown of the local work")
     p.add_argument("--ca-cert", default=None, help="CA certificate that signed the server's (or nginx's) TLS cert")
     p.add_argument("--key-dir", default="keys", help="RSA key directory (key file mode 0600)")
-    p.add_argument("--enrollment-token", default=os.environ.get("MESHFED_ENROLLMENT_TOKEN"),
-                   help="the server's enrollment token (default $MESHFED_ENROLLMENT_TOKEN)")
+    p.add_argument("--enrollment-token-file", default=None,
+                   help="file holding the server's enrollment token (else $MESHFED_ENROLLMENT_TOKEN; the server "
+                        "keeps it in its state dir's tokens.json)")
+    p.add_argument("--enrollment-token", default=None, help=argparse.SUPPRESS)  # visible in ps: use the file
     p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads (1 when several share a CPU)")
     p.add_argument("--local-clients", type=int, default=1, metavar="N",
                    help="run N clients on this host, each its own process forked after one import of torch "
@@ -117,8 +120,19 @@ def operator_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     operator = args.show_fingerprint or args.confirm_peer
+    if args.enrollment_token:
+        print("warning: a token on the command line is visible to every user in `ps`; use "
+              "--enrollment-token-file or $MESHFED_ENROLLMENT_TOKEN", file=sys.stderr)
+    elif args.enrollment_token_file:
+        try:
+            args.enrollment_token = read_secret(args.enrollment_token_file)
+        except ValueError as exc:
+            sys.exit(f"error: --enrollment-token-file: {exc}")
+    else:
+        args.enrollment_token = os.environ.get("MESHFED_ENROLLMENT_TOKEN")
     if not (operator or args.enrollment_token):
-        sys.exit("error: pass --enrollment-token (printed by run_server.py) or set MESHFED_ENROLLMENT_TOKEN")
+        sys.exit("error: pass --enrollment-token-file (the server keeps its token in state/tokens.json) or set "
+                 "MESHFED_ENROLLMENT_TOKEN")
     if args.local_clients > 1 and not operator:
         return run_local_clients(args)
     return run(args)
@@ -127,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """One client, in this process, until SIGTERM/SIGINT."""
     setup_logging(args.log_level, args.log_file, args.log_format, tag=args.log_tag)
+    redact(args.enrollment_token or "")
     if args.show_fingerprint or args.confirm_peer:
         return operator_command(args)
     torch.set_num_threads(args.torch_threads)

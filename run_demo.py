@@ -48,8 +48,10 @@ class Cluster:
         self._logs: list[Any] = []
 
     def _spawn(self, script: str, args: list[str], log_name: str, prefix: list[str] | None = None) -> subprocess.Popen:
-        """Start one of our scripts; `prefix` runs it elsewhere (tests: `ip netns exec <ns>`)."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        """Start one of our scripts; `prefix` runs it elsewhere (tests: `ip netns exec <ns>`). The tokens
+        travel in the environment, not on the command line, where `ps` would show them."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
+               "MESHFED_ADMIN_TOKEN": self.admin_token, "MESHFED_ENROLLMENT_TOKEN": self.enrollment_token}
         out = open(self.workdir / log_name, "ab") if self.log_to_files else subprocess.DEVNULL
         if self.log_to_files:
             self._logs.append(out)
@@ -57,14 +59,13 @@ class Cluster:
                                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def start_server(self, *args: str, state_dir: str = "state") -> subprocess.Popen:
-        self.server = self._spawn("run_server.py", [
-            "--port", str(self.port), "--state-dir", state_dir, f"--admin-token={self.admin_token}",
-            f"--enrollment-token={self.enrollment_token}", *args], "server.log")
+        self.server = self._spawn("run_server.py", ["--port", str(self.port), "--state-dir", state_dir, *args],
+                                  "server.log")
         return self.server
 
     def start_client(self, client_id: str, *args: str) -> subprocess.Popen:
         self.clients[client_id] = self._spawn("run_client.py", [
-            "--client-id", client_id, "--server-address", self.url, f"--enrollment-token={self.enrollment_token}",
+            "--client-id", client_id, "--server-address", self.url,
             *(args if "--key-dir" in args else ("--key-dir", "keys", *args))], f"{client_id}.log")
         return self.clients[client_id]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import signal
 import sys
 
@@ -12,13 +11,17 @@ import torch
 from flask import Flask
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
-from werkzeug.serving import run_simple
+from werkzeug.serving import WSGIRequestHandler, run_simple
 
 from app import create_app
 from app.config import RunConfig, ServerConfig, update_run_config
+from app.ratelimit import DEFAULT_RULES, parse_rules
 from app.strategy import load_modules
+from app.tokens import load_or_create
 from shared.compression import COMPRESSIONS
-from shared.log import JsonFormatter, setup_logging
+from shared.errors import ConfigError
+from shared.fileio import read_secret
+from shared.log import JsonFormatter, redact, setup_logging
 
 D = RunConfig()
 
@@ -29,10 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--state-dir", default="state", help="SQLite + checkpoints; restart on it to resume")
     p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
-    p.add_argument("--admin-token", default=os.environ.get("MESHFED_ADMIN_TOKEN"),
-                   help="admin token (default $MESHFED_ADMIN_TOKEN, else generated and printed)")
-    p.add_argument("--enrollment-token", default=os.environ.get("MESHFED_ENROLLMENT_TOKEN"),
-                   help="token clients register with (default $MESHFED_ENROLLMENT_TOKEN, else generated)")
+    p.add_argument("--admin-token-file", default=None,
+                   help="file holding the admin token (else $MESHFED_ADMIN_TOKEN, else state-dir/tokens.json, "
+                        "else one is generated, stored there and printed once)")
+    p.add_argument("--enrollment-token-file", default=None,
+                   help="file holding the token clients register with (else $MESHFED_ENROLLMENT_TOKEN, else "
+                        "state-dir/tokens.json, else generated like the admin token)")
+    p.add_argument("--admin-token", default=None, help=argparse.SUPPRESS)       # visible in ps: use the file
+    p.add_argument("--enrollment-token", default=None, help=argparse.SUPPRESS)  # or the environment instead
     p.add_argument("--dataset", default=D.dataset)
     p.add_argument("--model", default=D.model)
     p.add_argument("--num-rounds", type=int, default=D.num_rounds)
@@ -84,6 +91,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--leader-url", default=None, help="followers: the leader's address, e.g. http://server:5000")
     p.add_argument("--message-queue", default=os.environ.get("MESHFED_MESSAGE_QUEUE"),
                    help="redis://host:6379/0 shared by every server process (default $MESHFED_MESSAGE_QUEUE)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (https://host[:port]) allowed to open the dashboard's Socket.IO; "
+                        "repeatable; default: only the server's own origin, as the browser reached it (through a "
+                        "proxy too)")
+    p.add_argument("--proxies", type=int, default=0,
+                   help="reverse proxies in front whose X-Forwarded-For/-Proto/-Host to trust (1 behind nginx)")
+    p.add_argument("--rate-limit", action="append", default=[], metavar="RULE=LIMIT",
+                   help="override a rate limit, e.g. update-per-client=120/minute or login-per-address=off; "
+                        f"rules: {', '.join(DEFAULT_RULES)}")
     p.add_argument("--wsgi", default="werkzeug", choices=["werkzeug", "gunicorn"],
                    help="werkzeug: development server; gunicorn: production (1 worker, --threads threads)")
     p.add_argument("--threads", type=int, default=100,
@@ -95,7 +111,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--role follower needs --leader-url and --message-queue")
     if args.role == "follower" and args.start:
         p.error("--start is for the leader; a follower forwards Start from its dashboards")
+    if args.proxies < 0:
+        p.error("--proxies must be 0 (clients connect directly) or the number of proxies in front")
+    for rule in args.rate_limit:
+        if "=" not in rule:
+            p.error(f"--rate-limit {rule!r}: write RULE=LIMIT, e.g. update-per-client=120/minute")
+    try:
+        args.admin_token = _token(args.admin_token, args.admin_token_file, "MESHFED_ADMIN_TOKEN")
+        args.enrollment_token = _token(args.enrollment_token, args.enrollment_token_file, "MESHFED_ENROLLMENT_TOKEN")
+    except ValueError as exc:
+        p.error(str(exc))
     return args
+
+
+def _token(flag: str | None, path: str | None, env: str) -> str | None:
+    """A token from its flag, its file, or the environment (None: the state dir's, or a new one)."""
+    if flag:
+        print(f"warning: a token on the command line is visible to every user in `ps`; use a token file "
+              f"or ${env}", file=sys.stderr)
+        return flag
+    return read_secret(path) if path else os.environ.get(env) or None
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
@@ -112,13 +147,14 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "trim_beta": args.trim_beta, "mixing": args.mixing, "anomaly_z": args.anomaly_z,
         "compression": args.compression,
         "target_accuracy": args.target_accuracy, "seed": args.seed})
+    tokens = args.tokens = load_or_create(args.state_dir, args.admin_token, args.enrollment_token)
     return ServerConfig(
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
-        admin_token=args.admin_token or secrets.token_hex(16),
-        enrollment_token=args.enrollment_token or secrets.token_hex(16),
+        admin_token=tokens.admin, enrollment_token=tokens.enrollment,
         eval_limit=args.eval_limit, max_update_bytes=int(args.max_update_mb * (1 << 20)),
         resume=not args.no_resume, run=run, role=args.role, leader_url=args.leader_url,
-        message_queue=args.message_queue)
+        message_queue=args.message_queue, allowed_origins=tuple(args.allowed_origin), proxies=args.proxies,
+        rate_limits=tuple(tuple(rule.split("=", 1)) for rule in args.rate_limit))
 
 
 def build_app(args: argparse.Namespace, config: ServerConfig) -> Flask:
@@ -177,20 +213,36 @@ class Gunicorn(BaseApplication):
             release_if_held(self.config.message_queue, leader_identity(self.config.port))
 
 
+def announce(args: argparse.Namespace, config: ServerConfig) -> None:
+    """Say where the server is. A token is printed only when it was generated just now (and stored)."""
+    url, tokens = f"http://{config.host}:{config.port}/", args.tokens
+    new = {f"{name}_token": getattr(tokens, name) for name in tokens.created}
+    admin = tokens.source("admin")
+    dashboard = f"{url}?token={tokens.admin}" if admin == "new" else \
+        f"{url} (log in with the admin token {'you gave' if admin == 'given' else 'kept in ' + admin})"
+    if args.log_format == "json":  # one object, like every other line of a JSON log
+        print(json.dumps({"message": "meshfed server started", "role": config.role, "wsgi": args.wsgi, "url": url,
+                          "dashboard": dashboard, **new}), flush=True)
+        return
+    lines = [f"meshfed server ({config.role}, {args.wsgi}) on {url}", f"  dashboard:        {dashboard}"]
+    lines += [f"  {name.replace('_', ' ') + ':':17} {token}" for name, token in new.items()]
+    if new:
+        lines.append(f"  (new, printed this once; kept in {tokens.path}, mode 0600)")
+    print("\n".join(lines), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_file, args.log_format)
     if args.torch_threads > 0:  # else PyTorch's default, a thread per core
         torch.set_num_threads(args.torch_threads)
-    config = build_config(args)
-    url = f"http://{config.host}:{config.port}/"
-    if args.log_format == "json":  # one object, like every other line of a JSON log
-        print(json.dumps({"message": "meshfed server started", "role": config.role, "wsgi": args.wsgi, "url": url,
-                          "dashboard": f"{url}?token={config.admin_token}", "admin_token": config.admin_token, "enrollment_token": config.enrollment_token}), flush=True)
-    else:
-        print(f"meshfed server ({config.role}, {args.wsgi}) on {url}\n"
-              f"  dashboard:        {url}?token={config.admin_token}\n"
-              f"  admin token:      {config.admin_token}\n  enrollment token: {config.enrollment_token}", flush=True)
+    try:
+        config = build_config(args)
+        parse_rules(dict(config.rate_limits))
+    except (ValueError, ConfigError) as exc:  # a bad flag value, an unreadable tokens.json
+        raise SystemExit(f"meshfed server: {exc}")
+    redact(config.admin_token, config.enrollment_token)
+    announce(args, config)
     if args.wsgi == "gunicorn":
         Gunicorn(args, config).run()
         return
@@ -199,7 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # What socketio.run() starts in threading mode (the app already wraps the Socket.IO middleware),
     # without Flask's plain-text banner, so a --log-format json log stays JSON throughout
-    run_simple(config.host, config.port, app, threaded=True)
+    run_simple(config.host, config.port, app, threaded=True, request_handler=QuietRequestHandler)
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    """werkzeug's handler without versions (of werkzeug and Python) in the Server header."""
+
+    def version_string(self) -> str:
+        return "meshfed"
 
 
 if __name__ == "__main__":

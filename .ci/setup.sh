@@ -3,7 +3,7 @@
 # exists, Debian's Fashion-MNIST package, plus Chromium (browser test), nginx and redis-server
 # (TLS proxy and scale-out test) and iproute2 (mesh test across network namespaces).
 # Safe to run again; needs no internet beyond the package registries.
-# MESHFED_DEMO_ONLY=1 skips the test-only packages.
+# MESHFED_DEMO_ONLY=1 skips the test-only packages (Debian's and requirements-test.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=()
@@ -17,4 +17,6 @@ if command -v apt-get >/dev/null 2>&1 && [ ${#packages[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -r requirements.txt
+requirements=(-r requirements.txt)
+[ -n "${MESHFED_DEMO_ONLY:-}" ] || requirements+=(-r requirements-test.txt)
+python3 -m pip install -q --disable-pip-version-check "${requirements[@]}"

@@ -1,25 +1,50 @@
-"""The REST API under /api: status, control, config, metrics, clients, models and updates."""
+"""The REST API under /api: status, control, config, metrics, clients, models, updates and enrollment.
+
+Every answer is JSON, errors included ({"error", "message"}, plus "reason" for refused updates); the
+contract is app/openapi.py, served at /api/openapi.json and browsable at /api/docs.
+"""
 from __future__ import annotations
 
 import hmac
+import re
 from functools import wraps
 from typing import Any, Callable
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, render_template, request
+from werkzeug.exceptions import ClientDisconnected
 
+from app.config import config_schema
+from app.enrollment import CHALLENGE_SECONDS
+from app.openapi import spec
+from app.ratelimit import RateLimited
+from app.refusals import Refusal
 from app.rounds import Conflict, RoundLoop
-from shared.errors import ConfigError, UpdateRefused
+from shared.errors import ConfigError, DatasetNotFound, UpdateRefused
 from shared.protocol import signed_roster, unpack_sync, unpack_update
 
-bp = Blueprint("api", __name__, url_prefix="/api")
+bp = Blueprint("api", __name__, url_prefix="/api", template_folder="templates")
+
+VERSION = re.compile(r"latest|[0-9]{1,15}")  # a model version in the path (SQLite integers hold 15 digits)
+REFUSAL_STATUS = {"too_large": 413, "rate_limited": 429, "stale_round": 409, "no_open_round": 409, "replay": 409,
+                  "wrong_version": 409, "contribution_limit": 409}
+
+
+def _meshfed() -> Any:
+    return current_app.extensions["meshfed"]
 
 
 def _loop() -> RoundLoop:
-    return current_app.extensions["meshfed"].loop
+    return _meshfed().loop
 
 
 def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
     return jsonify({"error": code, "message": message, **extra}), status
+
+
+def bearer_ok(header: str | None, expected: str) -> bool:
+    """True iff `header` is 'Bearer <expected>' (the scheme is case-insensitive, RFC 6750), in constant time."""
+    scheme, _, token = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
 
 
 def admin_required(view: Callable) -> Callable:
@@ -27,14 +52,35 @@ def admin_required(view: Callable) -> Callable:
 
     @wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        expected = current_app.extensions["meshfed"].config.admin_token
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return error(401, "unauthorized", "send the admin token printed at server start as "
-                                              "'Authorization: Bearer <token>'")
+        if not bearer_ok(request.headers.get("Authorization"), _meshfed().config.admin_token):
+            return error(401, "unauthorized", "send the admin token (state/tokens.json, or what the server was "
+                                              "given) as 'Authorization: Bearer <token>'")
         return view(*args, **kwargs)
 
     return wrapped
+
+
+def _json_object(*known: str) -> dict[str, Any]:
+    """The request's JSON body as an object ({} when there is none); BadBody (400) if it is not one, or (when
+    `known` names the fields) if it has others."""
+    if not request.content_length:
+        return {}
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadBody("send a JSON object (Content-Type: application/json)")
+    unknown = sorted(set(body) - set(known)) if known else []
+    if unknown:
+        raise BadBody(f"unknown field {unknown[0][:40]!r}; this endpoint reads {', '.join(known)}")
+    return body
+
+
+class BadBody(Exception):
+    """The request body is not what the endpoint reads."""
+
+
+@bp.errorhandler(BadBody)
+def on_bad_body(exc: BadBody) -> Any:
+    return error(400, "bad_request", str(exc))
 
 
 @bp.errorhandler(Conflict)
@@ -47,24 +93,11 @@ def on_config_error(exc: ConfigError) -> Any:
     return error(400, "invalid_config", "fix the fields listed in 'fields'", fields=exc.fields)
 
 
+# --- reading -------------------------------------------------------------------------------------
+
 @bp.get("/status")
 def status() -> Any:
     return jsonify(_loop().status())
-
-
-@bp.post("/start")
-@admin_required
-def start() -> Any:
-    body = request.get_json(silent=True) or {}
-    run_id = _loop().start(new_run=bool(body.get("new_run", False)))
-    return jsonify({"run_id": run_id, "status": _loop().status()})
-
-
-@bp.post("/stop")
-@admin_required
-def stop() -> Any:
-    _loop().stop()
-    return jsonify({"stopping": True})
 
 
 @bp.get("/config")
@@ -72,13 +105,9 @@ def get_config() -> Any:
     return jsonify(_loop().run_config.to_dict())
 
 
-@bp.post("/config")
-@admin_required
-def set_config() -> Any:
-    changes = request.get_json(silent=True)
-    if changes is None:
-        return error(400, "invalid_config", "send a JSON object of field: value")
-    return jsonify(_loop().set_config(changes).to_dict())
+@bp.get("/config/schema")
+def get_config_schema() -> Any:
+    return jsonify(config_schema())
 
 
 @bp.get("/metrics")
@@ -91,12 +120,18 @@ def metrics() -> Any:
 
 @bp.get("/clients")
 def clients() -> Any:
-    return jsonify({"clients": current_app.extensions["meshfed"].clients_view()})
+    return jsonify({"clients": _meshfed().clients_view()})
 
 
 @bp.get("/refusals")
 def refusals() -> Any:
-    return jsonify({"refusals": _loop().store.refusals(int(request.args.get("limit", 100)))})
+    """The latest refusals, and the source addresses with the most refusals nobody's signature vouched for."""
+    limit = request.args.get("limit", "100")
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 1000):
+        return error(400, "bad_request", "limit must be a whole number from 1 to 1000")
+    loop = _loop()
+    loop.refusals.flush()
+    return jsonify({"refusals": loop.store.refusals(int(limit)), "addresses": loop.store.address_refusals()})
 
 
 @bp.get("/models")
@@ -104,60 +139,28 @@ def models() -> Any:
     return jsonify({"current": _loop().global_version, "versions": _loop().store.versions()})
 
 
-@bp.get("/system")
-def system() -> Any:
-    """The server's resource samples and alerts (what the dashboard's system panel shows)."""
-    return jsonify(current_app.extensions["meshfed"].monitor.snapshot())
-
-
 @bp.get("/model/<version>")
 def model(version: str) -> Any:
+    if not VERSION.fullmatch(version):
+        return error(404, "no_such_version", f"no model version {version[:20]!r}; GET /api/models lists them")
     loop = _loop()
     number, data, digest = loop.global_model()  # the current version is served from memory
-    if version != "latest" and (not version.isdigit() or int(version) != number):
-        row = loop.store.get_version(int(version)) if version.isdigit() else None
+    if version != "latest" and int(version) != number:
+        row = loop.store.get_version(int(version))
         number, data, digest = (None, None, None) if row is None else (
             row["version"], loop.store.read_model(row["version"]), row["sha256"])
     if data is None:
         return error(404, "no_such_version", f"no model version {version!r}; GET /api/models lists them")
-    current_app.extensions["meshfed"].traffic.add(sent=len(data))
+    _meshfed().traffic.add(sent=len(data))
     return Response(data, mimetype="application/octet-stream", headers={
         "X-Model-Version": str(number), "X-Model-SHA256": digest,
         "Content-Disposition": f"attachment; filename=meshfed-model-v{number}.safetensors"})
 
 
-@bp.post("/rollback")
-@admin_required
-def rollback() -> Any:
-    body = request.get_json(silent=True) or {}
-    version = body.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        return error(400, "bad_request", "send {\"version\": <int>}; GET /api/models lists them")
-    try:
-        new = _loop().rollback(version)
-    except KeyError:
-        return error(404, "no_such_version", f"no model version {version}; GET /api/models lists them")
-    return jsonify({"rolled_back_to": version, "model_version": new})
-
-
-@bp.post("/sync")
-def sync() -> Any:
-    """Receive one packed, signed offline contribution (shared/protocol.py pack_sync)."""
-    loop = _loop()
-    client_hint = request.headers.get("X-Meshfed-Client")
-    limit = current_app.extensions["meshfed"].config.max_update_bytes
-    try:
-        if request.content_length is None:
-            raise UpdateRefused("malformed", "send a Content-Length header")
-        if request.content_length > limit:
-            raise UpdateRefused("too_large", f"body is {request.content_length} bytes, the limit is {limit}")
-        header, payload = unpack_sync(request.get_data(cache=False))
-        reply = loop.offer_contribution(header, payload)
-    except UpdateRefused as exc:
-        loop.count_refusal(client_hint, None, exc)
-        status = 413 if exc.reason == "too_large" else 409 if exc.reason in ("replay", "wrong_version") else 400
-        return error(status, exc.reason, str(exc), reason=exc.reason)
-    return jsonify(reply)
+@bp.get("/system")
+def system() -> Any:
+    """The server's resource samples and alerts (what the dashboard's system panel shows)."""
+    return jsonify(_meshfed().monitor.snapshot())
 
 
 @bp.get("/mesh")
@@ -168,34 +171,139 @@ def mesh() -> Any:
 @bp.get("/roster")
 def roster() -> Any:
     """Registered clients' key fingerprints, signed by the server: mesh peers trust each other by it."""
-    meshfed = current_app.extensions["meshfed"]
+    meshfed = _meshfed()
     return jsonify(signed_roster(meshfed.server_key, {c["id"]: c["fingerprint"] for c in meshfed.store.clients()}))
+
+
+@bp.get("/openapi.json")
+def openapi() -> Any:
+    return jsonify(spec())
+
+
+@bp.get("/docs")
+def docs() -> Any:
+    """The API description, browsable (Swagger UI, served from dashboard/static/vendor)."""
+    return render_template("api_docs.html")
+
+
+# --- control (admin) ------------------------------------------------------------------------------
+
+@bp.post("/start")
+@admin_required
+def start() -> Any:
+    new_run = _json_object("new_run").get("new_run", False)
+    if not isinstance(new_run, bool):
+        raise BadBody("new_run must be true or false")
+    try:
+        run_id = _loop().start(new_run=new_run)
+    except DatasetNotFound as exc:  # the request is fine; the configured dataset is not on this server
+        return error(409, "dataset_not_found", str(exc))
+    return jsonify({"run_id": run_id, "status": _loop().status()})
+
+
+@bp.post("/stop")
+@admin_required
+def stop() -> Any:
+    _loop().stop()
+    return jsonify({"stopping": True})
+
+
+@bp.post("/config")
+@admin_required
+def set_config() -> Any:
+    return jsonify(_loop().set_config(_json_object()).to_dict())
+
+
+@bp.post("/rollback")
+@admin_required
+def rollback() -> Any:
+    version = _json_object("version").get("version")
+    if isinstance(version, float) and version.is_integer():  # JSON Schema's integers include 3.0
+        version = int(version)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BadBody("send {\"version\": <int>}; GET /api/models lists them")
+    try:
+        new = _loop().rollback(version)
+    except KeyError:
+        return error(404, "no_such_version", f"no model version {version}; GET /api/models lists them")
+    return jsonify({"rolled_back_to": version, "model_version": new})
+
+
+# --- clients --------------------------------------------------------------------------------------
+
+@bp.get("/challenge")
+def challenge() -> Any:
+    """A fresh challenge for a client to sign in its registration (app/enrollment.py)."""
+    meshfed = _meshfed()
+    try:
+        meshfed.limits.hit("connect-per-address", request.remote_addr)
+    except RateLimited as exc:
+        return _refusal_reply(exc)
+    return jsonify({"challenge": meshfed.enrollment.challenge(), "expires_in": CHALLENGE_SECONDS})
+
+
+def _signed_body(rule: str) -> bytes:
+    """The body of a signed upload, within the address's rate and the size limit; UpdateRefused otherwise."""
+    meshfed = _meshfed()
+    meshfed.limits.hit(rule, request.remote_addr)
+    limit, size = meshfed.config.max_update_bytes, request.content_length
+    if size is None:
+        raise UpdateRefused("malformed", "send a Content-Length header")
+    if size > limit:
+        raise UpdateRefused("too_large", f"body is {size} bytes, the limit is {limit}")
+    try:
+        body = request.get_data(cache=False)
+    except ClientDisconnected:
+        raise UpdateRefused("malformed", "the body ended before its Content-Length") from None
+    meshfed.traffic.add(received=len(body))
+    return body
+
+
+def _refusal_reply(exc: UpdateRefused, client_id: str | None = None, round_no: int | None = None) -> Any:
+    """Count the refusal (against the verified client, else the source address) and answer it."""
+    loop = _loop()
+    message = str(exc)
+    loop.count_refusal(Refusal(exc.reason, message, client_id=client_id,
+                               address=None if client_id else request.remote_addr, run_id=loop.run_id,
+                               round=round_no))
+    reply, status = error(REFUSAL_STATUS.get(exc.reason, 400), exc.reason, message, reason=exc.reason)
+    if isinstance(exc, RateLimited):
+        reply.headers["Retry-After"] = str(int(exc.retry_after + 0.999))
+    return reply, status
 
 
 @bp.post("/update")
 def update() -> Any:
-    """Receive one packed, signed update (see shared/protocol.py)."""
-    loop = _loop()
-    client_hint = request.headers.get("X-Meshfed-Client")  # unverified; only to attribute refusals
-    limit = current_app.extensions["meshfed"].config.max_update_bytes
-    size = request.content_length
+    """Receive one packed, signed update (shared/protocol.py pack_update)."""
+    loop, limits = _loop(), _meshfed().limits
     try:
-        if size is None:
-            raise UpdateRefused("malformed", "send a Content-Length header")
-        if size > limit:
-            raise UpdateRefused("too_large", f"body is {size} bytes, the limit is {limit}")
-        body = request.get_data(cache=False)
-        current_app.extensions["meshfed"].traffic.add(received=len(body))
-        header, payload = unpack_update(body)
+        header, payload = unpack_update(_signed_body("update-per-address"))
+        verified = loop.authenticate(header, payload)
+    except UpdateRefused as exc:  # nobody's signature vouches for this request: the address answers for it
+        return _refusal_reply(exc)
+    try:  # from here on the sender is proven: refusals are its own
+        limits.hit("update-per-client", header.client_id)
+        outcome = loop.offer(verified)
     except UpdateRefused as exc:
-        loop.count_refusal(client_hint, None, exc)
-        return error(413 if exc.reason == "too_large" else 400, exc.reason, str(exc), reason=exc.reason)
-    try:
-        outcome = loop.offer(header, payload)
-    except UpdateRefused as exc:
-        loop.count_refusal(header.client_id, header.round, exc)
-        status = 409 if exc.reason in ("stale_round", "no_open_round", "replay", "wrong_version") else 400
-        return error(status, exc.reason, str(exc), reason=exc.reason)
+        return _refusal_reply(exc, header.client_id, header.round)
+    notes = {"notes": list(header.notes)} if header.notes else {}
     if outcome != "accepted":  # a straggler: recorded, merged later or dropped, never an error
-        return jsonify({"accepted": False, "straggler": outcome.removeprefix("straggler_"), "round": header.round}), 202
-    return jsonify({"accepted": True, "round": header.round})
+        return jsonify({"accepted": False, "straggler": outcome.removeprefix("straggler_"), "round": header.round,
+                        **notes}), 202
+    return jsonify({"accepted": True, "round": header.round, **notes})
+
+
+@bp.post("/sync")
+def sync() -> Any:
+    """Receive one packed, signed offline contribution (shared/protocol.py pack_sync)."""
+    loop, limits = _loop(), _meshfed().limits
+    try:
+        header, payload = unpack_sync(_signed_body("sync-per-address"))
+        verified = loop.authenticate(header, payload)
+    except UpdateRefused as exc:
+        return _refusal_reply(exc)
+    try:
+        limits.hit("sync-per-client", header.client_id)
+        return jsonify(loop.offer_contribution(verified))
+    except UpdateRefused as exc:
+        return _refusal_reply(exc, header.client_id)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from shared.compression import COMPRESSIONS
 from shared.datasets import DATASET_NAMES
@@ -14,49 +15,131 @@ from shared.partition import PARTITION_NAMES
 
 
 @dataclass(frozen=True)
+class Setting:
+    """How one run setting is checked and described: validation, the JSON Schema (/api/config/schema, the
+    OpenAPI contract) and the dashboard form are made from it."""
+
+    help: str
+    group: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False      # (lo, ... instead of [lo, ...
+    hi_open: bool = False      # ..., hi) instead of ..., hi]
+    choices: Callable[[], Sequence[str]] | None = None  # a function: plug-ins may register strategies later
+    note: str = ""             # what a special value means, e.g. "0 = no cap"
+
+    def meaning(self, kind: str) -> str:
+        """What a valid value is, in words (error messages end with it)."""
+        if self.choices is not None:
+            named = ", ".join(repr(c) if c == "" else c for c in self.choices())
+            return f"one of {named}" + (f" ({self.note})" if self.note else "")
+        if kind == "int":
+            words = f"an integer from {self.lo:.0f} to {self.hi:.0f}"
+        elif self.lo_open or self.hi_open:
+            words = f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        else:
+            words = f"a number from {self.lo:g} to {self.hi:g}"
+        return words + (f" ({self.note})" if self.note else "")
+
+    def accepts(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices()
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def json_schema(self, kind: str) -> dict[str, Any]:
+        if self.choices is not None:
+            return {"type": "string", "enum": list(self.choices())}
+        schema: dict[str, Any] = {"type": "integer" if kind == "int" else "number"}
+        schema["exclusiveMinimum" if self.lo_open else "minimum"] = self.lo
+        schema["exclusiveMaximum" if self.hi_open else "maximum"] = self.hi
+        return schema
+
+
+def setting(default: Any, help: str, group: str, **rule: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(help, group, **rule)})
+
+
+def _strategies() -> Sequence[str]:
+    return sorted(STRATEGIES)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """What one training run does; editable through POST /api/config while no run is active."""
 
-    dataset: str = "fashion-mnist"  # the server evaluates the global model on this test split
-    model: str = "cnn"              # 'cnn' (McMahan CNN / CIFAR CNN by input shape) or 'mlp'
-    num_rounds: int = 5             # stop after this many completed rounds
-    fraction_fit: float = 1.0       # share of connected clients asked to train each round
-    min_fit_clients: int = 2        # a round starts only when this many clients are connected
-    max_fit_clients: int = 0        # cap on clients asked per round; 0 = no cap
-    quorum: float = 0.5             # at the deadline, aggregate if this share of the asked replied
-    round_timeout: float = 120.0    # seconds from asking to the deadline (max_duration)
-    min_updates: int = 0            # close the round as soon as this many updates arrived; 0 = wait for
-                                    # every asked client (asynchronous rounds: set it below the asked count)
-    stragglers: str = "drop"        # late updates from asked clients: 'drop' (recorded) or 'merge' (into
-                                    # the next aggregation with weight n / sqrt(1 + staleness))
-    max_staleness: int = 2          # rounds after which a late update is simply stale
-    local_epochs: int = 1           # E: local passes over each client's training split
-    lr: float = 0.05                # client SGD learning rate
-    momentum: float = 0.0           # client SGD momentum, buffers started afresh each round (0 = plain SGD)
-    batch_size: int = 32            # B: client minibatch size
-    max_batches: int = 0            # cap on local batches per round; 0 = no cap (E epochs)
-    partition: str = ""             # '' = each client keeps its own --partition; else every client
-                                    # re-partitions (iid | dirichlet | shards): for simulations
-    alpha: float = 0.5              # Dirichlet concentration when partition is 'dirichlet'
-    target_accuracy: float = 0.0    # stop once test accuracy reaches this; 0 = off
-    strategy: str = "fedavg"        # see app/strategy.py: fedavg fedprox fedadam fedyogi fedadagrad
-                                    # fedavgm krum multikrum median trimmed_mean bulyan (+ plug-ins)
-    proximal_mu: float = 0.0        # FedProx: clients add mu/2 * ||w - w_global||^2 (fedprox needs > 0)
-    server_lr: float = 0.1          # FedOpt / FedAvgM server learning rate (eta)
-    beta1: float = 0.9              # FedOpt first-moment decay; FedAvgM momentum
-    beta2: float = 0.99             # FedAdam / FedYogi second-moment decay
-    tau: float = 1e-3               # FedOpt adaptivity (epsilon); v starts at tau^2
-    byzantine_f: int = 0            # Krum / Multi-Krum / Bulyan: attackers tolerated per round
-    multikrum_m: int = 0            # Multi-Krum: updates averaged; 0 = n - f
-    trim_beta: float = 0.1          # trimmed mean: share cut from each end per coordinate
-    mixing: str = "none"            # robust rules: 'nnm' first mixes each update with its n - f nearest
-                                    # (Allouah et al. 2023; uses byzantine_f), for non-IID clients
-    compression: str = "none"       # how clients encode updates: none | fp16 | int8 (shared/compression.py)
-    anomaly_z: float = 2.5          # flag updates whose norm or cosine-distance z-score exceeds this
-    seed: int = 0                   # seeds the initial model and client selection
+    dataset: str = setting("fashion-mnist", "the server evaluates the global model on this test split", "data",
+                           choices=lambda: DATASET_NAMES)
+    model: str = setting("cnn", "'cnn' (McMahan CNN / CIFAR CNN by input shape) or 'mlp'", "data",
+                         choices=lambda: MODEL_NAMES)
+    num_rounds: int = setting(5, "stop after this many completed rounds", "rounds", lo=1, hi=100_000)
+    fraction_fit: float = setting(1.0, "share of connected clients asked to train each round", "rounds",
+                                  lo=0, hi=1, lo_open=True)
+    min_fit_clients: int = setting(2, "a round starts only when this many clients are connected", "rounds",
+                                   lo=1, hi=10_000)
+    max_fit_clients: int = setting(0, "cap on clients asked per round", "rounds", lo=0, hi=10_000, note="0 = no cap")
+    quorum: float = setting(0.5, "at the deadline, aggregate if this share of the asked replied", "rounds",
+                            lo=0, hi=1, lo_open=True)
+    round_timeout: float = setting(120.0, "seconds from asking to the deadline", "rounds", lo=1, hi=86_400)
+    min_updates: int = setting(0, "close the round as soon as this many updates arrived (asynchronous rounds: "
+                                  "set it below the asked count)", "rounds", lo=0, hi=10_000,
+                               note="0 = wait for all asked clients")
+    stragglers: str = setting("drop", "late updates from asked clients: 'drop' (recorded) or 'merge' (into the next "
+                                      "aggregation with weight n / sqrt(1 + staleness))", "rounds",
+                              choices=lambda: ("drop", "merge"))
+    max_staleness: int = setting(2, "rounds after which a late update is simply stale", "rounds", lo=1, hi=100)
+    local_epochs: int = setting(1, "E: local passes over each client's training split", "training", lo=1, hi=100)
+    lr: float = setting(0.05, "client SGD learning rate", "training", lo=0, hi=10, lo_open=True)
+    momentum: float = setting(0.0, "client SGD momentum, buffers started afresh each round (0 = plain SGD)",
+                              "training", lo=0, hi=1, hi_open=True)
+    batch_size: int = setting(32, "B: client minibatch size", "training", lo=1, hi=65_536)
+    max_batches: int = setting(0, "cap on local batches per round", "training", lo=0, hi=10_000_000,
+                               note="0 = no cap")
+    partition: str = setting("", "'' = each client keeps its own --partition; else every client re-partitions "
+                                 "(for simulations)", "data", choices=lambda: ("",) + PARTITION_NAMES,
+                             note="'' = the clients' own")
+    alpha: float = setting(0.5, "Dirichlet concentration when partition is 'dirichlet'", "data", lo=0.001, hi=1000)
+    target_accuracy: float = setting(0.0, "stop once test accuracy reaches this", "rounds", lo=0, hi=1,
+                                     note="0 = off")
+    strategy: str = setting("fedavg", "how the server combines updates (app/strategy.py, plus plug-ins)", "strategy",
+                            choices=_strategies)
+    proximal_mu: float = setting(0.0, "FedProx: clients add mu/2 * ||w - w_global||^2 (fedprox needs > 0)",
+                                 "strategy", lo=0, hi=100)
+    server_lr: float = setting(0.1, "FedOpt / FedAvgM server learning rate (eta)", "strategy", lo=0, hi=100,
+                               lo_open=True)
+    beta1: float = setting(0.9, "FedOpt first-moment decay; FedAvgM momentum", "strategy", lo=0, hi=1, hi_open=True)
+    beta2: float = setting(0.99, "FedAdam / FedYogi second-moment decay", "strategy", lo=0, hi=1, hi_open=True)
+    tau: float = setting(1e-3, "FedOpt adaptivity (epsilon); v starts at tau^2", "strategy", lo=0, hi=1,
+                         lo_open=True)
+    byzantine_f: int = setting(0, "Krum / Multi-Krum / Bulyan / NNM: attackers tolerated per round", "strategy",
+                               lo=0, hi=1000)
+    multikrum_m: int = setting(0, "Multi-Krum: updates averaged", "strategy", lo=0, hi=10_000, note="0 = n - f")
+    trim_beta: float = setting(0.1, "trimmed mean: share cut from each end per coordinate", "strategy", lo=0, hi=0.5,
+                               hi_open=True)
+    mixing: str = setting("none", "robust rules: 'nnm' first mixes each update with its n - f nearest (Allouah et "
+                                  "al. 2023; uses byzantine_f), for non-IID clients", "strategy",
+                          choices=lambda: ("none", "nnm"))
+    compression: str = setting("none", "how clients encode updates (shared/compression.py)", "training",
+                               choices=lambda: COMPRESSIONS)
+    anomaly_z: float = setting(2.5, "flag updates whose norm or cosine-distance z-score exceeds this", "strategy",
+                               lo=0, hi=100, lo_open=True)
+    seed: int = setting(0, "seeds the initial model and client selection", "rounds", lo=0, hi=2**32 - 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+SETTINGS: dict[str, tuple[str, Setting]] = {f.name: (str(f.type), f.metadata["setting"])
+                                            for f in dataclasses.fields(RunConfig)}  # name -> (type, setting)
+
+
+def config_schema() -> dict[str, Any]:
+    """The run configuration as a JSON Schema: each field's type, bounds or choices, default, help, group."""
+    defaults = RunConfig()
+    return {"type": "object", "additionalProperties": False, "properties": {
+        name: {**setting.json_schema(kind), "default": getattr(defaults, name), "description": setting.help,
+               "x-group": setting.group} for name, (kind, setting) in SETTINGS.items()}}
 
 
 @dataclass(frozen=True)
@@ -78,44 +161,30 @@ class ServerConfig:
     role: str = "leader"                # 'leader' or 'follower'
     leader_url: str | None = None       # followers: the leader's address (http://host:port)
     message_queue: str | None = None    # e.g. redis://127.0.0.1:6379/0; None = a single process
+    # Security (README "Security model").
+    allowed_origins: tuple[str, ...] = ()  # browser origins that may open a Socket.IO connection; () = only
+                                           # the server's own (as the browser reached it, through a proxy too)
+    proxies: int = 0                    # reverse proxies in front whose X-Forwarded-For/-Proto/-Host to trust
+                                        # (1 behind the shipped nginx): the client's address and https
+    rate_limits: tuple[tuple[str, str], ...] = ()  # (rule, limit) overrides of app/ratelimit.DEFAULT_RULES
 
 
-# field -> (type, check, what the check means)
-_CHECKS: dict[str, tuple[type, Any, str]] = {
-    "dataset": (str, lambda v: v in DATASET_NAMES, f"one of {', '.join(DATASET_NAMES)}"),
-    "model": (str, lambda v: v in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
-    "num_rounds": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
-    "fraction_fit": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "min_fit_clients": (int, lambda v: 1 <= v <= 10_000, "an integer from 1 to 10000"),
-    "max_fit_clients": (int, lambda v: 0 <= v <= 10_000, "an integer from 0 (no cap) to 10000"),
-    "quorum": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "round_timeout": (float, lambda v: 1 <= v <= 86_400, "seconds from 1 to 86400"),
-    "min_updates": (int, lambda v: 0 <= v <= 10_000, "an integer >= 0 (0 = wait for all asked clients)"),
-    "stragglers": (str, lambda v: v in ("drop", "merge"), "'drop' or 'merge'"),
-    "max_staleness": (int, lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
-    "local_epochs": (int, lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
-    "lr": (float, lambda v: 0 < v <= 10, "a number in (0, 10]"),
-    "momentum": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "batch_size": (int, lambda v: 1 <= v <= 65_536, "an integer from 1 to 65536"),
-    "max_batches": (int, lambda v: 0 <= v <= 10_000_000, "an integer >= 0 (0 = no cap)"),
-    "partition": (str, lambda v: v in ("",) + PARTITION_NAMES,
-                  f"'' (clients' own) or one of {', '.join(PARTITION_NAMES)}"),
-    "alpha": (float, lambda v: 0.001 <= v <= 1000, "a number from 0.001 to 1000"),
-    "target_accuracy": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
-    "strategy": (str, lambda v: v in STRATEGIES, "a registered strategy (see app/strategy.py)"),
-    "proximal_mu": (float, lambda v: 0 <= v <= 100, "a number from 0 to 100"),
-    "server_lr": (float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
-    "beta1": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "beta2": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "tau": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "byzantine_f": (int, lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
-    "multikrum_m": (int, lambda v: 0 <= v <= 10_000, "an integer >= 0 (0 = n - f)"),
-    "trim_beta": (float, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
-    "mixing": (str, lambda v: v in ("none", "nnm"), "'none' or 'nnm'"),
-    "compression": (str, lambda v: v in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
-    "anomaly_z": (float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
-    "seed": (int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32-1"),
-}
+def _coerce(kind: str, value: Any) -> Any:
+    """`value` as a `kind` ('int', 'float', 'str'); numbers may come as text (the dashboard's form sends text)."""
+    if isinstance(value, bool) or isinstance(value, (dict, list)) or value is None:
+        raise TypeError(kind)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise TypeError(kind)
+        return value
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(value)
+    if kind == "int":
+        if number != int(number):
+            raise ValueError(value)
+        return int(number)
+    return number
 
 
 def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
@@ -125,19 +194,17 @@ def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
     errors: dict[str, str] = {}
     clean: dict[str, Any] = {}
     for name, value in changes.items():
-        if name not in _CHECKS:
-            errors[name] = f"unknown field; known fields: {', '.join(_CHECKS)}"
+        if name not in SETTINGS:
+            errors[name] = f"unknown field; known fields: {', '.join(SETTINGS)}"
             continue
-        kind, check, meaning = _CHECKS[name]
+        kind, rule = SETTINGS[name]
         try:
-            if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
-                raise ValueError
-            coerced = kind(value) if kind is not int else int(float(value))
-        except (TypeError, ValueError):
-            errors[name] = f"must be {meaning}"
+            coerced = _coerce(kind, value)
+        except (TypeError, ValueError, OverflowError):
+            errors[name] = f"must be {rule.meaning(kind)}"
             continue
-        if not check(coerced):
-            errors[name] = f"must be {meaning}"
+        if not rule.accepts(coerced):
+            errors[name] = f"must be {rule.meaning(kind)}"
         clean[name] = coerced
     if errors:
         raise ConfigError(errors)

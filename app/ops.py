@@ -50,16 +50,32 @@ class MeshfedCollector:
         yield GaugeMetricFamily("meshfed_clients_connected", "Clients connected on /fl",
                                 value=len(self.meshfed.registry.online()))
         yield GaugeMetricFamily("meshfed_run_active", "1 while a run is active", value=int(loop.status()["active"]))
+        loop.refusals.flush()
         clients = store.clients()
         yield CounterMetricFamily("meshfed_updates_accepted", "Updates accepted",
                                   value=sum(c["accepted"] for c in clients))
-        refused = CounterMetricFamily("meshfed_updates_refused", "Updates refused, by reason", labels=["reason"])
-        for reason, n in store.refusal_counts().items():
-            refused.add_metric([reason], n)
+        refused = CounterMetricFamily("meshfed_updates_refused", "Refused requests, by reason and by whether the "
+                                      "sender's signature verified (true: charged to that client; false: to the "
+                                      "source address)", labels=["reason", "verified"])
+        for (verified, reason), n in sorted(store.refusal_counts().items()):
+            refused.add_metric([reason, str(verified).lower()], n)
         yield refused
+        yield from rate_limit_metrics(self.meshfed.limits)
         traffic = self.meshfed.traffic
         yield CounterMetricFamily("meshfed_http_received_bytes", "Update bytes received", value=traffic.bytes_in)
         yield CounterMetricFamily("meshfed_http_sent_bytes", "Model bytes sent", value=traffic.bytes_out)
+
+
+def rate_limit_metrics(limits: Any) -> Iterator[Any]:
+    """Each rate-limit rule's limit (per minute; 0 = off) and the requests it refused."""
+    configured = GaugeMetricFamily("meshfed_rate_limit_per_minute", "Configured rate limit, requests per minute "
+                                   "(0 = off)", labels=["rule"])
+    limited = CounterMetricFamily("meshfed_rate_limited", "Requests refused by a rate limit", labels=["rule"])
+    for rule, per_minute in limits.per_minute().items():
+        configured.add_metric([rule], per_minute)
+        limited.add_metric([rule], limits.limited[rule])
+    yield configured
+    yield limited
 
 
 class FollowerCollector:
@@ -71,6 +87,7 @@ class FollowerCollector:
     def collect(self) -> Iterator[Any]:
         yield GaugeMetricFamily("meshfed_leader_up", "1 if this follower reaches the leader's /healthz",
                                 value=int(self.follower.control.alive()))
+        yield from rate_limit_metrics(self.follower.limits)
 
 
 def make_registry(collector: Any) -> CollectorRegistry:

@@ -24,27 +24,33 @@ class Session:
 
 
 class Registry:
-    """Thread-safe map client_id -> Session for connected clients; the newest connection wins."""
+    """Thread-safe map of connected clients, by client id and by Socket.IO sid (both O(1)).
+
+    One live session per client id: a second connection for an id that is connected is refused, not
+    preferred, so nobody can push a client's own session aside (app/fl.py).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_id: dict[str, Session] = {}
+        self._by_sid: dict[str, str] = {}  # sid -> client id
 
-    def connect(self, session: Session) -> Session | None:
-        """Add a session; returns the one it replaced (same client id, older sid), if any."""
+    def connect(self, session: Session) -> bool:
+        """Add a session; False (and nothing changes) if its client id already has a live one."""
         with self._lock:
-            old = self._by_id.get(session.client_id)
+            if session.client_id in self._by_id:
+                return False
             self._by_id[session.client_id] = session
-            return old
+            self._by_sid[session.sid] = session.client_id
+            return True
 
     def disconnect(self, sid: str) -> str | None:
-        """Forget the session with this sid; returns its client id (None if it was already replaced)."""
+        """Forget the session with this sid; returns its client id (None if none had it)."""
         with self._lock:
-            for cid, s in list(self._by_id.items()):
-                if s.sid == sid:
-                    del self._by_id[cid]
-                    return cid
-        return None
+            client_id = self._by_sid.pop(sid, None)
+            if client_id is not None:
+                del self._by_id[client_id]
+            return client_id
 
     def update(self, client_id: str, **changes: Any) -> None:
         with self._lock:
@@ -58,7 +64,7 @@ class Registry:
 
     def client_for_sid(self, sid: str) -> str | None:
         with self._lock:
-            return next((cid for cid, s in self._by_id.items() if s.sid == sid), None)
+            return self._by_sid.get(sid)
 
     def online(self) -> list[Session]:
         with self._lock:

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -18,11 +18,12 @@ import numpy as np
 
 from app.config import RunConfig, update_run_config
 from app.evaluator import Evaluator
+from app.refusals import Refusal, RefusalLedger
 from app.registry import Registry
 from app.store import Store
-from app.verify import OpenRound, check_arrays, check_round, check_signature
+from app.verify import OpenRound, check_arrays, check_examples, check_round, check_signature
 from app import strategy
-from shared.aggregate import flag_anomalies, update_norm
+from shared.aggregate import cap_total, clip_to_norm, flag_anomalies, staleness_weight, update_norm
 from shared.errors import MeshfedError, UpdateRefused
 from shared.models import weight_spec
 from shared.protocol import SyncHeader, TrainRequest, UpdateHeader, decode_weights, encode_weights
@@ -41,6 +42,31 @@ class Transport(Protocol):
 
 class Conflict(MeshfedError):
     """The action does not fit the loop's current state (e.g. Start while running)."""
+
+
+MAX_CONTRIBUTIONS_PER_BASE = 1  # offline contributions a client may make from one global version
+
+
+@dataclass(frozen=True)
+class Verified:
+    """An update or offline contribution whose signature checked out against its sender's pinned key.
+    Only RoundLoop.authenticate makes one; from there on, refusals are charged to the sender."""
+
+    header: UpdateHeader | SyncHeader
+    payload: bytes
+    registered_examples: int  # what the sender registered with (signed): the bound of its examples
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A delta waiting to join the next aggregation: a straggler's update or an offline contribution."""
+
+    client_id: str
+    delta: dict[str, np.ndarray]
+    num_examples: int
+    base_version: int          # the global version the delta was trained from (its staleness: versions since)
+    cap: int                   # the client's registered examples: its merges' total weight per round
+    contribution_id: str = ""  # set for offline contributions (recorded as merged with the round)
 
 
 class RoundLoop:
@@ -67,7 +93,7 @@ class RoundLoop:
         # closed rounds still accepting stragglers: round -> (what it accepted, who delivered or was late)
         self._closed: dict[int, tuple[OpenRound, set[str]]] = {}
         self._late: dict[str, dict[str, Any]] = {}  # stragglers seen since the last round closed
-        self._late_updates: list[tuple[dict[str, np.ndarray], float]] = []  # to merge: (delta, weight)
+        self._late_updates: list[Pending] = []  # stragglers to merge into the next aggregation
         self._stop_reason = "stopped by operator"
         self.global_version: int | None = None
         self._global_bytes: bytes | None = None
@@ -75,6 +101,7 @@ class RoundLoop:
         self._global: dict[str, np.ndarray] = {}
         self._strategy_state: dict[str, np.ndarray] = {}  # saved with every checkpoint (app/strategy.py)
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.refusals = RefusalLedger(store)
         self._load_latest()
 
     @staticmethod
@@ -214,10 +241,18 @@ class RoundLoop:
 
     # --- updates ---------------------------------------------------------------------------------
 
-    def offer(self, header: UpdateHeader, payload: bytes) -> str:
-        """Verify an update and add it to the open round ('accepted'), or handle it as a straggler
+    def authenticate(self, header: UpdateHeader | SyncHeader, payload: bytes) -> Verified:
+        """Check the signature against the sender's pinned key; UpdateRefused (nobody charged) if it fails."""
+        client = self.store.client(header.client_id)
+        check_signature(header, payload, client["public_key"] if client else None)
+        return Verified(header, payload, int(client["num_examples"] or 0))
+
+    def offer(self, update: Verified) -> str:
+        """Add a verified update to the open round ('accepted'), or handle it as a straggler
         ('straggler_merged' / 'straggler_dropped'), or raise UpdateRefused (model untouched)."""
-        check_signature(header, payload, self.store.client_key(header.client_id))
+        header = update.header
+        assert isinstance(header, UpdateHeader)
+        check_examples(header.num_examples, update.registered_examples)
         with self._cond:
             open_round = self._open
             late = self._closed.get(header.round)
@@ -226,52 +261,67 @@ class RoundLoop:
             if late is None:
                 check_round(header, open_round, set(self._delivered))
         if late is not None:
-            check_round(header, late[0], late[1])  # run, version, asked, examples: as in its own round
-            return self._straggler(header, check_arrays(payload, late[0]))
-        delta = check_arrays(payload, open_round)
-        norm = update_norm(delta)  # for the anomaly scores, now while the delta is in the CPU cache
+            check_round(header, late[0], late[1])  # run, version, asked: as in its own round
+            return self._straggler(update, check_arrays(update.payload, late[0].spec, late[0].max_bytes,
+                                                        late[0].compression))
+        delta = check_arrays(update.payload, open_round.spec, open_round.max_bytes, open_round.compression)
+        norm = update_norm(delta)  # for the anomaly scores and merge clipping, while the delta is in the cache
         with self._cond:  # the round may have closed while we decoded
             check_round(header, self._open, set(self._delivered))
-            metrics = {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(payload), "norm": norm}
+            metrics = {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(update.payload),
+                       "norm": norm}
             self._delivered[header.client_id] = (delta, header.num_examples, metrics)
             self._cond.notify_all()
+        if header.notes:
+            log.info("update from %s: %s", header.client_id, "; ".join(header.notes))
         return "accepted"  # counted in the client's record when its round commits
 
-    def _straggler(self, header: UpdateHeader, delta: dict[str, np.ndarray]) -> str:
+    def _straggler(self, update: Verified, delta: dict[str, np.ndarray]) -> str:
         """Record a late update from an asked client; merge it into the next aggregation if configured."""
+        header = update.header
         with self._cond:
             closed = self._closed.get(header.round)
             if closed is None or header.client_id in closed[1]:
                 raise UpdateRefused("stale_round", f"round {header.round} no longer takes late updates")
             closed[1].add(header.client_id)
-            staleness = max(1, self.round - header.round)
             merge = self.run_config.stragglers == "merge"
             if merge:
-                self._late_updates.append((delta, header.num_examples / math.sqrt(1 + staleness)))
-            self._late[header.client_id] = {"round": header.round, "staleness": staleness, "merged": merge}
-        log.info("straggler from %s for round %d (staleness %d): %s", header.client_id, header.round, staleness,
+                self._late_updates.append(Pending(header.client_id, delta, header.num_examples, header.model_version,
+                                                  update.registered_examples))
+            self._late[header.client_id] = {"round": header.round, "base_version": header.model_version,
+                                            "merged": merge}
+        log.info("straggler from %s for round %d: %s", header.client_id, header.round,
                  "merged into the next aggregation" if merge else "dropped")
         return "straggler_merged" if merge else "straggler_dropped"
 
-    def offer_contribution(self, header: SyncHeader, payload: bytes) -> dict[str, Any]:
-        """Verify an offline contribution and keep it for the next aggregation (mesh sync-back).
+    def offer_contribution(self, contribution: Verified) -> dict[str, Any]:
+        """Keep a verified offline contribution for the next aggregation (mesh sync-back).
 
         Policy (FedAsync/FedBuff-style): the delta joins the next round's aggregation with weight
-        num_examples / sqrt(1 + staleness), staleness = versions the global model moved since its
-        base. Idempotent by contribution_id; kept on disk until merged, so a crash loses nothing.
+        num_examples / sqrt(1 + staleness), staleness = versions the global model moved since its base,
+        clipped to the median norm of that round's fresh updates; one client's merges in a round weigh
+        at most its registered examples, and it may make MAX_CONTRIBUTIONS_PER_BASE per base version.
+        Idempotent by contribution_id; everything is checked before anything is written, and the delta
+        is kept on disk until merged, so a crash loses nothing.
         """
-        check_signature(header, payload, self.store.client_key(header.client_id))
+        header = contribution.header
+        assert isinstance(header, SyncHeader)
         known = self.store.contribution(header.contribution_id)
         if known is not None:
             if known["client_id"] != header.client_id:
                 raise UpdateRefused("replay", "that contribution id belongs to another client")
             return {"accepted": True, "duplicate": True, "merged_version": known["merged_version"]}
+        check_examples(header.num_examples, contribution.registered_examples)
         if self.store.get_version(header.base_version) is None:
             raise UpdateRefused("wrong_version", f"base version {header.base_version} is not stored here")
+        made = self.store.count_contributions(header.client_id, header.base_version)
+        if made >= MAX_CONTRIBUTIONS_PER_BASE:
+            raise UpdateRefused("contribution_limit", f"{header.client_id!r} already made {made} contribution(s) "
+                                                      f"from version {header.base_version}; train from a newer one")
         with self._cond:
             spec = weight_spec(self._global)
-        check_arrays(payload, OpenRound("", -1, header.base_version, frozenset(), spec, self.max_update_bytes))
-        if not self.store.add_contribution(header, payload):
+        check_arrays(contribution.payload, spec, self.max_update_bytes)
+        if not self.store.add_contribution(header, contribution.payload):
             return {"accepted": True, "duplicate": True, "merged_version": None}
         self.store.record_accepted(header.client_id, self.round)
         log.info("offline contribution %s from %s: base v%d, %d local steps, mixed with %s; merged with the "
@@ -291,30 +341,48 @@ class RoundLoop:
                                                      "staleness", "weight")} for r in rows],
                 "edges": [list(e) for e in edges]}
 
-    def _pending_contributions(self) -> tuple[list[tuple[dict[str, np.ndarray], float]], dict[str, tuple[int, float]]]:
-        """Stored offline contributions that fit the current model, with their merge weights."""
-        updates, merged = [], {}
+    def _pending_contributions(self) -> list[Pending]:
+        """Stored offline contributions that fit the current model."""
+        pending = []
         spec = weight_spec(self._global)
         for row in self.store.contributions(pending_only=True):
             try:
-                delta = check_arrays(self.store.read_contribution(row),
-                                     OpenRound("", -1, row["base_version"], frozenset(), spec, self.max_update_bytes))
+                delta = check_arrays(self.store.read_contribution(row), spec, self.max_update_bytes)
             except (UpdateRefused, OSError) as exc:  # e.g. a new run with another model: stays pending, visible
                 log.warning("offline contribution %s cannot be merged into this model: %s", row["id"][:8], exc)
                 continue
-            staleness = max(0, (self.global_version or 0) - row["base_version"])
-            weight = row["num_examples"] / math.sqrt(1 + staleness)
-            updates.append((delta, weight))
-            merged[row["id"]] = (staleness, weight)
-        return updates, merged
+            client = self.store.client(row["client_id"])
+            pending.append(Pending(row["client_id"], delta, row["num_examples"], row["base_version"],
+                                   int(client["num_examples"] or 0) if client else 0, row["id"]))
+        return pending
 
-    def count_refusal(self, client_id: str | None, round_no: int | None, exc: UpdateRefused) -> None:
+    def _staleness(self, base_version: int) -> int:
+        """Model versions the global model moved since `base_version` (the one count of staleness)."""
+        return (self.global_version or 0) - base_version
+
+    def _weigh(self, pending: list[Pending], max_norm: float) -> list[tuple[dict[str, np.ndarray], float]]:
+        """(delta, weight) of each pending merge: staleness-weighted, clipped to max_norm (the median norm of
+        the round's fresh updates), and one client's merges capped together at its registered examples."""
+        weights = [staleness_weight(p.num_examples, self._staleness(p.base_version)) for p in pending]
+        for client in {p.client_id for p in pending}:
+            mine = [i for i, p in enumerate(pending) if p.client_id == client]
+            for i, w in zip(mine, cap_total([weights[i] for i in mine], pending[mine[0]].cap)):
+                weights[i] = w
+        return [(clip_to_norm(p.delta, max_norm), w) for p, w in zip(pending, weights)]
+
+    def count_refusal(self, refusal: Refusal) -> None:
+        """Count a refusal (app/refusals.py: charged to a client only if its signature verified)."""
         with self._cond:
-            self._round_refusals += 1
-        self.store.record_refusal(client_id, self.run_id, round_no, exc.reason, str(exc))
-        log.warning("refused update from %s: %s", client_id, exc)
-        self.transport.publish("update_refused", {"client_id": client_id, "round": round_no,
-                                                  "reason": exc.reason, "message": str(exc)})
+            if refusal.verified and self._open is not None and refusal.round == self._open.round:
+                self._round_refusals += 1
+        self.refusals.add(refusal)
+        who = refusal.client_id or f"unverified sender at {refusal.address}"
+        if refusal.verified:
+            log.warning("refused update from %s: %s: %s", who, refusal.reason, refusal.message)
+            self.transport.publish("update_refused", {"client_id": refusal.client_id, "round": refusal.round,
+                                                      "reason": refusal.reason, "message": refusal.message})
+        else:  # a flood must not flood the log or the dashboards: counted, and logged at debug level
+            log.debug("refused a request from %s: %s: %s", who, refusal.reason, refusal.message)
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -414,8 +482,14 @@ class RoundLoop:
         ids = sorted(delivered)  # a fixed order: the same updates give the same model, bit for bit
         with self._cond:
             late, self._late_updates, stragglers, self._late = self._late_updates, [], self._late, {}
-        offline, merged = self._pending_contributions()
-        updates = [(delivered[cid][0], delivered[cid][1]) for cid in ids] + late + offline
+        offline = self._pending_contributions()
+        bound = float(np.median([delivered[cid][2]["norm"] for cid in ids]))
+        merges = self._weigh(late + offline, bound)
+        merged = {p.contribution_id: (self._staleness(p.base_version), w) for p, (_, w) in zip(late + offline, merges)
+                  if p.contribution_id}
+        late_rows = {cid: {"round": s["round"], "staleness": self._staleness(s["base_version"]),
+                           "merged": s["merged"]} for cid, s in stragglers.items()}
+        updates = [(delivered[cid][0], delivered[cid][1]) for cid in ids] + [m for m in merges if m[1] > 0]
         try:
             new_weights, new_state = strategy.aggregate(cfg, self._global, updates, self._strategy_state)
         except ValueError as exc:  # e.g. Krum with too few updates after dropouts
@@ -437,7 +511,7 @@ class RoundLoop:
                "seconds": time.monotonic() - started,
                "train_seconds": max((m.get("train_seconds", 0.0) for _, _, m in delivered.values()), default=0.0),
                "eval_seconds": None, "clients": ids, "flagged": {},
-               "dropped": sorted(set(selected) - set(delivered)), "stragglers": stragglers,
+               "dropped": sorted(set(selected) - set(delivered)), "stragglers": late_rows,
                "offline_merged": sorted(merged),
                "timings": {  # where the round's time went, and the bytes uploaded (bench/round_overhead.py)
                    "dispatched": dispatched, "aggregate": aggregate_seconds,

@@ -9,29 +9,53 @@ import atexit
 import functools
 import hashlib
 import hmac
+import logging
 import tempfile
+import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from flask.sessions import SecureCookieSessionInterface
 from flask_socketio import ConnectionRefusedError, SocketIO
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.api import bp as api_bp
 from app.config import ServerConfig
 from app.control import LocalControl, RemoteControl
+from app.enrollment import Enrollment
 from app.evaluator import Evaluator
 from app.ops import FollowerCollector, MeshfedCollector, Traffic, make_registry
 from app.ops import bp as ops_bp
 from app.fl import DASHBOARD_NAMESPACE, SocketTransport, register_handlers
+from app.ratelimit import RateLimited, RateLimits
 from app.registry import Registry
 from app.rounds import RoundLoop
 from app.store import Store
+from dashboard import SESSION_SECONDS, AdminSessions, csrf
 from dashboard import bp as dashboard_bp
 from dashboard.events import feed, register_dashboard
 from dashboard.monitor import Monitor
-from shared import crypto
+from shared import crypto, jsonio
 from shared.errors import MeshfedError
 from shared.protocol import NAMESPACE as FL_NAMESPACE
+
+log = logging.getLogger("meshfed.server")
+
+# Sent with every Flask response. script-src 'self': no inline script runs (the pages have none); every
+# asset is served from here (no CDN); the pages may not be framed (clickjacking); no Referer leaves them
+# (the first dashboard URL carries the token).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}  # and no versions in Server: run_server.py's werkzeug handler says 'meshfed', gunicorn says 'gunicorn'
+
 
 
 @dataclass
@@ -44,6 +68,9 @@ class Meshfed:
     registry: Registry
     loop: RoundLoop
     monitor: Monitor
+    enrollment: Enrollment
+    limits: RateLimits
+    admin_sessions: AdminSessions
     traffic: Traffic = field(default_factory=Traffic)
     metrics_registry: Any = None  # prometheus_client registry for /metrics (app/ops.py)
     leader_lock: Any = None       # app.leader.LeaderLock when sharing a message queue
@@ -70,6 +97,7 @@ class Meshfed:
         """Every registered client with its live state and resources. A client that is not connected
         but that a connected client's mesh sees in mesh mode is 'mesh' (it lost the server, not its
         peers); `mesh_peers` lists whom each connected mesh client sees."""
+        self.loop.refusals.flush()  # refusal counts as of now
         online = {s.client_id: s for s in self.registry.online()}
         in_mesh = {p["id"] for s in online.values() for p in s.mesh.get("peers", []) if p["mode"] == "mesh"}
         rows = self.store.clients()
@@ -81,8 +109,10 @@ class Meshfed:
         return rows
 
     def start_background(self) -> None:
-        """Start the dashboard feed (resources, client table); call once, from run_server.py."""
+        """Start the dashboard feed (resources, client table) and the refusal counts' flusher; call once,
+        from run_server.py."""
         self.socketio.start_background_task(feed, self.socketio, self, self.monitor)
+        self.socketio.start_background_task(self.loop.refusals.run, threading.Event())
 
 
 @dataclass
@@ -92,6 +122,8 @@ class Follower:
     config: ServerConfig
     socketio: SocketIO
     control: RemoteControl
+    limits: RateLimits
+    admin_sessions: AdminSessions
     metrics_registry: Any = None
 
     def readiness(self) -> dict[str, bool]:
@@ -101,22 +133,64 @@ class Follower:
         """Nothing to run: the leader's loop and feed reach this process's browsers through the queue."""
 
 
+class _SocketJSON:
+    """JSON for Socket.IO packets: standard JSON out (no NaN), bounded JSON in (shared/jsonio.py)."""
+
+    dumps = staticmethod(jsonio.dumps)
+
+    @staticmethod
+    def loads(data: str | bytes, **_: Any) -> Any:
+        return jsonio.loads(data, max_bytes=1 << 20)
+
+
+class _JSONProvider(DefaultJSONProvider):
+    """Flask's JSON through shared/jsonio.py: what the API serves is standard JSON, what it reads is bounded."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("default", self.default)
+        kwargs.setdefault("ensure_ascii", self.ensure_ascii)
+        kwargs.setdefault("sort_keys", self.sort_keys)
+        return jsonio.dumps(obj, **kwargs)
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return jsonio.loads(s, max_bytes=1 << 20)
+
+
+class _SessionInterface(SecureCookieSessionInterface):
+    """The session cookie is Secure whenever the browser came over TLS (directly or through a trusted proxy)."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return request.is_secure
+
+
 def create_app(config: ServerConfig) -> Flask:
     """Build the server. It does not start the round loop: call start()/resume_if_interrupted()."""
     if not config.admin_token or not config.enrollment_token:
         raise ValueError("admin_token and enrollment_token must be set (run_server.py generates them)")
     app = Flask(__name__, static_folder=None)
+    app.json = _JSONProvider(app)
+    app.session_interface = _SessionInterface()
     # Sessions survive a restart with the same admin token, and die with a new one.
     app.secret_key = hmac.new(config.admin_token.encode(), b"meshfed-session", hashlib.sha256).digest()
-    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict")
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+                      PERMANENT_SESSION_LIFETIME=timedelta(seconds=SESSION_SECONDS),
+                      WTF_CSRF_CHECK_DEFAULT=False)  # CSRF is checked by the dashboard's two forms
+    csrf.init_app(app)
     # An update body may be up to max_update_bytes plus its header frame; Werkzeug enforces this too.
     app.config["MAX_CONTENT_LENGTH"] = config.max_update_bytes + (1 << 20)
     # threading, not eventlet: eventlet froze the server for seconds during torch work (FACTS.md).
     # Socket.IO carries only control messages; weights go over HTTP, so 1 MB suffices.
-    socketio = SocketIO(app, async_mode="threading", max_http_buffer_size=1 << 20, cors_allowed_origins=[],
+    # cors_allowed_origins=None is python-engineio's same-origin check (an empty list would turn it off).
+    socketio = SocketIO(app, async_mode="threading", max_http_buffer_size=1 << 20,
+                        cors_allowed_origins=list(config.allowed_origins) or None, json=_SocketJSON,
                         message_queue=config.message_queue, channel="meshfed")
+    if config.proxies:  # outermost, so Socket.IO's origin check and the rate limits see the client's address
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.proxies, x_proto=config.proxies,  # type: ignore
+                                x_host=config.proxies)
+    limits = RateLimits(dict(config.rate_limits))
+    _register_errors(app)
     if config.role == "follower":
-        return _follower(app, socketio, config)
+        return _follower(app, socketio, config, limits)
     if config.role != "leader":
         raise ValueError(f"role must be 'leader' or 'follower', not {config.role!r}")
     lock = None
@@ -137,24 +211,25 @@ def create_app(config: ServerConfig) -> Flask:
     loop = RoundLoop(store, registry, transport,
                      lambda run: evaluator(run.dataset, run.model), config.run, config.max_update_bytes,
                      spawn=socketio.start_background_task)
-    meshfed = Meshfed(config, socketio, store, registry, loop, monitor, leader_lock=lock,
-                      server_key=crypto.load_or_create_key(config.state_dir, "server"))
+    enrollment = Enrollment(config.enrollment_token)
+    meshfed = Meshfed(config, socketio, store, registry, loop, monitor, enrollment, limits, AdminSessions(store),
+                      leader_lock=lock, server_key=crypto.load_or_create_key(config.state_dir, "server"))
     meshfed.metrics_registry = make_registry(MeshfedCollector(meshfed))
     app.extensions["meshfed"] = meshfed
-    register_handlers(socketio, store, registry, loop, config.enrollment_token)
+    register_handlers(socketio, store, registry, loop, enrollment, limits)
     register_dashboard(socketio, meshfed.control)
     app.register_blueprint(api_bp)
     app.register_blueprint(ops_bp)
     app.register_blueprint(dashboard_bp)
-    _register_errors(app)
     return app
 
 
-def _follower(app: Flask, socketio: SocketIO, config: ServerConfig) -> Flask:
+def _follower(app: Flask, socketio: SocketIO, config: ServerConfig, limits: RateLimits) -> Flask:
     """Dashboards only: pages, /dashboard (control forwarded to the leader), health and metrics."""
     if not config.leader_url or not config.message_queue:
         raise ValueError("a follower needs --leader-url and --message-queue (the leader's Redis)")
-    follower = Follower(config, socketio, RemoteControl(config.leader_url, config.admin_token))
+    follower = Follower(config, socketio, RemoteControl(config.leader_url, config.admin_token), limits,
+                        AdminSessions())  # logouts are remembered in memory: a restarted follower forgets them
     follower.metrics_registry = make_registry(FollowerCollector(follower))
     app.extensions["meshfed"] = follower
     register_dashboard(socketio, follower.control)
@@ -171,11 +246,23 @@ def _follower(app: Flask, socketio: SocketIO, config: ServerConfig) -> Flask:
 
     app.register_blueprint(ops_bp)
     app.register_blueprint(dashboard_bp)
-    _register_errors(app)
     return app
 
 
 def _register_errors(app: Flask) -> None:
+    """Every error is JSON with a message that says what to do; every response carries SECURITY_HEADERS."""
+
+    @app.after_request
+    def harden(response: Any) -> Any:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.errorhandler(RateLimited)
+    def on_rate_limited(exc: RateLimited) -> Any:
+        reply = jsonify({"error": "rate_limited", "reason": "rate_limited", "message": str(exc)})
+        reply.headers["Retry-After"] = str(int(exc.retry_after + 0.999))
+        return reply, 429
 
     @app.errorhandler(MeshfedError)
     def on_meshfed_error(exc: MeshfedError) -> Any:
@@ -185,3 +272,17 @@ def _register_errors(app: Flask) -> None:
     def on_too_large(exc: Any) -> Any:
         return jsonify({"error": "too_large", "reason": "too_large",
                         "message": f"request body over {app.config['MAX_CONTENT_LENGTH']} bytes"}), 413
+
+    @app.errorhandler(HTTPException)
+    def on_http_error(exc: HTTPException) -> Any:
+        reply = jsonify({"error": (exc.name or "error").lower().replace(" ", "_"),
+                         "message": exc.description or exc.name})
+        for name, value in exc.get_headers():  # e.g. Allow, on a 405
+            if name.lower() != "content-type":
+                reply.headers[name] = value
+        return reply, exc.code or 400
+
+    @app.errorhandler(Exception)
+    def on_bug(exc: Exception) -> Any:  # a bug: logged in full, answered without internals
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify({"error": "internal_error", "message": "the server failed; see its log"}), 500

@@ -11,10 +11,12 @@ import json
 import sqlite3
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import jsonio
 from shared.errors import RegistrationRefused
 from shared.fileio import write_atomic
 from shared.protocol import sha256_hex
@@ -53,8 +55,14 @@ CREATE TABLE IF NOT EXISTS contributions (
     merged_version INTEGER, staleness INTEGER, weight REAL);
 CREATE TABLE IF NOT EXISTS refusals (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, client_id TEXT, run_id TEXT,
-    round INTEGER, reason TEXT NOT NULL, message TEXT);
+    round INTEGER, reason TEXT NOT NULL, message TEXT, address TEXT);
+CREATE TABLE IF NOT EXISTS refusal_counts (
+    verified INTEGER NOT NULL, subject TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
+    last REAL NOT NULL, PRIMARY KEY (verified, subject, reason));
+CREATE TABLE IF NOT EXISTS revoked_sessions (id TEXT PRIMARY KEY, expires REAL NOT NULL);
 """
+# refusals.client_id: the verified sender (app/refusals.py); refusals.address: the source address of a
+# refusal nobody's signature vouched for. refusal_counts aggregates both (verified = 1: subject is a client).
 
 
 class Store:
@@ -73,6 +81,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        if "address" not in {r["name"] for r in self._db.execute("PRAGMA table_info(refusals)")}:
+            self._db.execute("ALTER TABLE refusals ADD COLUMN address TEXT")  # a state dir from meshfed/2
 
     def close(self) -> None:
         with self._lock:
@@ -98,14 +108,14 @@ class Store:
 
     def create_run(self, run_id: str, config: dict[str, Any]) -> None:
         self._execute(("INSERT INTO runs (id, config, status, created) VALUES (?, ?, 'running', ?)",
-                       (run_id, json.dumps(config), time.time())))
+                       (run_id, jsonio.dumps(config), time.time())))
 
     def set_run_status(self, run_id: str, status: str, reason: str | None = None,
                        config: dict[str, Any] | None = None) -> None:
         """Set a run's status (and, when resuming with an edited configuration, its config)."""
         statements = [("UPDATE runs SET status = ?, stop_reason = ? WHERE id = ?", (status, reason, run_id))]
         if config is not None:
-            statements.append(("UPDATE runs SET config = ? WHERE id = ?", (json.dumps(config), run_id)))
+            statements.append(("UPDATE runs SET config = ? WHERE id = ?", (jsonio.dumps(config), run_id)))
         self._execute(*statements)
 
     def latest_run(self) -> dict[str, Any] | None:
@@ -151,6 +161,7 @@ class Store:
                      finished: str | None = None, merged: dict[str, tuple[int, float]] | None = None) -> int:
         """Durably record one completed round and the checkpoint it produced (write_checkpoint);
         returns the new version. Only the two newest state files are kept."""
+        row = jsonio.finite(row)  # a NaN or infinity (a diverged loss) is stored as NULL
         version = checkpoint.version
         now = time.time()
         statements = [
@@ -163,8 +174,8 @@ class Store:
              "stragglers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
               row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
-              json.dumps(row["clients"]), json.dumps(row.get("timings", {})), json.dumps(row.get("flagged", {})),
-              json.dumps(row.get("stragglers", {})))),
+              jsonio.dumps(row["clients"]), jsonio.dumps(row.get("timings", {})), jsonio.dumps(row.get("flagged", {})),
+              jsonio.dumps(row.get("stragglers", {})))),
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
         # per-client outcomes in the round's own transaction (one fsync per round, not one per update)
@@ -189,12 +200,13 @@ class Store:
                           finished: str | None = None) -> None:
         """Add the test-split evaluation of a committed round (and finish the run if it reached its target).
         A crash before this leaves the round committed without accuracy; the resumed loop evaluates it."""
+        row = jsonio.finite(row)
         statements = [
             ("UPDATE model_versions SET accuracy = ?, loss = ? WHERE version = ?",
              (row["accuracy"], row["loss"], version)),
             ("UPDATE rounds SET accuracy = ?, loss = ?, eval_seconds = ?, seconds = ?, timings = ? "
              "WHERE run_id = ? AND round = ?",
-             (row["accuracy"], row["loss"], row["eval_seconds"], row["seconds"], json.dumps(row.get("timings", {})),
+             (row["accuracy"], row["loss"], row["eval_seconds"], row["seconds"], jsonio.dumps(row.get("timings", {})),
               run_id, round_no))]
         if finished:
             statements.append(("UPDATE runs SET status = 'finished', stop_reason = ? WHERE id = ?", (finished, run_id)))
@@ -250,8 +262,8 @@ class Store:
             row = self._db.execute("SELECT public_key FROM clients WHERE id = ?", (client_id,)).fetchone()
             if row is not None and row["public_key"].strip() != public_key.strip():
                 raise RegistrationRefused(
-                    f"client id {client_id!r} is pinned to another key; use its original key, "
-                    "or ask the operator to remove the client")
+                    "key_mismatch", f"client id {client_id!r} is pinned to another key; use its original key, "
+                                    "or ask the operator to remove the client")
             self._db.execute(
                 "INSERT INTO clients (id, public_key, fingerprint, registered, last_seen, num_examples) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, "
@@ -259,27 +271,51 @@ class Store:
                 (client_id, public_key, fingerprint, time.time(), time.time(), num_examples))
             return row is None
 
-    def client_key(self, client_id: str) -> str | None:
-        rows = self._query("SELECT public_key FROM clients WHERE id = ?", (client_id,))
-        return rows[0]["public_key"] if rows else None
+    def client(self, client_id: str) -> dict[str, Any] | None:
+        """The registered client's pinned key and registered example count, or None."""
+        rows = self._query("SELECT id, public_key, fingerprint, num_examples FROM clients WHERE id = ?", (client_id,))
+        return rows[0] if rows else None
+
+    def set_examples(self, client_id: str, num_examples: int) -> None:
+        """A connected client re-partitioned: its registered example count changes (over its own session)."""
+        self._execute(("UPDATE clients SET num_examples = ? WHERE id = ?", (num_examples, client_id)))
 
     def record_accepted(self, client_id: str, round_no: int) -> None:
         self._execute(("UPDATE clients SET accepted = accepted + 1, last_round = ?, last_seen = ? WHERE id = ?",
                        (round_no, time.time(), client_id)))
 
-    def record_refusal(self, client_id: str | None, run_id: str | None, round_no: int | None,
-                       reason: str, message: str) -> None:
-        self._execute(
-            ("INSERT INTO refusals (time, client_id, run_id, round, reason, message) VALUES (?, ?, ?, ?, ?, ?)",
-             (time.time(), client_id, run_id, round_no, reason, message[:500])),
-            ("UPDATE clients SET refused = refused + 1 WHERE id = ?", (client_id,)))
+    def record_refusals(self, counts: dict[tuple[bool, str, str], int], recent: list[Any],
+                        max_addresses: int, keep: int) -> None:
+        """Add aggregated refusal counts ((verified, client or address, reason) -> n) and the recent
+        refusals (app/refusals.Refusal) in one transaction; keep `keep` recent rows, `max_addresses` addresses."""
+        now = time.time()
+        statements = [("INSERT INTO refusal_counts (verified, subject, reason, count, last) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT (verified, subject, reason) DO UPDATE SET count = count + excluded.count, "
+                       "last = excluded.last", (int(verified), subject, reason, n, now))
+                      for (verified, subject, reason), n in counts.items()]
+        per_client: Counter[str] = Counter()
+        for (verified, subject, _), n in counts.items():
+            if verified:
+                per_client[subject] += n
+        statements += [("UPDATE clients SET refused = refused + ? WHERE id = ?", (n, cid))
+                       for cid, n in per_client.items()]
+        statements += [("INSERT INTO refusals (time, client_id, address, run_id, round, reason, message) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (r.time, r.client_id, r.address, r.run_id, r.round, r.reason,
+                                                         r.message[:500])) for r in recent]
+        statements.append(("DELETE FROM refusals WHERE id <= (SELECT MAX(id) FROM refusals) - ?", (keep,)))
+        statements.append(("DELETE FROM refusal_counts WHERE verified = 0 AND subject NOT IN (SELECT subject FROM "
+                           "refusal_counts WHERE verified = 0 GROUP BY subject ORDER BY MAX(last) DESC LIMIT ?)",
+                           (max_addresses,)))
+        self._execute(*statements)
 
     def clients(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT id, fingerprint, registered, last_seen, num_examples, last_round, accepted, "
                            "refused, flagged, dropouts FROM clients ORDER BY id")
-        reasons = self._query("SELECT client_id, reason, COUNT(*) AS n FROM refusals GROUP BY client_id, reason")
+        reasons: dict[str, dict[str, int]] = {}
+        for x in self._query("SELECT subject, reason, count FROM refusal_counts WHERE verified = 1"):
+            reasons.setdefault(x["subject"], {})[x["reason"]] = x["count"]
         for r in rows:
-            r["refusals"] = {x["reason"]: x["n"] for x in reasons if x["client_id"] == r["id"]}
+            r["refusals"] = reasons.get(r["id"], {})
             # reputation in [0, 1]: share of clean outcomes (accepted and not flagged) among all the
             # client's outcomes (accepted, refused, dropped out), with one good and one bad pseudo-count
             clean, total = r["accepted"] - r["flagged"], r["accepted"] + r["refused"] + r["dropouts"]
@@ -289,19 +325,29 @@ class Store:
     # --- offline contributions (mesh sync-back) ---------------------------------------------------
 
     def add_contribution(self, header: Any, payload: bytes) -> bool:
-        """Keep an offline contribution until a round merges it; False if its id was seen before."""
+        """Keep an offline contribution until a round merges it; False if its id was seen before. The file
+        is named by client and id, so another client's upload with the same id cannot overwrite it."""
         if self._query("SELECT 1 FROM contributions WHERE id = ?", (header.contribution_id,)):
             return False
-        name = f"{hashlib.sha256(header.contribution_id.encode()).hexdigest()[:32]}.safetensors"
+        key = f"{header.client_id}/{header.contribution_id}".encode()
+        name = f"{hashlib.sha256(key).hexdigest()[:32]}.safetensors"
         write_atomic(self.offline_dir / name, payload)
         try:
             self._execute(("INSERT INTO contributions (id, client_id, base_version, local_steps, num_examples, "
                            "peers, received, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (header.contribution_id, header.client_id, header.base_version, header.local_steps,
-                            header.num_examples, json.dumps(header.peers), time.time(), name)))
-        except sqlite3.IntegrityError:  # the same id, concurrently
+                            header.num_examples, jsonio.dumps(header.peers), time.time(), name)))
+        except sqlite3.IntegrityError:  # the same id, concurrently: keep the file only if that row names it
+            winner = self.contribution(header.contribution_id)
+            if winner is None or winner["path"] != name:
+                (self.offline_dir / name).unlink(missing_ok=True)
             return False
         return True
+
+    def count_contributions(self, client_id: str, base_version: int) -> int:
+        rows = self._query("SELECT COUNT(*) AS n FROM contributions WHERE client_id = ? AND base_version = ?",
+                           (client_id, base_version))
+        return int(rows[0]["n"])
 
     def contribution(self, contribution_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM contributions WHERE id = ?", (contribution_id,))
@@ -317,8 +363,31 @@ class Store:
     def read_contribution(self, row: dict[str, Any]) -> bytes:
         return (self.offline_dir / row["path"]).read_bytes()
 
-    def refusal_counts(self) -> dict[str, int]:
-        return {r["reason"]: r["n"] for r in self._query("SELECT reason, COUNT(*) AS n FROM refusals GROUP BY reason")}
+    def refusal_counts(self) -> dict[tuple[bool, str], int]:
+        """(verified, reason) -> refusals so far (verified: charged to a client whose signature checked out)."""
+        return {(bool(r["verified"]), r["reason"]): r["n"] for r in self._query(
+            "SELECT verified, reason, SUM(count) AS n FROM refusal_counts GROUP BY verified, reason")}
+
+    def address_refusals(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The source addresses with the most unverified refusals: {address, refusals: {reason: n}, last}."""
+        rows = self._query("SELECT subject, reason, count, last FROM refusal_counts WHERE verified = 0 AND subject IN "
+                           "(SELECT subject FROM refusal_counts WHERE verified = 0 GROUP BY subject "
+                           "ORDER BY SUM(count) DESC LIMIT ?)", (limit,))
+        by_address: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            entry = by_address.setdefault(r["subject"], {"address": r["subject"], "refusals": {}, "last": 0.0})
+            entry["refusals"][r["reason"]] = r["count"]
+            entry["last"] = max(entry["last"], r["last"])
+        return sorted(by_address.values(), key=lambda e: -sum(e["refusals"].values()))
 
     def refusals(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._query("SELECT * FROM refusals ORDER BY id DESC LIMIT ?", (limit,))
+
+    # --- dashboard sessions ----------------------------------------------------------------------
+
+    def revoke_session(self, session_id: str, expires: float) -> None:
+        self._execute(("INSERT OR REPLACE INTO revoked_sessions (id, expires) VALUES (?, ?)", (session_id, expires)),
+                      ("DELETE FROM revoked_sessions WHERE expires < ?", (time.time(),)))
+
+    def revoked_sessions(self) -> set[str]:
+        return {r["id"] for r in self._query("SELECT id FROM revoked_sessions WHERE expires >= ?", (time.time(),))}

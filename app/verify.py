@@ -10,7 +10,8 @@
   wrong_version     update was trained from a model version other than this round's
   not_selected      client was not asked to train in this round
   replay            client already delivered an update for this round
-  bad_examples      num_examples is not a positive integer within bounds
+  bad_examples      num_examples is not in 1..what the client registered (at most MAX_EXAMPLES)
+  contribution_limit  the client made its offline contributions from that base version already
   too_large         body or decoded weights exceed the configured limit
   malformed         framing, header or weights cannot be parsed
   shape_mismatch    array names or shapes differ from the model's
@@ -26,9 +27,7 @@ import numpy as np
 from shared import crypto
 from shared.compression import decompress, wire_spec
 from shared.errors import UpdateRefused
-from shared.protocol import PROTOCOL_VERSION, SyncHeader, UpdateHeader, decode_weights, sha256_hex
-
-MAX_EXAMPLES = 10_000_000  # a client claiming more examples than this is refused
+from shared.protocol import MAX_EXAMPLES, PROTOCOL_VERSION, SyncHeader, UpdateHeader, decode_weights, sha256_hex
 
 
 @dataclass(frozen=True)
@@ -71,16 +70,22 @@ def check_round(header: UpdateHeader, open_round: OpenRound | None, delivered: s
         raise UpdateRefused("not_selected", f"{header.client_id!r} was not asked to train in this round")
     if header.client_id in delivered:
         raise UpdateRefused("replay", f"{header.client_id!r} already delivered round {header.round}")
-    if not 0 < header.num_examples <= MAX_EXAMPLES:
-        raise UpdateRefused("bad_examples", f"num_examples must be in 1..{MAX_EXAMPLES}, got {header.num_examples}")
 
 
-def check_arrays(payload: bytes, open_round: OpenRound) -> dict[str, np.ndarray]:
-    """Decode the delta and refuse unless names, shapes and dtypes match what the round's compression
-    sends and every value is finite; returns float deltas in the model's order and dtypes."""
-    arrays = decode_weights(payload, max_bytes=open_round.max_bytes)
-    scheme = open_round.compression
-    expected = wire_spec(open_round.spec, scheme)
+def check_examples(num_examples: int, registered: int) -> None:
+    """Refuse a claim of more examples than the client registered with (or than MAX_EXAMPLES)."""
+    bound = min(registered, MAX_EXAMPLES)
+    if not 0 < num_examples <= bound:
+        raise UpdateRefused("bad_examples", f"num_examples must be in 1..{bound} (what the client registered), "
+                                            f"got {num_examples}")
+
+
+def check_arrays(payload: bytes, spec: dict[str, tuple[tuple[int, ...], str]], max_bytes: int,
+                 scheme: str = "none") -> dict[str, np.ndarray]:
+    """Decode the delta and refuse unless names, shapes and dtypes match the model's `spec` as compression
+    `scheme` sends it and every value is finite; returns float deltas in the model's order and dtypes."""
+    arrays = decode_weights(payload, max_bytes=max_bytes)
+    expected = wire_spec(spec, scheme)
     if set(arrays) != set(expected):
         raise UpdateRefused("shape_mismatch", f"arrays {sorted(arrays)[:4]}... do not match the model's names "
                                               f"(compression {scheme!r})")
@@ -91,7 +96,7 @@ def check_arrays(payload: bytes, open_round: OpenRound) -> dict[str, np.ndarray]
         if array.dtype.str != dtype:
             raise UpdateRefused("dtype_mismatch", f"{name} has dtype {array.dtype.str}, expected {dtype} "
                                                   f"(compression {scheme!r})")
-    delta = decompress({name: arrays[name] for name in expected}, scheme, open_round.spec)
+    delta = decompress({name: arrays[name] for name in expected}, scheme, spec)
     for name, array in delta.items():
         if not np.isfinite(array).all():
             raise UpdateRefused("non_finite", f"{name} contains NaN or infinity")

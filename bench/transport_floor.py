@@ -30,7 +30,7 @@ from werkzeug.wrappers import Request, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.verify import OpenRound, check_arrays, check_signature  # noqa: E402
+from app.verify import check_arrays, check_signature  # noqa: E402
 from client.node import signed_update  # noqa: E402
 from client.trainer import DataConfig, LocalTrainer  # noqa: E402
 from shared import crypto  # noqa: E402
@@ -77,8 +77,7 @@ class FloorServer:
             request = Request(environ)
             header, payload = unpack_update(request.get_data(cache=False))
             check_signature(header, payload, self.keys.get(header.client_id))
-            delta = check_arrays(payload, OpenRound("floor", self.round, 1, frozenset(self.keys), self.spec, MAX_BYTES,
-                                                        self.compression))
+            delta = check_arrays(payload, self.spec, MAX_BYTES, self.compression)
             with self.lock:
                 self.arrived.append((time.monotonic(), delta))
             return Response(json.dumps({"accepted": True}), mimetype="application/json")(environ, start_response)

@@ -22,16 +22,17 @@ import urllib3
 
 from client.behaviour import Behaviour, partial_batches, poison
 from client.trainer import LocalTrainer
-from mesh.node import MeshConfig, MeshNode
+from mesh.node import MeshConfig, MeshNode, SyncRefused
 from mesh.trust import trust_path
 from shared import crypto
 from shared.compression import COMPRESSIONS, compress
 from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, NAMESPACE,
-                             TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex)
+                             TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex,
+                             signed_registration)
 
 log = logging.getLogger("meshfed.client")
-# Registration refusals that retrying cannot fix (see app/fl.py): the client exits with a message.
-FATAL_REFUSALS = ("bad_client_id", "bad_enrollment_token", "key_mismatch", "bad_public_key")
+# Registration refusals that retrying cannot fix (app/enrollment.py): the client exits with a message.
+FATAL_REFUSALS = ("bad_registration", "protocol_version", "bad_enrollment_token", "key_mismatch", "bad_public_key")
 
 
 @dataclass(frozen=True)
@@ -154,15 +155,22 @@ class Node:
     # --- main loop -------------------------------------------------------------------------------
 
     def auth(self) -> dict[str, Any]:
-        return {"client_id": self.config.client_id, "public_key": crypto.public_pem(self.key),
-                "enrollment_token": self.config.enrollment_token, "num_examples": self.trainer.num_examples}
+        """The Socket.IO auth of each (re)connect: a registration signed over a fresh server challenge, which
+        proves this client holds its key (app/enrollment.py). Without a challenge the server says why."""
+        try:
+            r = self.http.get(f"{self.config.server_address}/api/challenge", timeout=10, verify=self._verify)
+            challenge = str(r.json()["challenge"]) if r.ok else "unavailable"
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            challenge = "unavailable"
+        return signed_registration(self.key, self.config.client_id, self.trainer.num_examples, challenge,
+                                   self.config.enrollment_token).to_dict()
 
     def connect(self, stop: threading.Event) -> bool:
         """Connect, retrying with backoff until it works, a fatal refusal, or stop; True if connected."""
         delay = 0.5
         while not stop.is_set():
             try:
-                self.sio.connect(self.config.server_address, namespaces=[NAMESPACE], auth=self.auth(),
+                self.sio.connect(self.config.server_address, namespaces=[NAMESPACE], auth=self.auth,
                                  headers={"X-Meshfed-Client": self.config.client_id},
                                  transports=["websocket"], wait_timeout=10)
                 return True
@@ -283,12 +291,13 @@ class Node:
         return None if cached is None else (cached[0], cached[2])
 
     def upload_sync(self, body: bytes) -> dict[str, Any]:
-        """POST an offline contribution; returns the server's reply or raises with its reason."""
+        """POST an offline contribution; returns the server's reply, or raises SyncRefused with its reason
+        (or a RequestException when the server cannot be reached)."""
         r = self.http.post(f"{self.config.server_address}/api/sync", data=body, timeout=self.config.http_timeout,
                            verify=self._verify, headers={"Content-Type": "application/octet-stream"})
         reply = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
         if not r.ok:
-            raise requests.RequestException(f"sync refused: {reply.get('message', r.status_code)}")
+            raise SyncRefused(str(reply.get("reason", r.status_code)), str(reply.get("message", "")))
         return reply
 
     def fetch_roster(self) -> dict[str, Any]:
@@ -335,6 +344,7 @@ class Node:
         self._state = state
         mesh = {"mesh": self.mesh.summary()} if self.mesh is not None else {}
         try:
-            self.sio.emit(EV_CLIENT_STATUS, {"state": state, **self._resources(), **mesh}, namespace=NAMESPACE)
+            self.sio.emit(EV_CLIENT_STATUS, {"state": state, "num_examples": self.trainer.num_examples,
+                                             **self._resources(), **mesh}, namespace=NAMESPACE)
         except socketio.exceptions.SocketIOError:
             pass  # not connected right now; the next status will tell

@@ -13,10 +13,10 @@ import time
 from functools import wraps
 from typing import Any, Callable
 
-from flask import session
+from flask import request, session
 from flask_socketio import ConnectionRefusedError, SocketIO, emit
 
-from dashboard import token_ok
+from dashboard import is_admin, log_in, sessions, token_ok
 from dashboard.monitor import SAMPLE_SECONDS, Monitor
 from shared.errors import ConfigError, MeshfedError
 
@@ -29,7 +29,7 @@ def register_dashboard(socketio: SocketIO, control: Any) -> None:
     def admin_only(handler: Callable) -> Callable:
         @wraps(handler)
         def wrapped(*args: Any) -> Any:
-            if session.get("admin") is not True:
+            if not is_admin():  # checked at every event: a login revoked since the socket opened stops here
                 return {"ok": False, "error": "unauthorized: log in with the admin token"}
             try:
                 return {"ok": True, **(handler(*args) or {})}
@@ -41,10 +41,16 @@ def register_dashboard(socketio: SocketIO, control: Any) -> None:
 
     @socketio.on("connect", namespace=NAMESPACE)
     def connect(auth: Any = None) -> None:
-        token = auth.get("token") if isinstance(auth, dict) else None
-        if session.get("admin") is not True and not token_ok(token):
-            raise ConnectionRefusedError("unauthorized: open /?token=<admin token> or log in first")
-        session["admin"] = True  # this socket's session (Flask-SocketIO keeps one per connection)
+        """Admit a logged-in browser (its session cookie) or a script with the token in the auth."""
+        if not is_admin():
+            if not token_ok(auth.get("token") if isinstance(auth, dict) else None):
+                raise ConnectionRefusedError("unauthorized: open /?token=<admin token> or log in first")
+            log_in()  # this socket's own session (Flask-SocketIO keeps one per connection)
+        sessions().add_socket(session["login"], request.sid)
+
+    @socketio.on("disconnect", namespace=NAMESPACE)
+    def disconnect(*_: Any) -> None:
+        sessions().drop_socket(session.get("login"), request.sid)
 
     @socketio.on("request_status", namespace=NAMESPACE)
     @admin_only

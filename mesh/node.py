@@ -38,6 +38,16 @@ log = logging.getLogger("meshfed.mesh")
 ONLINE, MESH = "online", "mesh"
 
 
+class SyncRefused(Exception):
+    """The server refused an offline contribution; `reason` is its stable code (app/verify.py)."""
+
+    RETRY = ("rate_limited", "unknown_client")  # worth sending again later; any other refusal is final
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     host: str = "127.0.0.1"           # address peers reach this client on (advertised by zeroconf)
@@ -129,7 +139,7 @@ class MeshNode:
                 if self.mode == MESH and now - last_step >= self.cfg.interval:
                     last_step = now
                     self._gossip_step()
-            except (requests.RequestException, MeshRefused, ValueError) as exc:
+            except (requests.RequestException, MeshRefused, SyncRefused, ValueError) as exc:
                 log.warning("mesh: %s", exc)
             except Exception:  # keep supervising: one bad step must not end the fallback
                 log.exception("mesh: unexpected error; carrying on")
@@ -240,14 +250,26 @@ class MeshNode:
                             local_steps=c.local_steps, num_examples=c.num_examples,
                             payload_sha256=sha256_hex(payload), peers=sorted(c.peers))
         header = replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
-        reply = upload(pack_sync(header, payload))  # raises on a refusal: kept, retried, logged
-        self.store.mark_synced(c.id)
-        with self._lock:
-            self.synced.append(c.id)
-            if self.contribution is not None and self.contribution.id == c.id:
-                self.contribution = None
+        try:
+            reply = upload(pack_sync(header, payload))  # unreachable: kept and retried (RequestException)
+        except SyncRefused as exc:
+            if exc.reason in SyncRefused.RETRY:
+                raise
+            log.warning("offline contribution %s dropped: the server refused it (%s)", c.id[:8], exc)
+            self._done(c.id, synced=False)
+            return
+        self._done(c.id, synced=True)
         log.info("synced offline contribution %s (%d steps from v%d, mixed with %s)%s", c.id[:8], c.local_steps,
                  c.base_version, ", ".join(c.peers) or "nobody", " (already merged)" if reply.get("duplicate") else "")
+
+    def _done(self, contribution_id: str, synced: bool) -> None:
+        """The contribution left this client (synced, or refused for good): never sent again."""
+        self.store.mark_synced(contribution_id)
+        with self._lock:
+            if synced:
+                self.synced.append(contribution_id)
+            if self.contribution is not None and self.contribution.id == contribution_id:
+                self.contribution = None
 
     def summary(self) -> dict[str, Any]:
         """What the client reports to the server: its mode and the peers it sees, with theirs."""
@@ -273,8 +295,14 @@ def _check_like(theirs: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> N
 
 def _handler(node: MeshNode) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = 30  # seconds a peer may take to send its request (a body shorter than announced ends here)
+
         def log_message(self, format: str, *args: Any) -> None:  # quiet: the node logs what matters
             pass
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """Unknown methods are 405 (http.server's 501 says the server is at fault; it is not)."""
+            super().send_error(405 if code == 501 else code, message, explain)
 
         def _send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
@@ -295,19 +323,26 @@ def _handler(node: MeshNode) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             if self.path != "/mesh/gossip":
                 return self._json(404, {"error": "not_found", "message": "POST /mesh/gossip"})
-            length = int(self.headers.get("Content-Length") or -1)
+            given = self.headers.get("Content-Length") or ""
+            length = int(given) if given.isascii() and given.isdigit() and len(given) <= 18 else -1
             if not 0 < length <= node.cfg.max_bytes:
-                node.refusals["too_large" if length > 0 else "malformed"] += 1
-                return self._json(413 if length > 0 else 400, {"reason": "too_large" if length > 0 else "malformed",
-                                                               "message": f"send 1..{node.cfg.max_bytes} bytes"})
+                reason = "too_large" if length > 0 else "malformed"
+                node._refused(MeshRefused(reason, f"Content-Length {given[:20]!r}"), self.client_address[0])
+                return self._json(413 if length > 0 else 400, {
+                    "reason": reason, "message": f"send a Content-Length of 1..{node.cfg.max_bytes} bytes"})
             try:
-                reply = node.receive(self.rfile.read(length))
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    raise MeshRefused("malformed", f"the body ended after {len(body)} of {length} bytes")
+                reply = node.receive(body)
             except MeshRefused as exc:
                 if exc.reason != "not_in_mesh":
                     node._refused(exc, self.client_address[0])
                 status = 403 if exc.reason in ("unknown_peer", "key_mismatch") else 409 \
                     if exc.reason == "not_in_mesh" else 400
                 return self._json(status, {"reason": exc.reason, "message": str(exc)})
+            except OSError:  # the peer went away or stalled past `timeout`: nobody to answer
+                return
             self._send(200, reply, "application/octet-stream")
 
     return Handler

@@ -8,11 +8,10 @@ hash, freshness, replay, payload decodes, values finite; each failure is a MeshR
 """
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,10 +19,13 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 from shared import crypto
 from shared.errors import UpdateRefused
-from shared.protocol import decode_weights, encode_weights, frame, sha256_hex, unframe
+from shared.frames import (BASE64, CLIENT_ID, PEM, SHA256, VERSION, canonical_bytes, frame, integer, number, text,
+                           unframe)
+from shared.protocol import decode_weights, encode_weights, sha256_hex
 
-MESH_VERSION = "meshfed-mesh/1"
+MESH_VERSION = "meshfed-mesh/2"  # 2: headers read and signed by shared/frames.py
 MAGIC = b"MFG1"
+FINGERPRINT = r"SHA256:[0-9a-f]{4}(:[0-9a-f]{4}){15}"
 MAX_SKEW_SECONDS = 300.0  # a message older (or further in the future) than this is refused as stale
 
 
@@ -33,22 +35,20 @@ class MeshRefused(UpdateRefused):
 
 @dataclass(frozen=True)
 class GossipHeader:
-    sender: str             # client id
-    fingerprint: str        # sha256 fingerprint of public_key (shared.crypto.fingerprint)
-    public_key: str         # PEM; trusted only through the roster or an operator's confirmation
-    nonce: str              # random, once per message: replay protection
-    sent_at: float          # unix time at the sender
-    base_version: int       # the global model version the sender's mesh model descends from
-    local_steps: int        # local training steps since base_version
-    num_examples: int       # the sender's training examples: its weight in the mix
-    payload_sha256: str
-    version: str = MESH_VERSION
-    signature: str = ""
+    sender: str = field(metadata=text(CLIENT_ID))          # client id
+    fingerprint: str = field(metadata=text(FINGERPRINT))   # of public_key (shared.crypto.fingerprint)
+    public_key: str = field(metadata=text(PEM))            # trusted only through the roster or an operator
+    nonce: str = field(metadata=text(r"[0-9a-f]{32}"))     # random, once per message: replay protection
+    sent_at: float = field(metadata=number(0, 1e11))       # unix time at the sender
+    base_version: int = field(metadata=integer(0))         # the global version the sender's model descends from
+    local_steps: int = field(metadata=integer(0))          # local training steps since base_version
+    num_examples: int = field(metadata=integer(0))         # the sender's training examples: its weight in the mix
+    payload_sha256: str = field(metadata=text(SHA256))
+    version: str = field(default=MESH_VERSION, metadata=text(VERSION))
+    signature: str = field(default="", metadata=text(BASE64, signed=False))
 
     def canonical_bytes(self) -> bytes:
-        fields = asdict(self)
-        fields.pop("signature")
-        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return canonical_bytes(MAGIC, self)
 
 
 def seal(key: Any, sender: str, weights: dict[str, np.ndarray], base_version: int, local_steps: int,
@@ -82,19 +82,9 @@ class ReplayGuard:
 
 def unpack(body: bytes) -> tuple[GossipHeader, bytes]:
     try:
-        raw, payload = unframe(MAGIC, body)
+        return unframe(MAGIC, GossipHeader, body)
     except UpdateRefused as exc:
-        raise MeshRefused(exc.reason, str(exc)) from exc
-    try:
-        header = GossipHeader(
-            sender=str(raw["sender"]), fingerprint=str(raw["fingerprint"]), public_key=str(raw["public_key"]),
-            nonce=str(raw["nonce"]), sent_at=float(raw["sent_at"]), base_version=int(raw["base_version"]),
-            local_steps=int(raw["local_steps"]), num_examples=int(raw["num_examples"]),
-            payload_sha256=str(raw["payload_sha256"]), version=str(raw["version"]),
-            signature=str(raw["signature"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MeshRefused("malformed", f"header is not valid: {exc}") from exc
-    return header, payload
+        raise MeshRefused(exc.reason, str(exc).removeprefix(f"{exc.reason}: ")) from None
 
 
 def open_message(body: bytes, trust: Any, replay: ReplayGuard, max_bytes: int,

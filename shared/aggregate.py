@@ -50,6 +50,28 @@ def subtract(a: Weights, b: Weights) -> Weights:
     return {k: (a[k] - b[k]).astype(a[k].dtype, copy=False) for k in a}
 
 
+# --- late and offline deltas (stragglers, mesh contributions) -------------------------------------
+
+def staleness_weight(num_examples: int, staleness: int) -> float:
+    """Weight of a delta trained `staleness` model versions ago: n / sqrt(1 + s) (FedAsync / FedBuff-style)."""
+    return num_examples / float(np.sqrt(1 + max(0, staleness)))
+
+
+def clip_to_norm(delta: Weights, max_norm: float, norm: float | None = None) -> Weights:
+    """delta scaled so its L2 norm is at most max_norm (returned as is when it already is)."""
+    norm = update_norm(delta) if norm is None else norm
+    if norm <= max_norm:
+        return delta
+    scale = max_norm / norm
+    return {k: (v * scale).astype(v.dtype, copy=False) for k, v in delta.items()}
+
+
+def cap_total(weights: list[float], cap: float) -> list[float]:
+    """weights scaled down together so they sum to at most cap (one client's merges in one round)."""
+    total = sum(weights)
+    return weights if total <= cap else [w * cap / total for w in weights]
+
+
 # --- robust aggregation over flattened updates (rows = clients) -----------------------------------
 
 def flatten(weights: Weights) -> np.ndarray:

@@ -9,16 +9,18 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-KEY_BITS = 2048  # the floor the design sets; load_public_key refuses smaller keys
+KEY_BITS = 2048         # the floor the design sets; load_public_key refuses smaller keys
+MAX_KEY_BITS = 4096     # and larger ones: verifying costs grow with the key, and the server pays them
+PUBLIC_EXPONENT = 65537
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 
 
 def generate_key(bits: int = KEY_BITS) -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return rsa.generate_private_key(public_exponent=PUBLIC_EXPONENT, key_size=bits)
 
 
 def load_or_create_key(key_dir: str | Path, name: str) -> rsa.RSAPrivateKey:
@@ -47,12 +49,18 @@ def public_pem(key: rsa.RSAPrivateKey) -> str:
 
 
 def load_public_key(pem: str) -> rsa.RSAPublicKey:
-    """Parse a PEM public key; refuses non-RSA keys and keys under KEY_BITS."""
-    key = serialization.load_pem_public_key(pem.encode())
+    """Parse a PEM public key; ValueError unless it is RSA with KEY_BITS..MAX_KEY_BITS bits and e = 65537
+    (a huge key or exponent would make every check of a forged signature against it expensive)."""
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"not a PEM public key this server reads ({type(exc).__name__})") from None
     if not isinstance(key, rsa.RSAPublicKey):
-        raise ValueError("public key is not RSA")
-    if key.key_size < KEY_BITS:
-        raise ValueError(f"RSA key is {key.key_size} bits; at least {KEY_BITS} are required")
+        raise ValueError(f"public key is {type(key).__name__.removeprefix('_')}, not RSA")
+    if not KEY_BITS <= key.key_size <= MAX_KEY_BITS:
+        raise ValueError(f"RSA key is {key.key_size} bits; {KEY_BITS} to {MAX_KEY_BITS} are accepted")
+    if key.public_numbers().e != PUBLIC_EXPONENT:
+        raise ValueError(f"RSA public exponent must be {PUBLIC_EXPONENT}")
     return key
 
 

@@ -27,4 +27,8 @@ class UpdateRefused(MeshfedError):
 
 
 class RegistrationRefused(MeshfedError):
-    """A client could not register (bad enrollment token, key mismatch, bad id)."""
+    """A client could not register; `reason` is a stable code (app/enrollment.py lists them)."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")

@@ -1,4 +1,4 @@
-"""Files that survive a crash: written whole or not at all."""
+"""Files that survive a crash (written whole or not at all), and secrets kept in files."""
 from __future__ import annotations
 
 import os
@@ -18,3 +18,15 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def read_secret(path: str) -> str:
+    """A token kept in a file (its first word); ValueError naming the file if it is empty or unreadable."""
+    try:
+        lines = Path(path).read_text().split()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    token = lines[0] if lines else ""
+    if not token:
+        raise ValueError(f"{path} holds no token")
+    return token

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 
 
@@ -37,3 +38,28 @@ def setup_logging(level: str = "INFO", log_file: str | None = None, fmt: str = "
     # werkzeug logs every HTTP request at INFO; keep it to warnings unless debugging.
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+class Redact(logging.Filter):
+    """Keeps secrets out of every log line: the given values, and any token=... in a URL."""
+
+    QUERY_TOKEN = re.compile(r"([?&]token=)[^&\s\"']+")
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.QUERY_TOKEN.sub(r"\1<redacted>", message)
+        for secret in self.secrets:
+            clean = clean.replace(secret, "<redacted>")
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def redact(*secrets: str) -> None:
+    """From now on, every handler of the root logger writes `secrets` (and URL tokens) as <redacted>."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(Redact(list(secrets)))

@@ -1,4 +1,4 @@
-"""The meshfed wire protocol, version 2: event names, messages, and weights <-> bytes.
+"""The meshfed wire protocol, version 3: event names, messages, and weights <-> bytes.
 
 Control travels as Socket.IO events on the /fl namespace; weights travel over HTTP as bytes:
   GET  /api/model/<version>   -> encode_weights(global weights)
@@ -8,15 +8,15 @@ Control travels as Socket.IO events on the /fl namespace; weights travel over HT
 An update carries the *delta* (local weights - the global weights it started from).
 Nothing here uses pickle: weights are safetensors (a JSON header of names, dtypes, shapes and
 offsets, then the raw little-endian arrays). Version 1 sent .npz archives, which cost 5-10x more
-CPU to write and read (zip CRCs and copies) on both ends of every transfer.
+CPU to write and read (zip CRCs and copies) on both ends of every transfer. Signed headers are
+dataclasses read and signed by one codec (shared/frames.py), with each field's bounds beside it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,10 +24,13 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from shared import crypto
+from shared import crypto, jsonio
 from shared.errors import UpdateRefused
+from shared.frames import (BASE64, CLIENT_ID, PEM, SHA256, TOKEN_ID, VERSION, advisory, canonical_bytes, frame,
+                           integer, local, strings, text, unframe, wire_dict)
 
-PROTOCOL_VERSION = "meshfed/2"
+PROTOCOL_VERSION = "meshfed/3"  # 3: one codec; every header field signed but the advisory metrics; signed
+                                # registration over a challenge
 NAMESPACE = "/fl"
 
 # Socket.IO events on /fl.
@@ -38,8 +41,10 @@ EV_UPDATE_RESULT = "update_result"  # server -> client: {round, accepted, reason
 EV_CLIENT_STATUS = "client_status"  # client -> server: {state, cpu_percent, memory_mb}
 EV_NEW_MODEL = "new_model"          # server -> all clients: {version} once a round's model is committed
 
-UPDATE_MAGIC = b"MFU1"  # first bytes of every packed update
-SYNC_MAGIC = b"MFS1"    # first bytes of every packed offline contribution
+UPDATE_MAGIC = b"MFU1"        # first bytes of every packed update
+SYNC_MAGIC = b"MFS1"          # first bytes of every packed offline contribution
+REGISTRATION_MAGIC = b"MFR1"  # domain tag of a registration's signed bytes (it travels as Socket.IO auth)
+MAX_EXAMPLES = 10_000_000     # no client may claim more training examples than this
 
 
 @dataclass(frozen=True)
@@ -70,25 +75,53 @@ class TrainRequest:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+# The advisory values a client reports with an update (unsigned, shown on the dashboard, never used to
+# weigh or accept anything): name -> (lo, hi). Others, and values out of bounds, are dropped with a note.
+DAY = 86_400.0
+METRICS: dict[str, tuple[float, float]] = {
+    "train_loss": (0.0, 1e9), "train_accuracy": (0.0, 1.0), "examples": (0.0, 1e12), "batches": (0.0, 1e12),
+    "train_seconds": (0.0, DAY), "eval_loss": (0.0, 1e9), "eval_accuracy": (0.0, 1.0), "eval_seconds": (0.0, DAY),
+    "cpu_percent": (0.0, 1e5), "memory_mb": (0.0, 1e8), "fetch_seconds": (0.0, DAY), "prefetched": (0.0, 1.0),
+    "prepare_seconds": (0.0, DAY), "total_seconds": (0.0, DAY)}
+
+
 @dataclass(frozen=True)
 class UpdateHeader:
-    """The signed facts about one update; `signature` covers canonical_bytes(), not the JSON."""
+    """The facts about one update. `signature` covers canonical_bytes(): every field but metrics (advisory)."""
 
-    run_id: str
-    round: int
-    model_version: int
-    client_id: str
-    num_examples: int
-    payload_sha256: str
-    signature: str = ""            # base64 RSA-PSS signature over canonical_bytes()
-    protocol: str = PROTOCOL_VERSION
-    metrics: dict[str, float] = field(default_factory=dict)  # advisory, shown on the dashboard
+    run_id: str = field(metadata=text(TOKEN_ID))
+    round: int = field(metadata=integer(0))
+    model_version: int = field(metadata=integer(0))
+    client_id: str = field(metadata=text(CLIENT_ID))
+    num_examples: int = field(metadata=integer(0))  # its bounds are the server's check (app/verify.py)
+    payload_sha256: str = field(metadata=text(SHA256))
+    protocol: str = field(default=PROTOCOL_VERSION, metadata=text(VERSION))
+    signature: str = field(default="", metadata=text(BASE64, signed=False))  # base64 RSA-PSS
+    metrics: dict[str, float] = field(default_factory=dict, metadata=advisory(METRICS))
+    notes: tuple[str, ...] = field(default=(), metadata=local())  # advisory values the decoder dropped
 
     def canonical_bytes(self) -> bytes:
-        """The exact bytes that are signed: one field per line, fixed order."""
-        fields = (self.protocol, self.run_id, str(self.round), str(self.model_version),
-                  self.client_id, str(self.num_examples), self.payload_sha256)
-        return "\n".join(fields).encode("utf-8")
+        return canonical_bytes(UPDATE_MAGIC, self)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a client sends to connect on /fl (the Socket.IO auth): it proves it holds the private key of
+    `public_key` by signing a fresh server challenge (GET /api/challenge) together with what it claims."""
+
+    client_id: str = field(metadata=text(CLIENT_ID))
+    public_key: str = field(metadata=text(PEM))
+    num_examples: int = field(metadata=integer(0))
+    challenge: str = field(metadata=text(r"[A-Za-z0-9_.-]{1,256}"))
+    enrollment_token: str = field(default="", metadata=text(r"[ -~]{0,256}", signed=False))
+    protocol: str = field(default=PROTOCOL_VERSION, metadata=text(VERSION))
+    signature: str = field(default="", metadata=text(BASE64, signed=False))
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_bytes(REGISTRATION_MAGIC, self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return wire_dict(self)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -108,35 +141,13 @@ def decode_weights(data: bytes, max_bytes: int | None = None) -> dict[str, np.nd
     try:
         arrays = st_load(data)  # validates the header and that every offset lies inside the buffer
         header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-        order = json.loads(meta["order"]) if "order" in meta else sorted(arrays)
+        meta = jsonio.loads(data[8:8 + header_len], max_bytes=header_len).get("__metadata__") or {}
+        order = jsonio.loads(meta["order"], max_depth=1) if "order" in meta else sorted(arrays)
     except (SafetensorError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UpdateRefused("malformed", f"weights are not valid safetensors: {exc}") from exc
+        raise UpdateRefused("malformed", f"weights are not valid safetensors: {str(exc)[:200]}") from None
     if not (isinstance(order, list) and all(isinstance(n, str) for n in order) and sorted(order) == sorted(arrays)):
         raise UpdateRefused("malformed", "the weights' name order does not list exactly their arrays")
     return {name: arrays[name] for name in order}
-
-
-def frame(magic: bytes, header: Any, payload: bytes) -> bytes:
-    """magic | uint32 header length | header JSON (a dataclass) | payload: every signed body we send."""
-    head = json.dumps(asdict(header), sort_keys=True).encode("utf-8")
-    return magic + struct.pack(">I", len(head)) + head + payload
-
-
-def unframe(magic: bytes, body: bytes, max_header: int = 64 * 1024) -> tuple[dict[str, Any], bytes]:
-    """Inverse of frame: (header dict, payload), or UpdateRefused('malformed')."""
-    if len(body) < 8 or body[:4] != magic:
-        raise UpdateRefused("malformed", f"body does not start with the {magic.decode()} frame")
-    (n,) = struct.unpack(">I", body[4:8])
-    if n > max_header or 8 + n > len(body):
-        raise UpdateRefused("malformed", f"header length {n} is out of range")
-    try:
-        raw = json.loads(body[8:8 + n])
-    except ValueError as exc:
-        raise UpdateRefused("malformed", f"header is not JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise UpdateRefused("malformed", "header is not a JSON object")
-    return raw, body[8 + n:]
 
 
 def pack_update(header: UpdateHeader, payload: bytes) -> bytes:
@@ -144,19 +155,9 @@ def pack_update(header: UpdateHeader, payload: bytes) -> bytes:
     return frame(UPDATE_MAGIC, header, payload)
 
 
-def unpack_update(body: bytes, max_header: int = 64 * 1024) -> tuple[UpdateHeader, bytes]:
-    """Split a packed update; raises UpdateRefused('malformed') on anything off."""
-    raw, payload = unframe(UPDATE_MAGIC, body, max_header)
-    try:
-        header = UpdateHeader(
-            run_id=str(raw["run_id"]), round=int(raw["round"]), model_version=int(raw["model_version"]),
-            client_id=str(raw["client_id"]), num_examples=int(raw["num_examples"]),
-            payload_sha256=str(raw["payload_sha256"]), signature=str(raw.get("signature", "")),
-            protocol=str(raw.get("protocol", "")),
-            metrics={str(k): float(v) for k, v in dict(raw.get("metrics", {})).items()})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UpdateRefused("malformed", f"update header is not valid: {exc}") from exc
-    return header, payload
+def unpack_update(body: bytes) -> tuple[UpdateHeader, bytes]:
+    """Split a packed update; raises UpdateRefused('malformed') naming what is off."""
+    return unframe(UPDATE_MAGIC, UpdateHeader, body)
 
 
 @dataclass(frozen=True)
@@ -164,20 +165,18 @@ class SyncHeader:
     """The signed facts about one offline contribution: the delta a client's mesh model made from
     the global version it started at. `contribution_id` makes the upload idempotent."""
 
-    contribution_id: str
-    client_id: str
-    base_version: int
-    local_steps: int
-    num_examples: int
-    payload_sha256: str
-    peers: list[str] = field(default_factory=list)  # whom it mixed with (the dashboard's topology)
-    signature: str = ""
-    protocol: str = PROTOCOL_VERSION
+    contribution_id: str = field(metadata=text(TOKEN_ID))
+    client_id: str = field(metadata=text(CLIENT_ID))
+    base_version: int = field(metadata=integer(0))
+    local_steps: int = field(metadata=integer(0))
+    num_examples: int = field(metadata=integer(0))  # its bounds are the server's check (app/verify.py)
+    payload_sha256: str = field(metadata=text(SHA256))
+    peers: list[str] = field(default_factory=list, metadata=strings(CLIENT_ID, 256))  # whom it mixed with
+    protocol: str = field(default=PROTOCOL_VERSION, metadata=text(VERSION))
+    signature: str = field(default="", metadata=text(BASE64, signed=False))
 
     def canonical_bytes(self) -> bytes:
-        fields = ("sync", self.protocol, self.contribution_id, self.client_id, str(self.base_version),
-                  str(self.local_steps), str(self.num_examples), self.payload_sha256, ",".join(self.peers))
-        return "\n".join(fields).encode("utf-8")
+        return canonical_bytes(SYNC_MAGIC, self)
 
 
 def pack_sync(header: SyncHeader, payload: bytes) -> bytes:
@@ -185,20 +184,16 @@ def pack_sync(header: SyncHeader, payload: bytes) -> bytes:
     return frame(SYNC_MAGIC, header, payload)
 
 
-def unpack_sync(body: bytes, max_header: int = 64 * 1024) -> tuple[SyncHeader, bytes]:
-    raw, payload = unframe(SYNC_MAGIC, body, max_header)
-    try:
-        header = SyncHeader(
-            contribution_id=str(raw["contribution_id"]), client_id=str(raw["client_id"]),
-            base_version=int(raw["base_version"]), local_steps=int(raw["local_steps"]),
-            num_examples=int(raw["num_examples"]), payload_sha256=str(raw["payload_sha256"]),
-            peers=[str(p) for p in raw.get("peers", [])], signature=str(raw.get("signature", "")),
-            protocol=str(raw.get("protocol", "")))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UpdateRefused("malformed", f"sync header is not valid: {exc}") from exc
-    if not (0 < len(header.contribution_id) <= 64) or header.num_examples <= 0:
-        raise UpdateRefused("malformed", "contribution_id must be 1-64 characters and num_examples positive")
-    return header, payload
+def unpack_sync(body: bytes) -> tuple[SyncHeader, bytes]:
+    return unframe(SYNC_MAGIC, SyncHeader, body)
+
+
+def signed_registration(key: Any, client_id: str, num_examples: int, challenge: str,
+                        enrollment_token: str) -> Registration:
+    """A client's registration for /fl, signed with its key over the server's `challenge`."""
+    r = Registration(client_id=client_id, public_key=crypto.public_pem(key), num_examples=num_examples,
+                     challenge=challenge, enrollment_token=enrollment_token)
+    return replace(r, signature=crypto.sign(key, r.canonical_bytes()))
 
 
 def roster_bytes(clients: dict[str, str], issued_at: float) -> bytes:

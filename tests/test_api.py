@@ -6,7 +6,7 @@ import pytest
 from app import create_app
 from app.config import RunConfig, ServerConfig
 from shared import crypto
-from shared.protocol import NAMESPACE
+from shared.protocol import NAMESPACE, signed_registration
 
 ADMIN, ENROLL = "admin-secret", "enroll-secret"
 
@@ -21,13 +21,25 @@ def app(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pem():
-    return crypto.public_pem(crypto.generate_key())
+def key():
+    return crypto.generate_key()
 
 
-def sio_client(app, **auth):
+def registration(app, key, client_id, enrollment_token=ENROLL, num_examples=10, challenge=None, **over):
+    """A signed registration as a client makes it: over a fresh challenge from GET /api/challenge."""
+    if challenge is None:
+        challenge = app.test_client().get("/api/challenge").get_json()["challenge"]
+    auth = signed_registration(key, client_id, num_examples, challenge, enrollment_token).to_dict()
+    return {**auth, **over}
+
+
+def sio_client(app, auth):
     socketio = app.extensions["meshfed"].socketio
     return socketio.test_client(app, namespace=NAMESPACE, auth=auth)
+
+
+def register(app, key, client_id, **kwargs):
+    return sio_client(app, registration(app, key, client_id, **kwargs))
 
 
 @pytest.mark.parametrize("path", ["/api/start", "/api/stop", "/api/config", "/api/rollback"])
@@ -64,22 +76,21 @@ def test_stop_without_a_run_is_a_conflict(app):
     assert r.status_code == 409 and "no run" in r.get_json()["message"]
 
 
-def test_registration_needs_the_enrollment_token(app, pem):
-    assert not sio_client(app, client_id="c1", public_key=pem, enrollment_token="wrong").is_connected(NAMESPACE)
-    assert not sio_client(app, client_id="bad id!", public_key=pem, enrollment_token=ENROLL).is_connected(NAMESPACE)
-    assert not sio_client(app, client_id="c1", public_key="junk", enrollment_token=ENROLL).is_connected(NAMESPACE)
-    ok = sio_client(app, client_id="c1", public_key=pem, enrollment_token=ENROLL)
+def test_registration_needs_the_enrollment_token(app, key):
+    assert not register(app, key, "c1", enrollment_token="wrong").is_connected(NAMESPACE)
+    assert not sio_client(app, {**registration(app, key, "c1"), "client_id": "bad id!"}).is_connected(NAMESPACE)
+    assert not sio_client(app, {**registration(app, key, "c1"), "public_key": "junk"}).is_connected(NAMESPACE)
+    ok = register(app, key, "c1")
     assert ok.is_connected(NAMESPACE)
     assert any(m["name"] == "welcome" for m in ok.get_received(NAMESPACE))
 
 
-def test_key_is_pinned_on_first_registration(app, pem):
-    first = sio_client(app, client_id="c1", public_key=pem, enrollment_token=ENROLL)
+def test_key_is_pinned_on_first_registration(app, key):
+    first = register(app, key, "c1")
     assert first.is_connected(NAMESPACE)
     first.disconnect(namespace=NAMESPACE)
-    other = crypto.public_pem(crypto.generate_key())
-    assert not sio_client(app, client_id="c1", public_key=other, enrollment_token=ENROLL).is_connected(NAMESPACE)
-    assert sio_client(app, client_id="c1", public_key=pem, enrollment_token=ENROLL).is_connected(NAMESPACE)
+    assert not register(app, crypto.generate_key(), "c1").is_connected(NAMESPACE)
+    assert register(app, key, "c1").is_connected(NAMESPACE)
 
 
 def test_unsigned_garbage_update_is_refused_with_a_reason(app):
@@ -111,11 +122,10 @@ def test_start_after_stop_resumes_with_the_edited_config(app):
     client.post("/api/stop", headers=auth)
 
 
-def test_a_client_its_connected_peers_see_in_mesh_mode_is_shown_as_mesh(app, pem):
-    a = sio_client(app, client_id="a", public_key=pem, enrollment_token=ENROLL)
-    b = sio_client(app, client_id="b", public_key=crypto.public_pem(crypto.generate_key()), enrollment_token=ENROLL)
-    sio_client(app, client_id="c", public_key=crypto.public_pem(crypto.generate_key()), enrollment_token=ENROLL)\
-        .disconnect(NAMESPACE)
+def test_a_client_its_connected_peers_see_in_mesh_mode_is_shown_as_mesh(app, key):
+    a = register(app, key, "a")
+    b = register(app, crypto.generate_key(), "b")
+    register(app, crypto.generate_key(), "c").disconnect(NAMESPACE)
     b.disconnect(NAMESPACE)  # b lost the server; a still sees it over zeroconf, in mesh mode
     a.emit("client_status", {"state": "idle", "mesh": {"mode": "online", "peers": [{"id": "b", "mode": "mesh"}]}},
            namespace=NAMESPACE)
@@ -132,8 +142,7 @@ def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app
     from shared.protocol import SyncHeader, encode_weights, pack_sync, sha256_hex
 
     key = crypto.generate_key()
-    assert sio_client(app, client_id="a", public_key=crypto.public_pem(key), enrollment_token=ENROLL)\
-        .is_connected(NAMESPACE)
+    assert register(app, key, "a", num_examples=50).is_connected(NAMESPACE)
     client, auth = app.test_client(), {"Authorization": f"Bearer {ADMIN}"}
     assert client.post("/api/start", headers=auth).status_code == 200  # initial model v1; waits for clients
     loop = app.extensions["meshfed"].loop

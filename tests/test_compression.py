@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from app.verify import OpenRound, check_arrays
+from app.verify import check_arrays
 from shared.compression import SCALE_PREFIX, compress, quantize_int8, wire_spec
 from shared.errors import UpdateRefused
 from shared.models import weight_spec
@@ -18,7 +18,7 @@ SPEC = weight_spec(DELTA)
 def received(scheme, delta=DELTA, seed=1):
     """What the server makes of `delta` sent with `scheme`: the checked float deltas."""
     payload = encode_weights(compress(delta, scheme, np.random.default_rng(seed)))
-    return check_arrays(payload, OpenRound("run", 1, 0, frozenset({"c"}), SPEC, 1 << 20, scheme)), len(payload)
+    return check_arrays(payload, SPEC, 1 << 20, scheme), len(payload)
 
 
 def test_each_scheme_round_trips_within_its_error_and_shrinks_the_payload():
@@ -58,7 +58,7 @@ def test_all_zero_delta_quantizes_to_zero():
 
 def reason(scheme, arrays):
     with pytest.raises(UpdateRefused) as info:
-        check_arrays(encode_weights(arrays), OpenRound("run", 1, 0, frozenset({"c"}), SPEC, 1 << 20, scheme))
+        check_arrays(encode_weights(arrays), SPEC, 1 << 20, scheme)
     return info.value.reason, str(info.value)
 
 

@@ -152,11 +152,11 @@ def test_scale_out_behind_nginx_with_tls_and_redis(cluster, tmp_path, certs):
         front, web = f"https://127.0.0.1:{port}", f"http://127.0.0.1:{web_port}"
         cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "2", "--min-clients", "2",
                              "--eval-limit", "200", "--message-queue", queue_url, "--wsgi", "gunicorn",
-                             "--threads", "20", "--log-format", "json")
+                             "--threads", "20", "--log-format", "json", "--proxies", "1")
         cluster.wait_ready()
         follower = cluster._spawn("run_server.py", [
             "--port", str(web_port), "--role", "follower", "--leader-url", cluster.url, "--message-queue", queue_url,
-            f"--admin-token={cluster.admin_token}", f"--enrollment-token={cluster.enrollment_token}"], "follower.log")
+            "--state-dir", "follower-state", "--proxies", "1"], "follower.log")
         cluster.wait_until(lambda: requests.get(web + "/readyz", timeout=5).json()["ready"], 60, "the follower")
 
         second = subprocess.run([sys.executable, str(ROOT / "run_server.py"), "--port", str(free_port()),
@@ -179,7 +179,7 @@ def test_scale_out_behind_nginx_with_tls_and_redis(cluster, tmp_path, certs):
         for i in range(2):
             cluster.clients[f"c{i}"] = cluster._spawn("run_client.py", [
                 "--client-id", f"c{i}", "--server-address", front, "--ca-cert", str(certs / "meshfed-ca.crt"),
-                f"--enrollment-token={cluster.enrollment_token}", "--key-dir", "keys", "--dataset", "synthetic",
+                "--key-dir", "keys", "--dataset", "synthetic",
                 "--model", "mlp", "--partition", "iid", "--num-clients", "2", "--client-index", str(i),
                 "--max-samples", "300"], f"c{i}.log")
         cluster.wait_until(lambda: cluster.status()["clients_online"] == 2, 60, "clients through nginx")

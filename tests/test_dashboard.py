@@ -1,6 +1,7 @@
 """The dashboard: /dashboard Socket.IO without a browser, then a real headless Chromium."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,12 +31,19 @@ def sio(app, **kwargs):
     return app.extensions["meshfed"].socketio.test_client(app, namespace=NS, **kwargs)
 
 
+def csrf_token(browser) -> str:
+    """The CSRF token of the login form, as a browser gets it."""
+    page = browser.get("/login").get_data(as_text=True)
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
 def test_unauthenticated_dashboard_is_refused(app):
     assert not sio(app).is_connected(NS)
     assert not sio(app, auth={"token": "wrong"}).is_connected(NS)
     page = app.test_client().get("/")
     assert page.status_code == 302 and page.headers["Location"].endswith("/login")
-    assert app.test_client().post("/login", data={"token": "nope"}).status_code == 401
+    browser = app.test_client()
+    assert browser.post("/login", data={"token": "nope", "csrf_token": csrf_token(browser)}).status_code == 401
 
 
 def test_token_in_url_sets_an_httponly_cookie_that_admits_the_socket(app):
@@ -108,17 +116,17 @@ def test_dashboard_in_chromium_live_rounds_start_stop_and_screenshots(cluster):
             assert page.url.endswith("/login")
             page.fill("#token", cluster.admin_token)
             page.click("#login")
-            page.wait_for_function("document.querySelectorAll('#clients-body tr[data-client]').length === 2",
+            page.wait_for_function("() => document.querySelectorAll('#clients-body tr[data-client]').length === 2",
                                    timeout=30_000)
-            page.wait_for_function("document.getElementById('state').textContent === 'idle'", timeout=10_000)
+            page.wait_for_function("() => document.getElementById('state').textContent === 'idle'", timeout=10_000)
 
             page.click("#control-tab")
             page.click("#btn-start")
-            page.wait_for_function("window.meshfed.charts.accuracy.data.labels.length >= 1", timeout=90_000)
+            page.wait_for_function("() => window.meshfed.charts.accuracy.data.labels.length >= 1", timeout=90_000)
             assert int(page.text_content("#round")) >= 1
             statuses = page.eval_on_selector_all(".client-status", "els => els.map(e => e.textContent)")
             assert len(statuses) == 2 and set(statuses) <= {"training", "idle"}, statuses
-            page.wait_for_function("window.meshfed.charts.accuracy.data.labels.length >= 3", timeout=90_000)
+            page.wait_for_function("() => window.meshfed.charts.accuracy.data.labels.length >= 3", timeout=90_000)
             page.click("button[data-bs-target='#tab-overview']")
             page.wait_for_selector("#tab-overview.show.active")
             page.wait_for_timeout(300)
@@ -135,12 +143,12 @@ def test_dashboard_in_chromium_live_rounds_start_stop_and_screenshots(cluster):
             late = browser.new_page(viewport={"width": 1440, "height": 900})
             late.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             late.goto(f"{cluster.url}/?token={cluster.admin_token}")
-            late.wait_for_function("window.meshfed.charts.accuracy.data.labels.length >= 3", timeout=10_000)
+            late.wait_for_function("() => window.meshfed.charts.accuracy.data.labels.length >= 3", timeout=10_000)
             late.close()
 
             page.click("#control-tab")
             page.click("#btn-stop")
-            page.wait_for_function("document.getElementById('state').textContent === 'stopped'", timeout=60_000)
+            page.wait_for_function("() => document.getElementById('state').textContent === 'stopped'", timeout=60_000)
             assert cluster.status()["state"] == "stopped"
 
             page.fill("#cfg-num_rounds", "-3")
@@ -178,3 +186,46 @@ def test_alert_rules():
     m.observe("update_refused", {"client_id": "c7", "reason": "non_finite"})
     assert len([1 for e, _ in seen if e == "alert"]) == 2  # raised once, not on every refusal
     assert m.sample()["memory_percent"] > 0 and m.snapshot()["samples"]
+
+
+def test_a_page_of_another_origin_cannot_drive_the_dashboard_with_the_admins_cookie(cluster, tmp_path):
+    """Cross-site WebSocket hijacking: the admin is logged in (SameSite=Strict cookie); a page on another port of
+    127.0.0.1 is the same *site*, so Chromium sends that cookie along. The server's Origin check must refuse it,
+    while the dashboard's own page, same origin, connects."""
+    import http.server
+    import threading
+
+    from playwright.sync_api import sync_playwright
+    from run_demo import free_port
+
+    cluster.start_server("--dataset", "synthetic", "--model", "mlp")
+    cluster.wait_ready()
+    (tmp_path / "evil.html").write_text(f"""<!doctype html>
+<script src="{cluster.url}/static/vendor/socketio/socket.io.min.js"></script>
+<script>
+window.outcome = "pending";
+const s = io("{cluster.url}/dashboard", {{transports: ["websocket"], reconnection: false, withCredentials: true}});
+s.on("connect", () => s.emit("stop_training", (ack) => {{ window.outcome = "connected: " + JSON.stringify(ack); }}));
+s.on("connect_error", (e) => {{ window.outcome = "refused: " + e.message; }});
+</script>""")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+            try:
+                context = browser.new_context()
+                page = context.new_page()
+                page.goto(f"{cluster.url}/?token={cluster.admin_token}")  # logged in: the cookie is set
+                page.wait_for_function("() => document.getElementById('state').textContent === 'idle'", timeout=20_000)
+                attacker = context.new_page()  # same browser, same cookie jar
+                attacker.goto(f"http://127.0.0.1:{evil.server_address[1]}/evil.html")
+                attacker.wait_for_function("() => window.outcome !== 'pending'", timeout=20_000)
+                outcome = attacker.evaluate("() => window.outcome")
+            finally:
+                browser.close()
+    finally:
+        evil.shutdown()
+        evil.server_close()
+    assert outcome.startswith("refused"), outcome

@@ -1,17 +1,19 @@
 """Real server and client processes on 127.0.0.1: learning, failures, crash-resume, bad updates."""
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import time
 
 import numpy as np
+import pytest
 import requests
 import socketio
 
 from shared import crypto
-from shared.protocol import (EV_TRAIN, NAMESPACE, UpdateHeader, decode_weights, encode_weights, pack_update,
-                             sha256_hex)
+from shared.protocol import EV_TRAIN, NAMESPACE, decode_weights, sha256_hex
+from tests.rawclient import auth_for, signed_update, with_raw_metrics
 
 SMALL_FMNIST = ["--dataset", "fashion-mnist", "--partition", "iid"]
 
@@ -102,14 +104,6 @@ def test_client_and_server_killed_mid_run_the_run_still_completes(cluster, fmnis
     assert time.monotonic() - restart_at < 200
 
 
-def _evil_update(key, request, weights, client_id="evil", num_examples=10):
-    payload = encode_weights(weights)
-    h = UpdateHeader(run_id=request["run_id"], round=request["round"], model_version=request["model_version"],
-                     client_id=client_id, num_examples=num_examples, payload_sha256=sha256_hex(payload))
-    h = UpdateHeader(**{**h.__dict__, "signature": crypto.sign(key, h.canonical_bytes())})
-    return pack_update(h, payload)
-
-
 def test_bad_updates_are_refused_with_reasons_and_change_nothing(cluster, tmp_path):
     cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "2", "--min-clients", "1",
                          "--quorum", "1", "--round-timeout", "120", "--max-update-mb", "2", "--start")
@@ -119,8 +113,7 @@ def test_bad_updates_are_refused_with_reasons_and_change_nothing(cluster, tmp_pa
     sio = socketio.Client(reconnection=False)
     sio.on(EV_TRAIN, requests_q.put, namespace=NAMESPACE)
     sio.connect(cluster.url, namespaces=[NAMESPACE], transports=["websocket"],
-                auth={"client_id": "evil", "public_key": crypto.public_pem(key),
-                      "enrollment_token": cluster.enrollment_token, "num_examples": 10})
+                auth=auth_for(cluster.url, key, "evil", cluster.enrollment_token))
     try:
         req = requests_q.get(timeout=60)
         base = cluster.api("GET", f"/api/model/{req['model_version']}")
@@ -138,10 +131,10 @@ def test_bad_updates_are_refused_with_reasons_and_change_nothing(cluster, tmp_pa
 
         nan = {**zeros, "net.1.weight": np.full_like(zeros["net.1.weight"], np.nan)}
         shape = {**zeros, "net.1.bias": np.zeros(7, np.float32)}
-        refused(_evil_update(wrong_key, req, zeros), "bad_signature")
-        refused(_evil_update(key, req, nan), "non_finite")
-        refused(_evil_update(key, req, shape), "shape_mismatch")
-        refused(_evil_update(key, req, zeros, num_examples=0), "bad_examples")
+        refused(signed_update(wrong_key, req, zeros, "evil"), "bad_signature")
+        refused(signed_update(key, req, nan, "evil"), "non_finite")
+        refused(signed_update(key, req, shape, "evil"), "shape_mismatch")
+        refused(signed_update(key, req, zeros, "evil", num_examples=0), "bad_examples")
         refused(b"MFU1" + b"\0" * (20 << 20), "too_large", 413)  # 10x the 2 MB limit
         refused(b"junk", "malformed")
 
@@ -150,30 +143,43 @@ def test_bad_updates_are_refused_with_reasons_and_change_nothing(cluster, tmp_pa
         assert latest.headers["X-Model-SHA256"] == base.headers["X-Model-SHA256"]
         assert cluster.status()["open_round"]["round"] == 1
 
-        good1 = _evil_update(key, req, zeros)
-        assert post(good1).status_code == 200
+        # Accepted, with advisory metrics that used to kill the round loop (int(NaN)) and the dashboard's JSON:
+        # the bad values are dropped with notes, the round goes on.
+        good1 = with_raw_metrics(signed_update(key, req, zeros, "evil"),
+                                 b'{"prefetched": NaN, "train_seconds": Infinity, "batches": 3}')
+        reply = post(good1)
+        assert reply.status_code == 200 and len(reply.json()["notes"]) == 2, reply.text
         req2 = requests_q.get(timeout=60)
         assert req2["round"] == 2
         refused(good1, "stale_round", 409)  # replay of round 1 in round 2
-        good2 = _evil_update(key, req2, zeros)
+        good2 = signed_update(key, req2, zeros, "evil")
         assert post(good2).status_code == 200
         cluster.wait_until(lambda: cluster.status()["state"] == "finished", 60, "round 2 to close")
         refused(good2, "no_open_round", 409)  # replay after the run ended
+        served = cluster.api("GET", "/api/metrics").text
+        rounds = json.loads(served, parse_constant=lambda name: pytest.fail(f"{name} served"))["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["train_seconds"] == 0
     finally:
         sio.disconnect()
 
+    # Charged to evil: only what its own signature vouches for. The forged signature, the oversized body and
+    # the junk are the source address's (nobody signed them), whatever client id they claimed.
     evil = next(c for c in cluster.api("GET", "/api/clients").json()["clients"] if c["id"] == "evil")
     assert evil["accepted"] == 2
-    assert evil["refusals"] == {"bad_signature": 1, "non_finite": 1, "shape_mismatch": 1, "bad_examples": 1,
-                                "too_large": 1, "malformed": 1, "stale_round": 1, "no_open_round": 1}
+    assert evil["refusals"] == {"non_finite": 1, "shape_mismatch": 1, "bad_examples": 1, "stale_round": 1,
+                                "no_open_round": 1}
+    unverified = cluster.api("GET", "/api/refusals").json()["addresses"]
+    assert unverified == [{"address": "127.0.0.1", "refusals": {"bad_signature": 1, "too_large": 1, "malformed": 1},
+                           "last": unverified[0]["last"]}]
 
     # /metrics of the real server, read with Prometheus' own text parser.
     from prometheus_client.parser import text_string_to_metric_families
 
     families = {f.name: f for f in text_string_to_metric_families(cluster.api("GET", "/metrics").text)}
-    refused = {s.labels["reason"]: s.value for s in families["meshfed_updates_refused"].samples
+    refused = {(s.labels["reason"], s.labels["verified"]): s.value for s in families["meshfed_updates_refused"].samples
                if s.name == "meshfed_updates_refused_total"}
-    assert refused["bad_signature"] == 1 and refused["too_large"] == 1 and sum(refused.values()) == 8
+    assert refused[("bad_signature", "false")] == 1 and refused[("too_large", "false")] == 1
+    assert refused[("non_finite", "true")] == 1 and sum(refused.values()) == 8
     assert families["meshfed_rounds_completed"].samples[0].value == 2
     received = families["meshfed_http_received_bytes"].samples[0].value
     assert 0 < received < 20 << 20  # the 20 MB body was refused by its Content-Length, never read

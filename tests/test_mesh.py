@@ -181,3 +181,52 @@ def test_the_roster_is_taken_only_with_the_pinned_servers_signature(tmp_path, ke
     with pytest.raises(MeshRefused, match="key_mismatch"):  # another server: its key is not the pinned one
         t.accept_roster(signed_roster(other, {"a": fp(keys["stranger"])}))
     assert Trust(tmp_path / "t.json").roster == {"a": fp(keys["a"])}  # unchanged, also on disk
+
+
+def test_the_gossip_endpoint_answers_hostile_requests_with_a_json_4xx(tmp_path, keys):
+    """Content-Length 'abc', a header nested 60,000 deep, a round of 1e999, an unknown method, a body shorter
+    than announced: each gets a 4xx with a reason (they used to drop the connection unanswered)."""
+    import socket
+    import struct
+    import threading
+
+    from mesh.node import MeshConfig, MeshNode
+
+    node = MeshNode(MeshConfig(interfaces=("127.0.0.1",)), "a", keys["a"], None, tmp_path / "a.mesh",
+                    threading.Lock(), lr=0.05, batch_size=32, trust_file=tmp_path / "trust.json")
+    node.server.RequestHandlerClass.timeout = 2
+    threading.Thread(target=node.server.serve_forever, daemon=True).start()
+
+    def ask(request: bytes) -> tuple[int, dict]:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+            s.sendall(request)
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), json.loads(body) if body.startswith(b"{") else {}
+
+    def post(body: bytes, length: str | None = None) -> tuple[int, dict]:
+        return ask(b"POST /mesh/gossip HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                   (length or str(len(body))).encode() + b"\r\n\r\n" + body)
+
+    def frame(head: bytes) -> bytes:
+        return b"MFG1" + struct.pack(">I", len(head)) + head + b"payload"
+
+    try:
+        assert post(b"", "abc") == (400, {"reason": "malformed", "message": "send a Content-Length of 1..67108864 "
+                                                                             "bytes"})
+        assert post(b"", str(1 << 40))[0] == 413
+        status, reply = post(frame(b'{"sender": ' + b"[" * 60_000 + b"]" * 60_000 + b"}"))
+        assert (status, reply["reason"]) == (400, "malformed")
+        sealed = seal(keys["a"], "a", weights(), base_version=1, local_steps=1, num_examples=10)
+        n = struct.unpack(">I", sealed[4:8])[0]
+        head = sealed[8:8 + n].replace(b'"base_version": 1', b'"base_version": 1e999')
+        status, reply = post(b"MFG1" + struct.pack(">I", len(head)) + head + sealed[8 + n:])
+        assert (status, reply["reason"]) == (400, "malformed") and "base_version" in reply["message"]
+        assert post(b"MFG1short", "100")[0] == 400  # ends before its Content-Length
+        assert ask(b"BREW /mesh/gossip HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 405
+    finally:
+        node.server.shutdown()
+        node.server.server_close()

@@ -146,7 +146,6 @@ def test_mesh_across_network_namespaces(cluster, fmnist):
     with netns.Hosts(["s", "c0", "c1", "c2"]) as hosts:
         server_args = [str(a) for a in (
             "--host", hosts.hosts["s"], "--port", 5000, "--state-dir", "state",
-            f"--admin-token={cluster.admin_token}", f"--enrollment-token={cluster.enrollment_token}",
             "--dataset", "fashion-mnist", "--model", "mlp", "--num-rounds", 12, "--min-clients", 3,
             "--eval-limit", 2000, "--max-batches", 20, "--start")]
         cluster.url = f"http://{hosts.hosts['s']}:5000"
@@ -156,7 +155,7 @@ def test_mesh_across_network_namespaces(cluster, fmnist):
         for cid in clients:
             ip = hosts.hosts[cid]
             cluster.clients[cid] = cluster._spawn("run_client.py", [
-                "--client-id", cid, "--server-address", cluster.url, f"--enrollment-token={cluster.enrollment_token}",
+                "--client-id", cid, "--server-address", cluster.url,
                 "--key-dir", "keys", *COMMON, "--client-index", cid[1], "--delay", "0.5", "--enable-mesh",
                 "--mesh-host", ip, "--mesh-port", "7000", "--mesh-interfaces", ip, "--mesh-after", "2",
                 "--mesh-interval", "0.5", "--mesh-batches", "10"], f"{cid}.log", prefix=hosts.prefix(cid))

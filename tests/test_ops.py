@@ -1,6 +1,7 @@
 """Operations endpoints: liveness, readiness and JSON logs (the /metrics scrape of a real server is
 in test_integration.py)."""
 import json
+import os
 import logging
 import signal
 import subprocess
@@ -57,29 +58,71 @@ def test_json_logs_are_one_object_per_line(tmp_path, capsys):
     setup_logging("WARNING")
 
 
-def test_a_server_started_with_json_logs_writes_only_json(tmp_path):
-    """run_server.py --log-format json (development server): the banner, werkzeug's and our lines are
-    all JSON objects; the banner names the dashboard URL with the admin token."""
-    from run_demo import free_port
-    port = free_port()
-    out = (tmp_path / "server.log").open("w")
+def _json_server(tmp_path, port: int, log_name: str, **env: str) -> subprocess.Popen:
+    out = (tmp_path / log_name).open("w")
     server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "run_server.py"),
                                "--port", str(port), "--state-dir", str(tmp_path / "state"), "--dataset", "synthetic",
-                               "--model", "mlp", "--admin-token", "tok", "--log-format", "json", "--log-level", "debug"],
-                              stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+                               "--model", "mlp", "--log-format", "json", "--log-level", "debug"],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("MESHFED_")} | env)
+    out.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                return server
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    server.kill()
+    raise TimeoutError((tmp_path / log_name).read_text()[-2000:])
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def test_tokens_are_made_once_kept_private_and_never_logged(tmp_path):
+    """run_server.py --log-format json --log-level debug, no tokens given: every line is JSON; the tokens are
+    generated, printed once in the banner, kept 0600 in the state dir and reused after a restart; no log line
+    (werkzeug's request log included) carries them; the admin token counts only with the Bearer scheme."""
+    from run_demo import free_port
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _json_server(tmp_path, port, "first.log")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        assert requests.post(f"http://127.0.0.1:{port}/api/stop", timeout=5).status_code == 401
+        banner = json.loads((tmp_path / "first.log").read_text().splitlines()[0])
+        admin, enrollment = banner["admin_token"], banner["enrollment_token"]
+        assert banner["dashboard"] == f"{url}/?token={admin}"
+        assert requests.get(f"{url}/?token={admin}", timeout=5, allow_redirects=False).status_code == 302
+        assert requests.post(f"{url}/api/stop", headers={"Authorization": admin}, timeout=5).status_code == 401
+        bearer = {"Authorization": f"Bearer {admin}"}
+        assert requests.post(f"{url}/api/stop", headers=bearer, timeout=5).status_code == 409  # no run: accepted
+        for path in ("/healthz", "/socket.io/?EIO=4&transport=polling"):  # Flask's and Socket.IO's answers
+            assert requests.get(url + path, timeout=5).headers["Server"] == "meshfed"  # no versions
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
-        out.close()
-    lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if line.strip()]
-    assert lines[0]["dashboard"] == f"http://127.0.0.1:{port}/?token=tok"
-    assert any(e.get("logger") == "werkzeug" and "POST /api/stop" in e["message"] for e in lines)  # request log
+        _stop(server)
+    stored = tmp_path / "state" / "tokens.json"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert json.loads(stored.read_text()) == {"admin": admin, "enrollment": enrollment}
+    lines = [json.loads(line) for line in (tmp_path / "first.log").read_text().splitlines() if line.strip()]
+    assert any(e.get("logger") == "werkzeug" and "GET /?token=<redacted>" in e["message"] for e in lines)
+    assert not [e for e in lines[1:] if admin in json.dumps(e) or enrollment in json.dumps(e)]
+
+    server = _json_server(tmp_path, port, "second.log")  # restarted on the same state dir
+    try:
+        assert requests.post(f"{url}/api/stop", headers=bearer, timeout=5).status_code == 409  # the same token
+    finally:
+        _stop(server)
+    text = (tmp_path / "second.log").read_text()
+    banner = json.loads(text.splitlines()[0])
+    assert "admin_token" not in banner and str(stored) in banner["dashboard"]
+    assert admin not in text and enrollment not in text
+
+    server = _json_server(tmp_path, port, "third.log", MESHFED_ADMIN_TOKEN="from-the-environment")
+    try:
+        given = {"Authorization": "Bearer from-the-environment"}
+        assert requests.post(f"{url}/api/stop", headers=given, timeout=5).status_code == 409
+    finally:
+        _stop(server)
+    assert "you gave" in json.loads((tmp_path / "third.log").read_text().splitlines()[0])["dashboard"]

@@ -34,7 +34,7 @@ class ClientsBehindAFakeTransport:
         weights = decode_weights(self.store.read_model(request.model_version))
         delta = {k: np.full_like(v, 0.01 * (1 + CLIENTS.index(client_id))) for k, v in weights.items()}
         header, payload = signed_update(self.keys[client_id], request, client_id, 100, delta)
-        threading.Thread(target=self.loop.offer, args=(header, payload), daemon=True).start()
+        threading.Thread(target=lambda: self.loop.offer(self.loop.authenticate(header, payload)), daemon=True).start()
         return True
 
     def send_cancel(self, client_id, run_id, round_no) -> None:

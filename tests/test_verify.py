@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 
-from app.verify import OpenRound, check_arrays, check_round, check_signature
+from app.verify import OpenRound, check_arrays, check_examples, check_round, check_signature
 from shared import crypto
 from shared.errors import UpdateRefused
 from shared.models import weight_spec
-from shared.protocol import UpdateHeader, encode_weights, sha256_hex
+from shared.protocol import MAX_EXAMPLES, UpdateHeader, encode_weights, sha256_hex
 
 MODEL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+SPEC = weight_spec(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_valid_update_passes(key):
     h = signed(key, payload)
     check_signature(h, payload, crypto.public_pem(key))
     check_round(h, open_round(), set())
-    assert set(check_arrays(payload, open_round())) == {"w", "b"}
+    assert set(check_arrays(payload, SPEC, 1 << 20)) == {"w", "b"}
 
 
 def test_signature_refusals(key):
@@ -66,20 +67,26 @@ def test_round_refusals(key):
     assert reason(check_round, h, open_round(model_version=6), set()) == "wrong_version"
     assert reason(check_round, h, open_round(selected=frozenset({"c2"})), set()) == "not_selected"
     assert reason(check_round, h, open_round(), {"c1"}) == "replay"
-    assert reason(check_round, signed(key, b"p", num_examples=0), open_round(), set()) == "bad_examples"
+
+
+def test_examples_are_bounded_by_what_the_client_registered():
+    check_examples(100, registered=100)
+    assert reason(check_examples, 0, 100) == "bad_examples"
+    assert reason(check_examples, 101, 100) == "bad_examples"
+    assert reason(check_examples, MAX_EXAMPLES + 1, 10 ** 15) == "bad_examples"  # a registration cannot lift it
 
 
 def test_array_refusals():
-    r = open_round()
+    r = (SPEC, 1 << 20)
     nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}
-    assert reason(check_arrays, encode_weights(nan), r) == "non_finite"
+    assert reason(check_arrays, encode_weights(nan), *r) == "non_finite"
     inf = {"w": np.zeros((2, 3), np.float32), "b": np.array([0, np.inf, 0], np.float32)}
-    assert reason(check_arrays, encode_weights(inf), r) == "non_finite"
+    assert reason(check_arrays, encode_weights(inf), *r) == "non_finite"
     shape = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}
-    assert reason(check_arrays, encode_weights(shape), r) == "shape_mismatch"
+    assert reason(check_arrays, encode_weights(shape), *r) == "shape_mismatch"
     names = {"w": np.zeros((2, 3), np.float32)}
-    assert reason(check_arrays, encode_weights(names), r) == "shape_mismatch"
+    assert reason(check_arrays, encode_weights(names), *r) == "shape_mismatch"
     dtype = {"w": np.zeros((2, 3), np.float64), "b": np.zeros(3, np.float32)}
-    assert reason(check_arrays, encode_weights(dtype), r) == "dtype_mismatch"
-    assert reason(check_arrays, encode_weights(MODEL), open_round(max_bytes=10)) == "too_large"
-    assert reason(check_arrays, b"garbage", r) == "malformed"
+    assert reason(check_arrays, encode_weights(dtype), *r) == "dtype_mismatch"
+    assert reason(check_arrays, encode_weights(MODEL), SPEC, 10) == "too_large"
+    assert reason(check_arrays, b"garbage", *r) == "malformed"
