@@ -6,6 +6,7 @@ import copy
 import ctypes
 import gc
 import hashlib
+import importlib
 import logging
 import multiprocessing
 import os
@@ -21,12 +22,16 @@ import torch
 from client.behaviour import Behaviour
 from client.node import Node, NodeConfig
 from client.trainer import DataConfig, LocalTrainer, drop_preloaded, preload_split
-from mesh.node import MeshConfig
-from mesh.trust import Trust, fingerprint_qr, trust_path
+from app.config import RunConfig
+from mesh.config import MeshConfig, trust_path
 from shared import crypto
 from shared.errors import DatasetNotFound
 from shared.fileio import read_secret
 from shared.log import redact, setup_logging
+from shared.partition import PARTITION_NAMES
+
+
+D, B, M = DataConfig(), Behaviour(), MeshConfig()  # the defaults are the dataclasses' own
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,28 +39,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-id", default=os.environ.get("MESHFED_CLIENT_ID") or socket.gethostname(),
                    help="default $MESHFED_CLIENT_ID, else the host name (one per container)")
     p.add_argument("--server-address", default="http://127.0.0.1:5000")
-    p.add_argument("--dataset", default="fashion-mnist", help="mnist | fashion-mnist | cifar10 | synthetic")
+    p.add_argument("--dataset", default=D.dataset, help="mnist | fashion-mnist | cifar10 | synthetic, or a plug-in's")
     p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
-    p.add_argument("--model", default="cnn", help="cnn | mlp (must match the server's)")
-    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--num-clients", type=int, default=1, help="number of partitions")
-    p.add_argument("--client-index", type=int, default=0,
+    p.add_argument("--model", default=RunConfig.model, help="cnn | mlp, or a plug-in's (must match the server's)")
+    p.add_argument("--model-module", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers models (as the server does); repeatable")
+    p.add_argument("--dataset-module", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers datasets (as the server does); repeatable")
+    p.add_argument("--partition", default=D.partition, choices=list(PARTITION_NAMES))
+    p.add_argument("--alpha", type=float, default=D.alpha, help="Dirichlet concentration")
+    p.add_argument("--num-clients", type=int, default=D.num_clients, help="number of partitions")
+    p.add_argument("--client-index", type=int, default=D.client_index,
                    help="our partition, 0-based; -1 = derived from the client id (scaled containers)")
-    p.add_argument("--seed", type=int, default=0, help="partition seed (same on every client)")
-    p.add_argument("--max-samples", type=int, default=0, help="use at most N of our samples (0 = all)")
-    p.add_argument("--holdout", type=float, default=0.2, help="share of our samples held out for local eval")
+    p.add_argument("--seed", type=int, default=D.seed, help="partition seed (same on every client)")
+    p.add_argument("--max-samples", type=int, default=D.max_samples, help="use at most N of our samples (0 = all)")
+    p.add_argument("--holdout", type=float, default=D.holdout, help="share of our samples held out for local eval")
     p.add_argument("--batch-size", type=int, default=None, help="override the server's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the server's learning rate")
     p.add_argument("--local-epochs", type=int, default=None, help="override the server's local epochs")
     p.add_argument("--attack", default="", choices=["", "sign_flip", "scale", "gaussian", "label_flip"],
                    help="simulate a Byzantine client (tests, demos)")
-    p.add_argument("--attack-scale", type=float, default=10.0, help="sign_flip/scale factor, gaussian std")
-    p.add_argument("--delay", type=float, default=0.0, help="seconds to wait before posting each update")
-    p.add_argument("--dropout-prob", type=float, default=0.0, help="chance of skipping a round")
-    p.add_argument("--slowdown", type=float, default=1.0, help="> 1: do only 1/slowdown of the local work")
+    p.add_argument("--attack-scale", type=float, default=B.attack_scale, help="sign_flip/scale factor, gaussian std")
+    p.add_argument("--delay", type=float, default=B.delay, help="seconds to wait before posting each update")
+    p.add_argument("--dropout-prob", type=float, default=B.dropout_prob, help="chance of skipping a round")
+    p.add_argument("--slowdown", type=float, default=B.slowdown, help="> 1: do only 1/slowdown of the local work")
     p.add_argument("--ca-cert", default=None, help="CA certificate that signed the server's (or nginx's) TLS cert")
-    p.add_argument("--key-dir", default="keys", help="RSA key directory (key file mode 0600)")
+    p.add_argument("--key-dir", default=NodeConfig.key_dir, help="RSA key directory (key file mode 0600)")
     p.add_argument("--enrollment-token-file", default=None,
                    help="file holding the server's enrollment token (else $MESHFED_ENROLLMENT_TOKEN; the server "
                         "keeps it in its state dir's tokens.json)")
@@ -71,13 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     p.add_argument("--enable-mesh", action="store_true",
                    help="when the server is unreachable, keep training in a zeroconf-discovered P2P mesh")
-    p.add_argument("--mesh-peers", default="", help="host:port,... of peers (networks without multicast)")
-    p.add_argument("--mesh-host", default="127.0.0.1", help="address peers reach this client's mesh endpoint on")
-    p.add_argument("--mesh-port", type=int, default=0, help="mesh endpoint port (0 = any free port)")
-    p.add_argument("--mesh-after", type=float, default=5.0, help="seconds without the server before mesh mode")
-    p.add_argument("--mesh-interval", type=float, default=1.0, help="seconds between gossip steps")
-    p.add_argument("--mesh-fanout", type=int, default=2, help="peers contacted per gossip step")
-    p.add_argument("--mesh-batches", type=int, default=10, help="local batches trained per gossip step")
+    p.add_argument("--mesh-peers", default=M.static_peers, help="host:port,... of peers (networks without multicast)")
+    p.add_argument("--mesh-host", default=M.host, help="address peers reach this client's mesh endpoint on")
+    p.add_argument("--mesh-port", type=int, default=M.port, help="mesh endpoint port (0 = any free port)")
+    p.add_argument("--mesh-after", type=float, default=M.after, help="seconds without the server before mesh mode")
+    p.add_argument("--mesh-interval", type=float, default=M.interval, help="seconds between gossip steps")
+    p.add_argument("--mesh-fanout", type=int, default=M.fanout, help="peers contacted per gossip step")
+    p.add_argument("--mesh-batches", type=int, default=M.local_batches, help="local batches trained per gossip step")
     p.add_argument("--mesh-interfaces", default="",
                    help="zeroconf interfaces, comma-separated (e.g. 127.0.0.1); default: zeroconf's choice")
     p.add_argument("--show-fingerprint", action="store_true",
@@ -101,6 +110,7 @@ def mesh_config(args: argparse.Namespace) -> MeshConfig | None:
 
 def operator_command(args: argparse.Namespace) -> int:
     """--show-fingerprint / --confirm-peer: work on the key directory only, no server needed."""
+    from mesh.trust import Trust, fingerprint_qr
     if args.show_fingerprint:
         key = crypto.load_or_create_key(args.key_dir, args.client_id)
         fingerprint = crypto.fingerprint(crypto.public_pem(key))
@@ -119,6 +129,8 @@ def operator_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for module in args.model_module + args.dataset_module:
+        importlib.import_module(module)  # plug-ins register their models and datasets (before any fork)
     operator = args.show_fingerprint or args.confirm_peer
     if args.enrollment_token:
         print("warning: a token on the command line is visible to every user in `ps`; use "

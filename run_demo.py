@@ -7,131 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import requests
-
-ROOT = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    """A server and clients as real processes on 127.0.0.1, each stopped by PID on exit.
-
-    Used by the demo, the integration tests and the benchmarks alike.
-    """
-
-    def __init__(self, workdir: str | Path, port: int | None = None, log_to_files: bool = True):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin_token = secrets.token_hex(16)
-        self.enrollment_token = secrets.token_hex(16)
-        self.log_to_files = log_to_files
-        self.server: subprocess.Popen | None = None
-        self.clients: dict[str, subprocess.Popen] = {}
-        self._logs: list[Any] = []
-
-    def _spawn(self, script: str, args: list[str], log_name: str, prefix: list[str] | None = None) -> subprocess.Popen:
-        """Start one of our scripts; `prefix` runs it elsewhere (tests: `ip netns exec <ns>`). The tokens
-        travel in the environment, not on the command line, where `ps` would show them."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
-               "MESHFED_ADMIN_TOKEN": self.admin_token, "MESHFED_ENROLLMENT_TOKEN": self.enrollment_token}
-        out = open(self.workdir / log_name, "ab") if self.log_to_files else subprocess.DEVNULL
-        if self.log_to_files:
-            self._logs.append(out)
-        return subprocess.Popen([*(prefix or []), sys.executable, str(ROOT / script), *args], cwd=self.workdir,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def start_server(self, *args: str, state_dir: str = "state") -> subprocess.Popen:
-        self.server = self._spawn("run_server.py", ["--port", str(self.port), "--state-dir", state_dir, *args],
-                                  "server.log")
-        return self.server
-
-    def start_client(self, client_id: str, *args: str) -> subprocess.Popen:
-        self.clients[client_id] = self._spawn("run_client.py", [
-            "--client-id", client_id, "--server-address", self.url,
-            *(args if "--key-dir" in args else ("--key-dir", "keys", *args))], f"{client_id}.log")
-        return self.clients[client_id]
-
-    def start_clients(self, prefix: str, count: int, *args: str) -> subprocess.Popen:
-        """`count` clients <prefix>-0..count-1, forked by one launcher (run_client.py --local-clients),
-        which stops them when it is stopped; their logs interleave in <prefix>.log. One is started alone."""
-        if count == 1:
-            return self.start_client(f"{prefix}-0", *args)
-        return self.start_client(prefix, "--local-clients", str(count), *args)
-
-    def api(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> requests.Response:
-        headers = {"Authorization": f"Bearer {self.admin_token}"} if admin else {}
-        return requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
-
-    def wait_until(self, predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
-        """Poll predicate until it returns something truthy; raise TimeoutError naming `what`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                value = predicate()
-                if value:
-                    return value
-            except requests.RequestException:
-                pass
-            if self.server is not None and self.server.poll() is not None:
-                raise RuntimeError(f"server exited with {self.server.returncode} while waiting for {what}; "
-                                   f"see {self.workdir / 'server.log'}")
-            time.sleep(every)
-        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        self.wait_until(lambda: self.api("GET", "/api/status").ok, timeout, "the server to answer")
-
-    def rounds(self) -> list[dict[str, Any]]:
-        return self.api("GET", "/api/metrics").json()["rounds"]
-
-    def status(self) -> dict[str, Any]:
-        return self.api("GET", "/api/status").json()
-
-    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-        if proc.poll() is None:
-            os.kill(proc.pid, sig)
-            proc.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        """SIGTERM every process we started, then SIGKILL what is left after 10 s."""
-        procs = [p for p in [*self.clients.values(), self.server] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 10
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for f in self._logs:
-            f.close()
-        self._logs.clear()
-
-    def __enter__(self) -> "Cluster":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop_all()
+from shared.cluster import Cluster
 
 
 def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -14,16 +15,18 @@ from gunicorn.app.base import BaseApplication
 from werkzeug.serving import WSGIRequestHandler, run_simple
 
 from app import create_app
-from app.config import RunConfig, ServerConfig, update_run_config
+from app.config import SETTINGS, RunConfig, ServerConfig, Setting, update_run_config
 from app.ratelimit import DEFAULT_RULES, parse_rules
-from app.strategy import load_modules
 from app.tokens import load_or_create
-from shared.compression import COMPRESSIONS
 from shared.errors import ConfigError
 from shared.fileio import read_secret
 from shared.log import JsonFormatter, redact, setup_logging
 
-D = RunConfig()
+
+def run_flags() -> list[tuple[str, str, str, Setting]]:
+    """(field, flag, kind, setting) of every run setting: the flags are made from RunConfig's fields."""
+    return [(name, setting.flag or "--" + name.replace("_", "-"), kind, setting)
+            for name, (kind, setting) in SETTINGS.items()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,43 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "state-dir/tokens.json, else generated like the admin token)")
     p.add_argument("--admin-token", default=None, help=argparse.SUPPRESS)       # visible in ps: use the file
     p.add_argument("--enrollment-token", default=None, help=argparse.SUPPRESS)  # or the environment instead
-    p.add_argument("--dataset", default=D.dataset)
-    p.add_argument("--model", default=D.model)
-    p.add_argument("--num-rounds", type=int, default=D.num_rounds)
-    p.add_argument("--min-clients", type=int, default=D.min_fit_clients, help="clients needed to start a round")
-    p.add_argument("--max-clients", type=int, default=D.max_fit_clients, help="cap per round (0 = none)")
-    p.add_argument("--fraction-fit", type=float, default=D.fraction_fit)
-    p.add_argument("--quorum", type=float, default=D.quorum, help="share of asked clients needed at the deadline")
-    p.add_argument("--round-timeout", type=float, default=D.round_timeout, help="round deadline in seconds")
-    p.add_argument("--min-updates", type=int, default=D.min_updates,
-                   help="close a round once this many updates arrived (0 = all asked)")
-    p.add_argument("--stragglers", default=D.stragglers, choices=["drop", "merge"], help="late updates")
-    p.add_argument("--max-staleness", type=int, default=D.max_staleness, help="rounds a late update may lag")
-    p.add_argument("--local-epochs", type=int, default=D.local_epochs)
-    p.add_argument("--lr", type=float, default=D.lr)
-    p.add_argument("--momentum", type=float, default=D.momentum, help="client SGD momentum (0 = plain SGD)")
-    p.add_argument("--batch-size", type=int, default=D.batch_size)
-    p.add_argument("--max-batches", type=int, default=D.max_batches, help="cap local batches per round (0 = none)")
-    p.add_argument("--partition", default=D.partition, help="'' = clients' own; iid|dirichlet|shards for all")
-    p.add_argument("--alpha", type=float, default=D.alpha, help="Dirichlet alpha when --partition dirichlet")
-    p.add_argument("--strategy", default=D.strategy, help="fedavg fedprox fedadam fedyogi fedadagrad fedavgm "
-                   "krum multikrum median trimmed_mean bulyan, or one from --strategy-module")
-    p.add_argument("--strategy-module", action="append", default=[], help="import a module that registers strategies")
-    p.add_argument("--proximal-mu", type=float, default=D.proximal_mu, help="FedProx mu")
-    p.add_argument("--server-lr", type=float, default=D.server_lr, help="FedOpt/FedAvgM server learning rate")
-    p.add_argument("--beta1", type=float, default=D.beta1, help="FedOpt first moment / FedAvgM momentum")
-    p.add_argument("--beta2", type=float, default=D.beta2, help="FedAdam/FedYogi second moment")
-    p.add_argument("--tau", type=float, default=D.tau, help="FedOpt adaptivity")
-    p.add_argument("--byzantine-f", type=int, default=D.byzantine_f, help="attackers tolerated (Krum, Bulyan)")
-    p.add_argument("--multikrum-m", type=int, default=D.multikrum_m, help="Multi-Krum: updates averaged (0 = n-f)")
-    p.add_argument("--trim-beta", type=float, default=D.trim_beta, help="trimmed mean: share cut at each end")
-    p.add_argument("--mixing", default=D.mixing, choices=["none", "nnm"],
-                   help="robust rules: nnm mixes each update with its n - f nearest first (non-IID clients)")
-    p.add_argument("--compression", default=D.compression, choices=list(COMPRESSIONS),
-                   help="how clients encode updates: fp16 halves the bytes, int8 quarters them")
-    p.add_argument("--anomaly-z", type=float, default=D.anomaly_z, help="flag updates beyond this z-score")
-    p.add_argument("--target-accuracy", type=float, default=D.target_accuracy)
-    p.add_argument("--seed", type=int, default=D.seed)
+    run = p.add_argument_group("run configuration (also POST /api/config and the dashboard; app/config.py)")
+    for name, flag, kind, setting in run_flags():
+        run.add_argument(flag, dest=name, type={"int": int, "float": float, "str": str}[kind],
+                         default=getattr(RunConfig(), name), metavar=kind.upper(),
+                         help=f"{setting.help}; {setting.meaning(kind)} (default %(default)r)")
+    plugins = p.add_argument_group("plug-ins (README: Plug-ins)")
+    plugins.add_argument("--strategy-module", action="append", default=[], metavar="MODULE",
+                         help="import a module that registers strategies (app.strategy.register); repeatable")
+    plugins.add_argument("--model-module", action="append", default=[], metavar="MODULE",
+                         help="import a module that registers models (shared.models.register_model); repeatable")
+    plugins.add_argument("--dataset-module", action="append", default=[], metavar="MODULE",
+                         help="import a module that registers datasets (shared.datasets.register_dataset)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test samples (0 = all)")
     p.add_argument("--max-update-mb", type=float, default=32.0, help="largest update body accepted")
     p.add_argument("--start", action="store_true", help="start a run at once (else: POST /api/start)")
@@ -134,19 +112,14 @@ def _token(flag: str | None, path: str | None, env: str) -> str | None:
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
-    load_modules(args.strategy_module)  # user strategies register themselves before validation
-    run = update_run_config(RunConfig(), {
-        "dataset": args.dataset, "model": args.model, "num_rounds": args.num_rounds,
-        "min_fit_clients": args.min_clients, "max_fit_clients": args.max_clients,
-        "fraction_fit": args.fraction_fit, "quorum": args.quorum, "round_timeout": args.round_timeout,
-        "min_updates": args.min_updates, "stragglers": args.stragglers, "max_staleness": args.max_staleness,
-        "local_epochs": args.local_epochs, "lr": args.lr, "momentum": args.momentum, "batch_size": args.batch_size,
-        "max_batches": args.max_batches, "partition": args.partition, "alpha": args.alpha,
-        "strategy": args.strategy, "proximal_mu": args.proximal_mu, "server_lr": args.server_lr, "beta1": args.beta1,
-        "beta2": args.beta2, "tau": args.tau, "byzantine_f": args.byzantine_f, "multikrum_m": args.multikrum_m,
-        "trim_beta": args.trim_beta, "mixing": args.mixing, "anomaly_z": args.anomaly_z,
-        "compression": args.compression,
-        "target_accuracy": args.target_accuracy, "seed": args.seed})
+    """The server's configuration from its flags; ConfigError names each bad run flag."""
+    for module in args.strategy_module + args.model_module + args.dataset_module:
+        importlib.import_module(module)  # plug-ins register themselves before the settings are checked
+    flags = {name: flag for name, flag, _, _ in run_flags()}
+    try:
+        run = update_run_config(RunConfig(), {name: getattr(args, name) for name in flags})
+    except ConfigError as exc:
+        raise ConfigError({flags.get(name, name): why for name, why in exc.fields.items()}) from None
     tokens = args.tokens = load_or_create(args.state_dir, args.admin_token, args.enrollment_token)
     return ServerConfig(
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
@@ -166,9 +139,9 @@ def build_app(args: argparse.Namespace, config: ServerConfig) -> Flask:
     meshfed = app.extensions["meshfed"]
     meshfed.start_background()
     if config.role == "leader":
-        resumed = config.resume and meshfed.loop.resume_if_interrupted()
+        resumed = config.resume and meshfed.runs.resume_if_interrupted()
         if args.start and not resumed:
-            meshfed.loop.start()
+            meshfed.runs.start()
     return app
 
 

@@ -18,7 +18,8 @@ from app.enrollment import CHALLENGE_SECONDS
 from app.openapi import spec
 from app.ratelimit import RateLimited
 from app.refusals import Refusal
-from app.rounds import Conflict, RoundLoop
+from app.rounds import RoundLoop
+from app.runs import Conflict, Runs
 from shared.errors import ConfigError, DatasetNotFound, UpdateRefused
 from shared.protocol import signed_roster, unpack_sync, unpack_update
 
@@ -33,8 +34,12 @@ def _meshfed() -> Any:
     return current_app.extensions["meshfed"]
 
 
-def _loop() -> RoundLoop:
-    return _meshfed().loop
+def _runs() -> Runs:
+    return _meshfed().runs
+
+
+def _rounds() -> RoundLoop:
+    return _meshfed().rounds
 
 
 def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
@@ -97,12 +102,12 @@ def on_config_error(exc: ConfigError) -> Any:
 
 @bp.get("/status")
 def status() -> Any:
-    return jsonify(_loop().status())
+    return jsonify(_runs().status())
 
 
 @bp.get("/config")
 def get_config() -> Any:
-    return jsonify(_loop().run_config.to_dict())
+    return jsonify(_runs().run_config.to_dict())
 
 
 @bp.get("/config/schema")
@@ -112,9 +117,9 @@ def get_config_schema() -> Any:
 
 @bp.get("/metrics")
 def metrics() -> Any:
-    loop = _loop()
-    run_id = request.args.get("run_id", loop.run_id)
-    rounds = loop.store.rounds(run_id) if run_id else []
+    runs = _runs()
+    run_id = request.args.get("run_id", runs.run_id)
+    rounds = runs.store.rounds(run_id) if run_id else []
     return jsonify({"run_id": run_id, "rounds": rounds})
 
 
@@ -129,26 +134,26 @@ def refusals() -> Any:
     limit = request.args.get("limit", "100")
     if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 1000):
         return error(400, "bad_request", "limit must be a whole number from 1 to 1000")
-    loop = _loop()
-    loop.refusals.flush()
-    return jsonify({"refusals": loop.store.refusals(int(limit)), "addresses": loop.store.address_refusals()})
+    rounds = _rounds()
+    rounds.refusals.flush()
+    return jsonify({"refusals": rounds.store.refusals(int(limit)), "addresses": rounds.store.address_refusals()})
 
 
 @bp.get("/models")
 def models() -> Any:
-    return jsonify({"current": _loop().global_version, "versions": _loop().store.versions()})
+    return jsonify({"current": _runs().global_version, "versions": _runs().store.versions()})
 
 
 @bp.get("/model/<version>")
 def model(version: str) -> Any:
     if not VERSION.fullmatch(version):
         return error(404, "no_such_version", f"no model version {version[:20]!r}; GET /api/models lists them")
-    loop = _loop()
-    number, data, digest = loop.global_model()  # the current version is served from memory
+    store, now = _runs().store, _runs().model.now()  # the current version is served from memory
+    number, data, digest = now.version, now.data, now.sha256
     if version != "latest" and int(version) != number:
-        row = loop.store.get_version(int(version))
+        row = store.get_version(int(version))
         number, data, digest = (None, None, None) if row is None else (
-            row["version"], loop.store.read_model(row["version"]), row["sha256"])
+            row["version"], store.read_model(row["version"]), row["sha256"])
     if data is None:
         return error(404, "no_such_version", f"no model version {version!r}; GET /api/models lists them")
     _meshfed().traffic.add(sent=len(data))
@@ -165,7 +170,7 @@ def system() -> Any:
 
 @bp.get("/mesh")
 def mesh() -> Any:
-    return jsonify(_loop().mesh_view())
+    return jsonify(_rounds().merges.view())
 
 
 @bp.get("/roster")
@@ -195,23 +200,23 @@ def start() -> Any:
     if not isinstance(new_run, bool):
         raise BadBody("new_run must be true or false")
     try:
-        run_id = _loop().start(new_run=new_run)
+        run_id = _runs().start(new_run=new_run)
     except DatasetNotFound as exc:  # the request is fine; the configured dataset is not on this server
         return error(409, "dataset_not_found", str(exc))
-    return jsonify({"run_id": run_id, "status": _loop().status()})
+    return jsonify({"run_id": run_id, "status": _runs().status()})
 
 
 @bp.post("/stop")
 @admin_required
 def stop() -> Any:
-    _loop().stop()
+    _runs().stop()
     return jsonify({"stopping": True})
 
 
 @bp.post("/config")
 @admin_required
 def set_config() -> Any:
-    return jsonify(_loop().set_config(_json_object()).to_dict())
+    return jsonify(_runs().set_config(_json_object()).to_dict())
 
 
 @bp.post("/rollback")
@@ -223,7 +228,7 @@ def rollback() -> Any:
     if not isinstance(version, int) or isinstance(version, bool):
         raise BadBody("send {\"version\": <int>}; GET /api/models lists them")
     try:
-        new = _loop().rollback(version)
+        new = _runs().rollback(version)
     except KeyError:
         return error(404, "no_such_version", f"no model version {version}; GET /api/models lists them")
     return jsonify({"rolled_back_to": version, "model_version": new})
@@ -261,11 +266,10 @@ def _signed_body(rule: str) -> bytes:
 
 def _refusal_reply(exc: UpdateRefused, client_id: str | None = None, round_no: int | None = None) -> Any:
     """Count the refusal (against the verified client, else the source address) and answer it."""
-    loop = _loop()
     message = str(exc)
-    loop.count_refusal(Refusal(exc.reason, message, client_id=client_id,
-                               address=None if client_id else request.remote_addr, run_id=loop.run_id,
-                               round=round_no))
+    _rounds().count_refusal(Refusal(exc.reason, message, client_id=client_id,
+                                    address=None if client_id else request.remote_addr, run_id=_runs().run_id,
+                                    round=round_no))
     reply, status = error(REFUSAL_STATUS.get(exc.reason, 400), exc.reason, message, reason=exc.reason)
     if isinstance(exc, RateLimited):
         reply.headers["Retry-After"] = str(int(exc.retry_after + 0.999))
@@ -275,15 +279,15 @@ def _refusal_reply(exc: UpdateRefused, client_id: str | None = None, round_no: i
 @bp.post("/update")
 def update() -> Any:
     """Receive one packed, signed update (shared/protocol.py pack_update)."""
-    loop, limits = _loop(), _meshfed().limits
+    rounds, limits = _rounds(), _meshfed().limits
     try:
         header, payload = unpack_update(_signed_body("update-per-address"))
-        verified = loop.authenticate(header, payload)
+        verified = rounds.authenticate(header, payload)
     except UpdateRefused as exc:  # nobody's signature vouches for this request: the address answers for it
         return _refusal_reply(exc)
     try:  # from here on the sender is proven: refusals are its own
         limits.hit("update-per-client", header.client_id)
-        outcome = loop.offer(verified)
+        outcome = rounds.collection.offer(verified, _runs().run_config.stragglers == "merge")
     except UpdateRefused as exc:
         return _refusal_reply(exc, header.client_id, header.round)
     notes = {"notes": list(header.notes)} if header.notes else {}
@@ -296,14 +300,14 @@ def update() -> Any:
 @bp.post("/sync")
 def sync() -> Any:
     """Receive one packed, signed offline contribution (shared/protocol.py pack_sync)."""
-    loop, limits = _loop(), _meshfed().limits
+    rounds, limits = _rounds(), _meshfed().limits
     try:
         header, payload = unpack_sync(_signed_body("sync-per-address"))
-        verified = loop.authenticate(header, payload)
+        verified = rounds.authenticate(header, payload)
     except UpdateRefused as exc:
         return _refusal_reply(exc)
     try:
         limits.hit("sync-per-client", header.client_id)
-        return jsonify(loop.offer_contribution(verified))
+        return jsonify(rounds.offer_contribution(verified))
     except UpdateRefused as exc:
         return _refusal_reply(exc, header.client_id)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from shared.compression import COMPRESSIONS
-from shared.datasets import DATASET_NAMES
+from shared.datasets import DATASETS
 from shared.errors import ConfigError
-from shared.models import MODEL_NAMES
-from app.strategy import ROBUST, STRATEGIES, min_updates
+from shared.models import MODELS
+from app.strategy import ROBUST, STRATEGIES, updates_needed
 from shared.partition import PARTITION_NAMES
 
 
@@ -19,7 +19,8 @@ class Setting:
     """How one run setting is checked and described: validation, the JSON Schema (/api/config/schema, the
     OpenAPI contract) and the dashboard form are made from it."""
 
-    help: str
+    label: str                 # a few words, for the dashboard's form
+    help: str                  # a sentence, for --help and the form's tooltip
     group: str
     lo: float | None = None
     hi: float | None = None
@@ -27,6 +28,7 @@ class Setting:
     hi_open: bool = False      # ..., hi) instead of ..., hi]
     choices: Callable[[], Sequence[str]] | None = None  # a function: plug-ins may register strategies later
     note: str = ""             # what a special value means, e.g. "0 = no cap"
+    flag: str = ""             # run_server.py's flag, when it is not --<name-with-dashes>
 
     def meaning(self, kind: str) -> str:
         """What a valid value is, in words (error messages end with it)."""
@@ -57,8 +59,9 @@ class Setting:
         return schema
 
 
-def setting(default: Any, help: str, group: str, **rule: Any) -> Any:
-    return field(default=default, metadata={"setting": Setting(help, group, **rule)})
+def setting(default: Any, label: str, help: str, group: str, **rule: Any) -> Any:
+    """A RunConfig field and how it is checked and shown: adding a run setting is one such line."""
+    return field(default=default, metadata={"setting": Setting(label, help, group, **rule)})
 
 
 def _strategies() -> Sequence[str]:
@@ -67,64 +70,78 @@ def _strategies() -> Sequence[str]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What one training run does; editable through POST /api/config while no run is active."""
+    """What one training run does; editable through POST /api/config while no run is active. Each field is
+    one setting(default, label, help, group, bounds or choices): run_server.py's flags, the checks, the JSON
+    Schema of GET /api/config/schema and the dashboard's form are all made from these lines."""
 
-    dataset: str = setting("fashion-mnist", "the server evaluates the global model on this test split", "data",
-                           choices=lambda: DATASET_NAMES)
-    model: str = setting("cnn", "'cnn' (McMahan CNN / CIFAR CNN by input shape) or 'mlp'", "data",
-                         choices=lambda: MODEL_NAMES)
-    num_rounds: int = setting(5, "stop after this many completed rounds", "rounds", lo=1, hi=100_000)
-    fraction_fit: float = setting(1.0, "share of connected clients asked to train each round", "rounds",
-                                  lo=0, hi=1, lo_open=True)
-    min_fit_clients: int = setting(2, "a round starts only when this many clients are connected", "rounds",
-                                   lo=1, hi=10_000)
-    max_fit_clients: int = setting(0, "cap on clients asked per round", "rounds", lo=0, hi=10_000, note="0 = no cap")
-    quorum: float = setting(0.5, "at the deadline, aggregate if this share of the asked replied", "rounds",
-                            lo=0, hi=1, lo_open=True)
-    round_timeout: float = setting(120.0, "seconds from asking to the deadline", "rounds", lo=1, hi=86_400)
-    min_updates: int = setting(0, "close the round as soon as this many updates arrived (asynchronous rounds: "
-                                  "set it below the asked count)", "rounds", lo=0, hi=10_000,
-                               note="0 = wait for all asked clients")
-    stragglers: str = setting("drop", "late updates from asked clients: 'drop' (recorded) or 'merge' (into the next "
-                                      "aggregation with weight n / sqrt(1 + staleness))", "rounds",
-                              choices=lambda: ("drop", "merge"))
-    max_staleness: int = setting(2, "rounds after which a late update is simply stale", "rounds", lo=1, hi=100)
-    local_epochs: int = setting(1, "E: local passes over each client's training split", "training", lo=1, hi=100)
-    lr: float = setting(0.05, "client SGD learning rate", "training", lo=0, hi=10, lo_open=True)
-    momentum: float = setting(0.0, "client SGD momentum, buffers started afresh each round (0 = plain SGD)",
-                              "training", lo=0, hi=1, hi_open=True)
-    batch_size: int = setting(32, "B: client minibatch size", "training", lo=1, hi=65_536)
-    max_batches: int = setting(0, "cap on local batches per round", "training", lo=0, hi=10_000_000,
-                               note="0 = no cap")
-    partition: str = setting("", "'' = each client keeps its own --partition; else every client re-partitions "
-                                 "(for simulations)", "data", choices=lambda: ("",) + PARTITION_NAMES,
+    # data
+    dataset: str = setting("fashion-mnist", "Dataset", "the server evaluates the global model on this test split",
+                           "data", choices=lambda: sorted(DATASETS))
+    model: str = setting("cnn", "Model", "'cnn' (McMahan CNN / CIFAR CNN by input shape), 'mlp', or a plug-in's",
+                         "data", choices=lambda: sorted(MODELS))
+    partition: str = setting("", "Partition", "'' = each client keeps its own --partition; else every client "
+                             "re-partitions (for simulations)", "data", choices=lambda: ("",) + PARTITION_NAMES,
                              note="'' = the clients' own")
-    alpha: float = setting(0.5, "Dirichlet concentration when partition is 'dirichlet'", "data", lo=0.001, hi=1000)
-    target_accuracy: float = setting(0.0, "stop once test accuracy reaches this", "rounds", lo=0, hi=1,
-                                     note="0 = off")
-    strategy: str = setting("fedavg", "how the server combines updates (app/strategy.py, plus plug-ins)", "strategy",
-                            choices=_strategies)
-    proximal_mu: float = setting(0.0, "FedProx: clients add mu/2 * ||w - w_global||^2 (fedprox needs > 0)",
-                                 "strategy", lo=0, hi=100)
-    server_lr: float = setting(0.1, "FedOpt / FedAvgM server learning rate (eta)", "strategy", lo=0, hi=100,
-                               lo_open=True)
-    beta1: float = setting(0.9, "FedOpt first-moment decay; FedAvgM momentum", "strategy", lo=0, hi=1, hi_open=True)
-    beta2: float = setting(0.99, "FedAdam / FedYogi second-moment decay", "strategy", lo=0, hi=1, hi_open=True)
-    tau: float = setting(1e-3, "FedOpt adaptivity (epsilon); v starts at tau^2", "strategy", lo=0, hi=1,
+    alpha: float = setting(0.5, "Dirichlet alpha", "Dirichlet concentration when partition is 'dirichlet'", "data",
+                           lo=0.001, hi=1000)
+    # rounds
+    num_rounds: int = setting(5, "Rounds", "stop after this many completed rounds", "rounds", lo=1, hi=100_000)
+    fraction_fit: float = setting(1.0, "Fraction of clients per round", "share of connected clients asked to "
+                                  "train each round", "rounds", lo=0, hi=1, lo_open=True)
+    min_fit_clients: int = setting(2, "Min clients", "a round starts only when this many clients are connected",
+                                   "rounds", lo=1, hi=10_000, flag="--min-clients")
+    max_fit_clients: int = setting(0, "Max clients per round", "cap on clients asked per round", "rounds", lo=0,
+                                   hi=10_000, note="0 = no cap", flag="--max-clients")
+    quorum: float = setting(0.5, "Quorum", "at the deadline, aggregate if this share of the asked replied",
+                            "rounds", lo=0, hi=1, lo_open=True)
+    round_timeout: float = setting(120.0, "Round timeout (s)", "seconds from asking to the deadline", "rounds",
+                                   lo=1, hi=86_400)
+    min_updates: int = setting(0, "Close a round at N updates", "close the round as soon as this many updates "
+                               "arrived (asynchronous rounds: set it below the asked count)", "rounds", lo=0,
+                               hi=10_000, note="0 = wait for all asked clients")
+    stragglers: str = setting("drop", "Late updates", "late updates from asked clients: 'drop' (recorded) or "
+                              "'merge' (into the next aggregation with weight n / sqrt(1 + staleness))", "rounds",
+                              choices=lambda: ("drop", "merge"))
+    max_staleness: int = setting(2, "Max staleness (rounds)", "rounds after which a late update is simply stale",
+                                 "rounds", lo=1, hi=100)
+    target_accuracy: float = setting(0.0, "Target accuracy", "stop once test accuracy reaches this", "rounds",
+                                     lo=0, hi=1, note="0 = off")
+    seed: int = setting(0, "Seed", "seeds the initial model and client selection", "rounds", lo=0, hi=2**32 - 1)
+    # training
+    local_epochs: int = setting(1, "Local epochs", "E: local passes over each client's training split",
+                                "training", lo=1, hi=100)
+    lr: float = setting(0.05, "Learning rate", "client SGD learning rate", "training", lo=0, hi=10, lo_open=True)
+    momentum: float = setting(0.0, "Client momentum", "client SGD momentum, buffers started afresh each round "
+                              "(0 = plain SGD)", "training", lo=0, hi=1, hi_open=True)
+    batch_size: int = setting(32, "Batch size", "B: client minibatch size", "training", lo=1, hi=65_536)
+    max_batches: int = setting(0, "Max local batches", "cap on local batches per round", "training", lo=0,
+                               hi=10_000_000, note="0 = no cap")
+    compression: str = setting("none", "Update compression", "how clients encode updates "
+                               "(shared/compression.py)", "training", choices=lambda: COMPRESSIONS)
+    # strategy
+    strategy: str = setting("fedavg", "Strategy", "how the server combines updates (app/strategy.py, and "
+                            "--strategy-module plug-ins)", "strategy", choices=_strategies)
+    proximal_mu: float = setting(0.0, "FedProx mu", "FedProx: clients add mu/2 * ||w - w_global||^2 (fedprox "
+                                 "needs > 0)", "strategy", lo=0, hi=100)
+    server_lr: float = setting(0.1, "Server learning rate", "FedOpt / FedAvgM server learning rate (eta)",
+                               "strategy", lo=0, hi=100, lo_open=True)
+    beta1: float = setting(0.9, "Beta 1", "FedOpt first-moment decay; FedAvgM momentum", "strategy", lo=0, hi=1,
+                           hi_open=True)
+    beta2: float = setting(0.99, "Beta 2", "FedAdam / FedYogi second-moment decay", "strategy", lo=0, hi=1,
+                           hi_open=True)
+    tau: float = setting(1e-3, "Tau", "FedOpt adaptivity (epsilon); v starts at tau^2", "strategy", lo=0, hi=1,
                          lo_open=True)
-    byzantine_f: int = setting(0, "Krum / Multi-Krum / Bulyan / NNM: attackers tolerated per round", "strategy",
-                               lo=0, hi=1000)
-    multikrum_m: int = setting(0, "Multi-Krum: updates averaged", "strategy", lo=0, hi=10_000, note="0 = n - f")
-    trim_beta: float = setting(0.1, "trimmed mean: share cut from each end per coordinate", "strategy", lo=0, hi=0.5,
-                               hi_open=True)
-    mixing: str = setting("none", "robust rules: 'nnm' first mixes each update with its n - f nearest (Allouah et "
-                                  "al. 2023; uses byzantine_f), for non-IID clients", "strategy",
+    byzantine_f: int = setting(0, "Byzantine f", "Krum / Multi-Krum / Bulyan / NNM: attackers tolerated per "
+                               "round", "strategy", lo=0, hi=1000)
+    multikrum_m: int = setting(0, "Multi-Krum m", "Multi-Krum: updates averaged", "strategy", lo=0, hi=10_000,
+                               note="0 = n - f")
+    trim_beta: float = setting(0.1, "Trimmed-mean beta", "trimmed mean: share cut from each end per coordinate",
+                               "strategy", lo=0, hi=0.5, hi_open=True)
+    mixing: str = setting("none", "Robust rules: mixing", "robust rules: 'nnm' first mixes each update with its "
+                          "n - f nearest (Allouah et al. 2023; uses byzantine_f), for non-IID clients", "strategy",
                           choices=lambda: ("none", "nnm"))
-    compression: str = setting("none", "how clients encode updates (shared/compression.py)", "training",
-                               choices=lambda: COMPRESSIONS)
-    anomaly_z: float = setting(2.5, "flag updates whose norm or cosine-distance z-score exceeds this", "strategy",
-                               lo=0, hi=100, lo_open=True)
-    seed: int = setting(0, "seeds the initial model and client selection", "rounds", lo=0, hi=2**32 - 1)
+    anomaly_z: float = setting(2.5, "Anomaly z-score", "flag updates whose norm or cosine distance to the last "
+                               "step has a z-score above this", "strategy", lo=0, hi=100, lo_open=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,8 +155,9 @@ def config_schema() -> dict[str, Any]:
     """The run configuration as a JSON Schema: each field's type, bounds or choices, default, help, group."""
     defaults = RunConfig()
     return {"type": "object", "additionalProperties": False, "properties": {
-        name: {**setting.json_schema(kind), "default": getattr(defaults, name), "description": setting.help,
-               "x-group": setting.group} for name, (kind, setting) in SETTINGS.items()}}
+        name: {**setting.json_schema(kind), "default": getattr(defaults, name), "title": setting.label,
+               "description": setting.help + (f" ({setting.note})" if setting.note else ""), "x-group": setting.group}
+        for name, (kind, setting) in SETTINGS.items()}}
 
 
 @dataclass(frozen=True)
@@ -220,7 +238,7 @@ def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
         if not 0 < 2 * result.byzantine_f < result.min_fit_clients:
             raise ConfigError({"byzantine_f": "nnm needs byzantine_f (attackers to tolerate) with 1 <= byzantine_f < "
                                               "min_fit_clients / 2"})
-    needed = min_updates(result)
+    needed = updates_needed(result)
     if needed > result.min_fit_clients:
         raise ConfigError({"min_fit_clients": f"{result.strategy} with byzantine_f={result.byzantine_f} needs "
                                               f"at least {needed} clients per round (n > 2f + 2 for Krum, "

@@ -11,46 +11,50 @@ from typing import Any
 
 import requests
 
+from app.config import config_schema
 from shared.errors import ConfigError, MeshfedError
 
 
 class LocalControl:
-    """The loop, store and monitor of this process (app.extensions['meshfed'])."""
+    """The runs, rounds, store and monitor of this process (app.extensions['meshfed'])."""
 
     def __init__(self, meshfed: Any):
         self.meshfed = meshfed
 
     def status(self) -> dict[str, Any]:
-        return self.meshfed.loop.status()
+        return self.meshfed.runs.status()
 
     def history(self) -> dict[str, Any]:
-        loop = self.meshfed.loop
-        return {"run_id": loop.run_id, "rounds": loop.store.rounds(loop.run_id) if loop.run_id else []}
+        runs = self.meshfed.runs
+        return {"run_id": runs.run_id, "rounds": runs.store.rounds(runs.run_id) if runs.run_id else []}
 
     def clients(self) -> list[dict[str, Any]]:
         return self.meshfed.clients_view()
 
     def models(self) -> dict[str, Any]:
-        loop = self.meshfed.loop
-        return {"current": loop.global_version, "versions": loop.store.versions()}
+        runs = self.meshfed.runs
+        return {"current": runs.global_version, "versions": runs.store.versions()}
 
     def system(self) -> dict[str, Any]:
         return self.meshfed.monitor.snapshot()
 
     def mesh(self) -> dict[str, Any]:
-        return self.meshfed.loop.mesh_view()
+        return self.meshfed.rounds.merges.view()
+
+    def config_schema(self) -> dict[str, Any]:
+        return config_schema()
 
     def start(self, new_run: bool) -> str:
-        return self.meshfed.loop.start(new_run=new_run)
+        return self.meshfed.runs.start(new_run=new_run)
 
     def stop(self) -> None:
-        self.meshfed.loop.stop()
+        self.meshfed.runs.stop()
 
     def set_config(self, changes: dict[str, Any]) -> dict[str, Any]:
-        return self.meshfed.loop.set_config(changes).to_dict()
+        return self.meshfed.runs.set_config(changes).to_dict()
 
     def rollback(self, version: int) -> int:
-        return self.meshfed.loop.rollback(version)
+        return self.meshfed.runs.rollback(version)
 
 
 class RemoteControl:
@@ -98,6 +102,9 @@ class RemoteControl:
 
     def mesh(self) -> dict[str, Any]:
         return self._call("GET", "/api/mesh")
+
+    def config_schema(self) -> dict[str, Any]:
+        return self._call("GET", "/api/config/schema")  # the leader's: its plug-ins are the choices
 
     def start(self, new_run: bool) -> str:
         return self._call("POST", "/api/start", {"new_run": new_run})["run_id"]

@@ -1,4 +1,4 @@
-"""The /fl Socket.IO namespace (client registration and status) and the loop's transport over it."""
+"""The /fl Socket.IO namespace (client registration and status) and the rounds' transport over it."""
 from __future__ import annotations
 
 import logging
@@ -6,16 +6,16 @@ import math
 from typing import Any, Callable
 
 from flask import request
-from flask_socketio import ConnectionRefusedError, SocketIO
+from flask_socketio import ConnectionRefusedError, Namespace, SocketIO
 
 from app.enrollment import Enrollment
 from app.ratelimit import RateLimited, RateLimits
 from app.registry import IDLE, TRAINING, Registry, Session
-from app.rounds import RoundLoop
+from app.runs import Runs
 from app.store import Store
 from shared import frames
 from shared.errors import RegistrationRefused, UpdateRefused
-from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, MAX_EXAMPLES, NAMESPACE,
+from shared.protocol import (EV_CANCEL, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, MAX_EXAMPLES, NAMESPACE,
                              Registration, TrainRequest)
 
 log = logging.getLogger("meshfed.fl")
@@ -53,59 +53,63 @@ class SocketTransport:
             observer(event, data)
 
 
-def register_handlers(socketio: SocketIO, store: Store, registry: Registry, loop: RoundLoop,
-                      enrollment: Enrollment, limits: RateLimits) -> None:
-    """Thin handlers: decode, check, hand over to the registry and the loop."""
+class FlNamespace(Namespace):
+    """/fl: clients register (connect), report their status, and leave. Thin: decode, check, hand over to the
+    registry and the runs."""
 
-    @socketio.on("connect", namespace=NAMESPACE)
-    def connect(auth: Any = None) -> None:
-        """Admit a client: within its address's rate, a valid Registration signed over a fresh challenge
-        (app/enrollment.py), the key pinned to its id, and no other live session for that id."""
-        address = request.remote_addr
+    def __init__(self, store: Store, registry: Registry, runs: Runs, enrollment: Enrollment, limits: RateLimits):
+        super().__init__(NAMESPACE)
+        self.store, self.registry, self.runs, self.enrollment, self.limits = store, registry, runs, enrollment, limits
+
+    def on_connect(self, auth: Any = None) -> None:
+        """Admit a client or refuse it with a reason (ConnectionRefusedError reaches it as connect_error)."""
         claimed = str(auth.get("client_id"))[:64] if isinstance(auth, dict) else "?"
         try:
-            limits.hit("connect-per-address", address)
-            try:
-                registration = frames.decode(Registration, auth)
-            except UpdateRefused as exc:
-                raise RegistrationRefused("bad_registration", f"{exc.args[0].removeprefix('malformed: ')}; "
-                                          "this client may be older than the server") from None
-            if not 0 < registration.num_examples <= MAX_EXAMPLES:
-                raise RegistrationRefused("bad_registration", f"num_examples must be in 1..{MAX_EXAMPLES}")
-            fingerprint = enrollment.admit(registration)
-            store.pin_client(registration.client_id, registration.public_key, fingerprint,
-                             registration.num_examples)
-            session = Session(client_id=registration.client_id, sid=request.sid, fingerprint=fingerprint,
-                              num_examples=registration.num_examples, state=IDLE)
-            if not registry.connect(session):
-                raise RegistrationRefused("already_connected", f"{registration.client_id!r} has a live session; "
-                                                               "a client id connects once at a time")
+            session = self._admit(auth)
         except RateLimited as exc:
             raise ConnectionRefusedError(str(exc)) from None
         except RegistrationRefused as exc:
-            log.warning("refused a connection as %s from %s: %s", claimed, address, exc)
+            log.warning("refused a connection as %s from %s: %s", claimed, request.remote_addr, exc)
             raise ConnectionRefusedError(str(exc)) from None
         except Exception:  # a bug must not leave the client waiting for an answer that never comes
-            log.exception("connection as %s from %s failed", claimed, address)
+            log.exception("connection as %s from %s failed", claimed, request.remote_addr)
             raise ConnectionRefusedError("server_error: the server could not register this client; "
                                          "see the server log") from None
-        log.info("client %s connected (%s)", session.client_id, fingerprint[:19])
-        socketio.emit(EV_WELCOME, {"client_id": session.client_id, "run_id": loop.run_id, "fingerprint": fingerprint},
-                      to=request.sid, namespace=NAMESPACE)
-        loop.notify()
+        log.info("client %s connected (%s)", session.client_id, session.fingerprint[:19])
+        self.emit(EV_WELCOME, {"client_id": session.client_id, "run_id": self.runs.run_id,
+                               "fingerprint": session.fingerprint}, room=request.sid)
+        self.runs.notify()
 
-    @socketio.on("disconnect", namespace=NAMESPACE)
-    def disconnect(*_: Any) -> None:
-        client_id = registry.disconnect(request.sid)
+    def _admit(self, auth: Any) -> Session:
+        """Within its address's rate, a valid Registration signed over a fresh challenge (app/enrollment.py),
+        the key pinned to its id, and no other live session for that id."""
+        self.limits.hit("connect-per-address", request.remote_addr)
+        try:
+            registration = frames.decode(Registration, auth)
+        except UpdateRefused as exc:
+            raise RegistrationRefused("bad_registration", f"{exc.args[0].removeprefix('malformed: ')}; "
+                                      "this client may be older than the server") from None
+        if not 0 < registration.num_examples <= MAX_EXAMPLES:
+            raise RegistrationRefused("bad_registration", f"num_examples must be in 1..{MAX_EXAMPLES}")
+        fingerprint = self.enrollment.admit(registration)
+        self.store.pin_client(registration.client_id, registration.public_key, fingerprint, registration.num_examples)
+        session = Session(client_id=registration.client_id, sid=request.sid, fingerprint=fingerprint,
+                          num_examples=registration.num_examples, state=IDLE)
+        if not self.registry.connect(session):
+            raise RegistrationRefused("already_connected", f"{registration.client_id!r} has a live session; "
+                                                           "a client id connects once at a time")
+        return session
+
+    def on_disconnect(self, *_: Any) -> None:
+        client_id = self.registry.disconnect(request.sid)
         if client_id is not None:
             log.info("client %s disconnected", client_id)
-            loop.client_gone(client_id)
+            self.runs.rounds.collection.gone({client_id})
 
-    @socketio.on(EV_CLIENT_STATUS, namespace=NAMESPACE)
-    def client_status(data: Any = None) -> None:
+    def on_client_status(self, data: Any = None) -> None:  # EV_CLIENT_STATUS
         """What a connected client reports: state, resources, its mesh view, and (after re-partitioning)
         its example count. The session was admitted by its signed registration, so this is the key holder."""
-        client_id = registry.client_for_sid(request.sid)
+        client_id = self.registry.client_for_sid(request.sid)
         if client_id is None or not isinstance(data, dict):
             return
         resources = {k: float(data[k]) for k in ("cpu_percent", "memory_mb")
@@ -121,6 +125,6 @@ def register_handlers(socketio: SocketIO, store: Store, registry: Registry, loop
         changes: dict[str, Any] = {"resources": resources, "mesh": mesh, **({"state": state} if state else {})}
         examples = data.get("num_examples")
         if isinstance(examples, int) and not isinstance(examples, bool) and 0 < examples <= MAX_EXAMPLES:
-            store.set_examples(client_id, examples)
+            self.store.set_examples(client_id, examples)
             changes["num_examples"] = examples
-        registry.update(client_id, **changes)
+        self.registry.update(client_id, **changes)

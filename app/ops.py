@@ -1,6 +1,6 @@
 """Operations endpoints: /healthz (liveness), /readyz (readiness) and /metrics (Prometheus text).
 
-Metrics are computed at scrape time from the store and the loop (a custom collector), so counters
+Metrics are computed at scrape time from the store and the runs (a custom collector), so counters
 survive restarts; only the byte counters live in memory.
 """
 from __future__ import annotations
@@ -36,11 +36,12 @@ class MeshfedCollector:
         self.meshfed = meshfed
 
     def collect(self) -> Iterator[Any]:
-        loop, store = self.meshfed.loop, self.meshfed.store
-        rounds = store.rounds(loop.run_id) if loop.run_id else []
+        runs, store = self.meshfed.runs, self.meshfed.store
+        status = runs.status()
+        rounds = store.rounds(runs.run_id) if runs.run_id else []
         yield CounterMetricFamily("meshfed_rounds_completed", "Rounds completed in the current run",
                                   value=len(rounds))
-        yield GaugeMetricFamily("meshfed_round", "Round being played or last completed", value=loop.round)
+        yield GaugeMetricFamily("meshfed_round", "Round being played or last completed", value=status["round"])
         if rounds:
             yield GaugeMetricFamily("meshfed_accuracy", "Test accuracy of the newest global model",
                                     value=rounds[-1]["accuracy"])
@@ -49,8 +50,8 @@ class MeshfedCollector:
                                     value=rounds[-1]["seconds"])
         yield GaugeMetricFamily("meshfed_clients_connected", "Clients connected on /fl",
                                 value=len(self.meshfed.registry.online()))
-        yield GaugeMetricFamily("meshfed_run_active", "1 while a run is active", value=int(loop.status()["active"]))
-        loop.refusals.flush()
+        yield GaugeMetricFamily("meshfed_run_active", "1 while a run is active", value=int(status["active"]))
+        self.meshfed.rounds.refusals.flush()
         clients = store.clients()
         yield CounterMetricFamily("meshfed_updates_accepted", "Updates accepted",
                                   value=sum(c["accepted"] for c in clients))

@@ -30,14 +30,15 @@ from app.enrollment import Enrollment
 from app.evaluator import Evaluator
 from app.ops import FollowerCollector, MeshfedCollector, Traffic, make_registry
 from app.ops import bp as ops_bp
-from app.fl import DASHBOARD_NAMESPACE, SocketTransport, register_handlers
+from app.fl import DASHBOARD_NAMESPACE, FlNamespace, SocketTransport
 from app.ratelimit import RateLimited, RateLimits
 from app.registry import Registry
 from app.rounds import RoundLoop
+from app.runs import Runs
 from app.store import Store
 from dashboard import SESSION_SECONDS, AdminSessions, csrf
 from dashboard import bp as dashboard_bp
-from dashboard.events import feed, register_dashboard
+from dashboard.events import DashboardNamespace, feed
 from dashboard.monitor import Monitor
 from shared import crypto, jsonio
 from shared.errors import MeshfedError
@@ -57,16 +58,14 @@ SECURITY_HEADERS = {
 }  # and no versions in Server: run_server.py's werkzeug handler says 'meshfed', gunicorn says 'gunicorn'
 
 
-
 @dataclass
 class Meshfed:
     """Everything one server process holds; reachable as app.extensions['meshfed']."""
 
     config: ServerConfig
     socketio: SocketIO
-    store: Store
-    registry: Registry
-    loop: RoundLoop
+    runs: Runs        # start, stop, resume, roll back, configure (app/runs.py)
+    rounds: RoundLoop  # the round being played, updates, refusals (app/rounds.py)
     monitor: Monitor
     enrollment: Enrollment
     limits: RateLimits
@@ -76,12 +75,13 @@ class Meshfed:
     leader_lock: Any = None       # app.leader.LeaderLock when sharing a message queue
     server_key: Any = None        # signs the roster mesh peers trust (state_dir/server.pem)
 
-    def __post_init__(self) -> None:
-        self.control = LocalControl(self)
+    store = property(lambda self: self.rounds.store)
+    registry = property(lambda self: self.rounds.registry)
+    control = property(lambda self: LocalControl(self))  # what the dashboard's namespace reads and controls
 
     def readiness(self) -> dict[str, bool]:
         """/readyz checks: the state dir takes files, the database answers, the loop thread lives."""
-        checks = {"state_dir_writable": True, "database": True, "loop_alive": self.loop.alive()}
+        checks = {"state_dir_writable": True, "database": True, "loop_alive": self.runs.alive()}
         try:
             with tempfile.TemporaryFile(dir=self.store.root):
                 pass
@@ -97,7 +97,7 @@ class Meshfed:
         """Every registered client with its live state and resources. A client that is not connected
         but that a connected client's mesh sees in mesh mode is 'mesh' (it lost the server, not its
         peers); `mesh_peers` lists whom each connected mesh client sees."""
-        self.loop.refusals.flush()  # refusal counts as of now
+        self.rounds.refusals.flush()  # refusal counts as of now
         online = {s.client_id: s for s in self.registry.online()}
         in_mesh = {p["id"] for s in online.values() for p in s.mesh.get("peers", []) if p["mode"] == "mesh"}
         rows = self.store.clients()
@@ -112,7 +112,7 @@ class Meshfed:
         """Start the dashboard feed (resources, client table) and the refusal counts' flusher; call once,
         from run_server.py."""
         self.socketio.start_background_task(feed, self.socketio, self, self.monitor)
-        self.socketio.start_background_task(self.loop.refusals.run, threading.Event())
+        self.socketio.start_background_task(self.rounds.refusals.run, threading.Event())
 
 
 @dataclass
@@ -208,16 +208,17 @@ def create_app(config: ServerConfig) -> Flask:
 
     monitor = Monitor(lambda event, data: socketio.emit(event, data, namespace=DASHBOARD_NAMESPACE))
     transport = SocketTransport(socketio, registry, observers=[monitor.observe])
-    loop = RoundLoop(store, registry, transport,
-                     lambda run: evaluator(run.dataset, run.model), config.run, config.max_update_bytes,
-                     spawn=socketio.start_background_task)
+    rounds = RoundLoop(store, registry, transport, lambda run: evaluator(run.dataset, run.model),
+                       config.max_update_bytes)
+    runs = Runs(rounds, config.run, spawn=socketio.start_background_task)
     enrollment = Enrollment(config.enrollment_token)
-    meshfed = Meshfed(config, socketio, store, registry, loop, monitor, enrollment, limits, AdminSessions(store),
-                      leader_lock=lock, server_key=crypto.load_or_create_key(config.state_dir, "server"))
+    meshfed = Meshfed(config, socketio, runs, rounds, monitor, enrollment, limits,
+                      AdminSessions(store), leader_lock=lock,
+                      server_key=crypto.load_or_create_key(config.state_dir, "server"))
     meshfed.metrics_registry = make_registry(MeshfedCollector(meshfed))
     app.extensions["meshfed"] = meshfed
-    register_handlers(socketio, store, registry, loop, enrollment, limits)
-    register_dashboard(socketio, meshfed.control)
+    socketio.on_namespace(FlNamespace(store, registry, runs, enrollment, limits))
+    socketio.on_namespace(DashboardNamespace(meshfed.control))
     app.register_blueprint(api_bp)
     app.register_blueprint(ops_bp)
     app.register_blueprint(dashboard_bp)
@@ -232,7 +233,7 @@ def _follower(app: Flask, socketio: SocketIO, config: ServerConfig, limits: Rate
                         AdminSessions())  # logouts are remembered in memory: a restarted follower forgets them
     follower.metrics_registry = make_registry(FollowerCollector(follower))
     app.extensions["meshfed"] = follower
-    register_dashboard(socketio, follower.control)
+    socketio.on_namespace(DashboardNamespace(follower.control))
 
     @socketio.on("connect", namespace=FL_NAMESPACE)
     def refuse_client(auth: Any = None) -> None:

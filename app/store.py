@@ -280,9 +280,10 @@ class Store:
         """A connected client re-partitioned: its registered example count changes (over its own session)."""
         self._execute(("UPDATE clients SET num_examples = ? WHERE id = ?", (num_examples, client_id)))
 
-    def record_accepted(self, client_id: str, round_no: int) -> None:
-        self._execute(("UPDATE clients SET accepted = accepted + 1, last_round = ?, last_seen = ? WHERE id = ?",
-                       (round_no, time.time(), client_id)))
+    def record_accepted(self, client_id: str) -> None:
+        """An accepted offline contribution (round updates are counted with their round, commit_round)."""
+        self._execute(("UPDATE clients SET accepted = accepted + 1, last_seen = ? WHERE id = ?",
+                       (time.time(), client_id)))
 
     def record_refusals(self, counts: dict[tuple[bool, str, str], int], recent: list[Any],
                         max_addresses: int, keep: int) -> None:

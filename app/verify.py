@@ -43,6 +43,16 @@ class OpenRound:
     compression: str = "none"  # how updates are encoded (shared/compression.py), as the TrainRequest said
 
 
+@dataclass(frozen=True)
+class Verified:
+    """An update or offline contribution whose signature checked out against its sender's pinned key (only
+    RoundLoop.authenticate makes one); from there on, refusals are charged to the sender."""
+
+    header: UpdateHeader | SyncHeader
+    payload: bytes
+    registered_examples: int  # what the sender registered with (signed): the bound of its examples
+
+
 def check_signature(header: UpdateHeader | SyncHeader, payload: bytes, public_key_pem: str | None) -> None:
     """Refuse unless protocol, pinned key, signature and payload hash all check out."""
     if header.protocol != PROTOCOL_VERSION:

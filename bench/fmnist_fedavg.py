@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run_demo import Cluster, plot  # noqa: E402
+from run_demo import plot  # noqa: E402
+from shared.cluster import Cluster  # noqa: E402
 from shared.compression import COMPRESSIONS  # noqa: E402
 
 

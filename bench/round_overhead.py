@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.evaluator import Evaluator  # noqa: E402
 from bench.transport_floor import measure as measure_floor  # noqa: E402
 from client.trainer import DataConfig, LocalTrainer  # noqa: E402
-from run_demo import Cluster  # noqa: E402
+from shared.cluster import Cluster  # noqa: E402
 from shared import crypto  # noqa: E402
 from shared.compression import COMPRESSIONS, check_scheme  # noqa: E402
 from shared.models import get_weights  # noqa: E402

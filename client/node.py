@@ -22,10 +22,10 @@ import urllib3
 
 from client.behaviour import Behaviour, partial_batches, poison
 from client.trainer import LocalTrainer
-from mesh.node import MeshConfig, MeshNode, SyncRefused
-from mesh.trust import trust_path
+from mesh.config import MeshConfig, trust_path
 from shared import crypto
 from shared.compression import COMPRESSIONS, compress
+from shared.errors import SyncRefused
 from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, NAMESPACE,
                              TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex,
                              signed_registration)
@@ -92,11 +92,12 @@ class Node:
         self.sio.on(EV_NEW_MODEL, self._on_new_model, namespace=NAMESPACE)
         self.train_lock = threading.Lock()  # the trainer's model is shared by rounds and mesh steps
         self._state = "idle"
-        self.mesh: MeshNode | None = None
+        self.mesh: Any = None  # mesh.node.MeshNode with --enable-mesh
         self._fetch_lock = threading.Lock()  # one download per version, whoever asks first
         self._evaluated: tuple[str, dict[str, float]] | None = None  # (model sha256, its held-out metrics)
         self.downloads = 0  # models fetched over HTTP (a prefetched one is not fetched again)
-        if config.mesh is not None:
+        if config.mesh is not None:  # zeroconf and the mesh load only when it is on
+            from mesh.node import MeshNode
             self.mesh = MeshNode(config.mesh, config.client_id, self.key, trainer,
                                  f"{config.key_dir}/{config.client_id}.mesh", self.train_lock,
                                  lr=config.lr or 0.05, batch_size=config.batch_size or 32,

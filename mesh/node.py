@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import requests
 
+from mesh.config import MeshConfig
 from mesh.discovery import Discovery, Peer, static_peers
 from mesh.gossip import choose_peers, mix
 from mesh.store import Contribution, OfflineStore
@@ -32,33 +33,13 @@ from mesh.trust import Trust
 from mesh.wire import MeshRefused, ReplayGuard, open_message, seal
 from shared import crypto
 from shared.aggregate import apply_delta, subtract
+from shared.errors import SyncRefused
 from shared.protocol import SyncHeader, encode_weights, pack_sync, sha256_hex
 
 log = logging.getLogger("meshfed.mesh")
 ONLINE, MESH = "online", "mesh"
 
 
-class SyncRefused(Exception):
-    """The server refused an offline contribution; `reason` is its stable code (app/verify.py)."""
-
-    RETRY = ("rate_limited", "unknown_client")  # worth sending again later; any other refusal is final
-
-    def __init__(self, reason: str, message: str):
-        self.reason = reason
-        super().__init__(f"{reason}: {message}")
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    host: str = "127.0.0.1"           # address peers reach this client on (advertised by zeroconf)
-    port: int = 0                     # gossip endpoint port; 0 = any free port
-    after: float = 5.0                # seconds without the server before switching to mesh mode
-    interval: float = 1.0             # seconds between gossip steps
-    fanout: int = 2                   # peers contacted per gossip step
-    local_batches: int = 10           # local training batches per gossip step
-    static_peers: str = ""            # host:port,... for networks without multicast
-    interfaces: tuple[str, ...] = ()  # zeroconf interfaces (e.g. 127.0.0.1); () = zeroconf's default
-    max_bytes: int = 64 << 20         # largest gossip message accepted
 
 
 class MeshNode:

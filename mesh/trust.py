@@ -16,16 +16,9 @@ from pathlib import Path
 
 from typing import Any
 
-import qrcode
-import qrcode.image.svg
-
 from mesh.wire import MeshRefused
 from shared import crypto
 from shared.protocol import roster_bytes
-
-
-def trust_path(key_dir: str | Path, client_id: str) -> Path:
-    return Path(key_dir) / f"{client_id}.trust.json"
 
 
 class Trust:
@@ -102,6 +95,9 @@ class Trust:
 
 def fingerprint_qr(fingerprint: str, out_dir: str | Path | None = None) -> str:
     """The fingerprint as a QR code: returns it drawn for a terminal; writes fingerprint.png/.svg."""
+    import qrcode  # only the operator command draws QR codes
+    import qrcode.image.svg
+
     qr = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_M, border=2)
     qr.add_data(fingerprint)
     qr.make(fit=True)

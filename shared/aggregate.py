@@ -203,7 +203,7 @@ def fedopt_step(weights: Weights, delta: Weights, state: dict[str, np.ndarray], 
 # --- anomaly scores ----------------------------------------------------------------------------------
 
 def anomaly_scores(x: np.ndarray, aggregate: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-row z-score of the update norm and cosine distance to the aggregate (higher = stranger)."""
+    """Per-row z-score of the update norm and cosine distance to a direction (higher = stranger)."""
     x64, agg64 = x.astype(np.float64), aggregate.astype(np.float64)
     return _scores(np.linalg.norm(x64, axis=1), x64 @ agg64, float(np.linalg.norm(agg64)))
 
@@ -217,27 +217,20 @@ def update_norm(update: Weights) -> float:
     return float(np.sqrt(sum(_dot(a, a) for a in update.values())))
 
 
-def anomaly_scores_of(updates: list[Weights], aggregate: Weights,
-                      norms: list[float] | None = None) -> dict[str, np.ndarray]:
-    """anomaly_scores over named arrays, without stacking or copying them: one BLAS dot product per
-    array and update (float32 sums are plenty for z-scores). `norms`, if given, are the updates'
-    norms over the aggregate's arrays, computed beforehand (the server does it as each update arrives)."""
-    if norms is None:
-        norms = [np.sqrt(sum(_dot(u[k], u[k]) for k in aggregate)) for u in updates]
-    dots = np.array([sum(_dot(u[k], aggregate[k]) for k in aggregate) for u in updates])
-    return _scores(np.asarray(norms, dtype=np.float64), dots,
-                   float(np.sqrt(sum(_dot(v, v) for v in aggregate.values()))))
+def dot(update: Weights, direction: Weights) -> float:
+    """<update, direction> over the arrays of `direction` (0.0 when it is empty)."""
+    return sum(_dot(update[k], v) for k, v in direction.items())
 
 
-def flag_anomalies(ids: list[str], updates: list[Weights], norms: list[float], previous: Weights, z: float,
-                   new: Weights) -> dict[str, dict[str, float]]:
-    """The ids (in `updates` order) whose update norm or cosine distance to the applied step `new -
-    previous` has a z-score above z, with their scores. `norms` are the updates' norms (the server takes
-    them as updates arrive). Fewer than three updates flag nothing: their z-scores say nothing."""
-    if len(updates) < 3:
+def flag_anomalies(ids: list[str], norms: list[float], dots: list[float], step_norm: float,
+                   z: float) -> dict[str, dict[str, float]]:
+    """The ids whose update norm, or cosine distance to the previous round's step, has a z-score above z, with
+    their scores. `norms` and `dots` (with that step, whose norm is `step_norm`) are taken as each update
+    arrives, so the server needs no copy of any update. In a run's first round there is no step (step_norm
+    0): every cosine distance is 1 and only norms can stand out. Fewer than three updates flag nothing."""
+    if len(ids) < 3:
         return {}
-    step = {k: new[k] - previous[k] for k in previous}
-    scores = anomaly_scores_of(updates, step, norms)
+    scores = _scores(np.asarray(norms, dtype=np.float64), np.asarray(dots, dtype=np.float64), step_norm)
     return {cid: {k: round(float(v[i]), 4) for k, v in scores.items()} for i, cid in enumerate(ids)
             if scores["norm_z"][i] > z or scores["cosine_z"][i] > z}
 

@@ -2,6 +2,15 @@
 
 Every dataset comes back as uint8 images (N, C, H, W) and int64 labels (N,), the raw form a
 partitioner slices; `to_tensors` turns a slice into standardised float tensors for training.
+
+A dataset is a loader registered by name; plug-ins add theirs the same way (--dataset-module, on the server
+and the clients alike):
+
+    @register_dataset("noise")
+    def noise(train: bool, data_dir: str | None, download: bool) -> Split:
+        rng = np.random.default_rng(0 if train else 1)
+        n = 2000 if train else 500
+        return Split((rng.random((n, 1, 8, 8)) * 255).astype(np.uint8), rng.integers(0, 10, n))
 """
 from __future__ import annotations
 
@@ -10,13 +19,15 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from shared.errors import DatasetNotFound
 
-DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+Loader = Callable[[bool, "str | None", bool], "Split"]  # (train, data_dir, download) -> split
+DATASETS: dict[str, Loader] = {}  # name -> loader; plug-ins add theirs with register_dataset
 DATA_DIR_ENV = "MESHFED_DATA_DIR"  # overrides the default data dir when --data-dir is not given
 DEFAULT_DATA_DIR = "data"
 # System-wide dataset packages (Debian's dataset-fashion-mnist puts its idx .gz files here).
@@ -56,18 +67,19 @@ def resolve_data_dir(data_dir: str | None) -> Path:
     return Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
 
 
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    def add(loader: Loader) -> Loader:
+        DATASETS[name] = loader
+        return loader
+    return add
+
+
 def load_split(name: str, train: bool, data_dir: str | None = None, download: bool = True) -> Split:
-    """Load the train or test split of dataset `name` (see DATASET_NAMES)."""
-    root = resolve_data_dir(data_dir)
-    if name in TORCHVISION_FOLDER:
-        split = _load_mnist_family(name, train, root, download)
-        return dataclasses.replace(split, mean=NORMALIZATION[name][0], std=NORMALIZATION[name][1])
-    if name == "cifar10":
-        return dataclasses.replace(_load_cifar10(train, root, download), mean=NORMALIZATION[name][0],
-                                   std=NORMALIZATION[name][1])
-    if name == "synthetic":
-        return synthetic_split(train)
-    raise DatasetNotFound(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    """Load the train or test split of registered dataset `name`."""
+    if name not in DATASETS:
+        raise DatasetNotFound(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))} (or add one "
+                              "with --dataset-module)")
+    return DATASETS[name](train, data_dir, download)
 
 
 def to_tensors(split: Split, indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,3 +189,27 @@ def synthetic_split(train: bool, num_classes: int = 10, seed: int = 0) -> Split:
     labels = rng.integers(0, num_classes, size=n)
     images = templates[labels] + rng.normal(0, 60, size=(n, 1, 28, 28))
     return Split(np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64))
+
+
+# --- the built-in datasets ------------------------------------------------------------------------
+
+def _idx_loader(name: str) -> Loader:
+    def load(train: bool, data_dir: str | None, download: bool) -> Split:
+        split = _load_mnist_family(name, train, resolve_data_dir(data_dir), download)
+        return dataclasses.replace(split, mean=NORMALIZATION[name][0], std=NORMALIZATION[name][1])
+    return load
+
+
+for _name in TORCHVISION_FOLDER:
+    register_dataset(_name)(_idx_loader(_name))
+
+
+@register_dataset("cifar10")
+def _cifar10(train: bool, data_dir: str | None, download: bool) -> Split:
+    split = _load_cifar10(train, resolve_data_dir(data_dir), download)
+    return dataclasses.replace(split, mean=NORMALIZATION["cifar10"][0], std=NORMALIZATION["cifar10"][1])
+
+
+@register_dataset("synthetic")
+def _synthetic(train: bool, data_dir: str | None, download: bool) -> Split:
+    return synthetic_split(train)

@@ -32,3 +32,13 @@ class RegistrationRefused(MeshfedError):
     def __init__(self, reason: str, message: str):
         self.reason = reason
         super().__init__(f"{reason}: {message}")
+
+
+class SyncRefused(MeshfedError):
+    """The server refused an offline contribution; `reason` is its stable code (app/verify.py)."""
+
+    RETRY = ("rate_limited", "unknown_client")  # worth sending again later; any other refusal is final
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")

@@ -1,12 +1,31 @@
-"""The models meshfed trains, chosen by name, and their weights as ordered numpy arrays."""
+"""The models meshfed trains, chosen by name, and their weights as ordered numpy arrays.
+
+A model is a function of the input shape (C, H, W) and the number of classes, registered by name:
+
+    @register_model("logreg")
+    def logreg(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes))
+
+Put it in a module and start the server and the clients with --model-module that.module --model logreg.
+Every conv and linear layer starts Glorot-uniform with zero biases (glorot_init), whoever registered it.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-# Names accepted by build_model; the input shape comes from the dataset.
-MODEL_NAMES = ("cnn", "mlp")
+ModelFactory = Callable[[tuple[int, ...], int], nn.Module]  # (input shape, classes) -> model
+MODELS: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    def add(factory: ModelFactory) -> ModelFactory:
+        MODELS[name] = factory
+        return factory
+    return add
 
 
 class McMahanCNN(nn.Module):
@@ -56,22 +75,28 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+@register_model("mlp")
+def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return MLP(input_shape, num_classes)
+
+
+@register_model("cnn")
+def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if tuple(input_shape) == (1, 28, 28):
+        return McMahanCNN(num_classes)
+    if tuple(input_shape) == (3, 32, 32):
+        return CifarCNN(num_classes)
+    raise ValueError(f"no CNN for input shape {input_shape}; use --model mlp")
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """Build model `name` ('cnn' or 'mlp') for inputs of `input_shape` (C, H, W), seeded, initialised
-    as TensorFlow initialises its layers (glorot_init)."""
+    """Build registered model `name` for inputs of `input_shape` (C, H, W), seeded, initialised as TensorFlow
+    initialises its layers (glorot_init)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} (or add one with "
+                         "--model-module)")
     torch.manual_seed(seed)
-    if name == "mlp":
-        model: nn.Module = MLP(input_shape, num_classes)
-    elif name == "cnn":
-        if tuple(input_shape) == (1, 28, 28):
-            model = McMahanCNN(num_classes)
-        elif tuple(input_shape) == (3, 32, 32):
-            model = CifarCNN(num_classes)
-        else:
-            raise ValueError(f"no CNN for input shape {input_shape}; use --model mlp")
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return glorot_init(model)
+    return glorot_init(MODELS[name](tuple(input_shape), num_classes))
 
 
 def glorot_init(model: nn.Module) -> nn.Module:

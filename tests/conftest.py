@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from run_demo import Cluster  # noqa: E402
+from shared.cluster import Cluster  # noqa: E402
 from shared.datasets import load_split  # noqa: E402
 from shared.errors import DatasetNotFound  # noqa: E402
 

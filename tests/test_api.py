@@ -1,11 +1,11 @@
 """Handlers without a network: Flask's test client and Flask-SocketIO's test client."""
-import time
 
 import pytest
 
 from app import create_app
 from app.config import RunConfig, ServerConfig
 from shared import crypto
+from shared.cluster import wait_until
 from shared.protocol import NAMESPACE, signed_registration
 
 ADMIN, ENROLL = "admin-secret", "enroll-secret"
@@ -99,23 +99,19 @@ def test_unsigned_garbage_update_is_refused_with_a_reason(app):
 
 
 def test_start_after_stop_resumes_with_the_edited_config(app):
-    import time
 
     client = app.test_client()
     auth = {"Authorization": f"Bearer {ADMIN}"}
-    loop = app.extensions["meshfed"].loop
+    loop = app.extensions["meshfed"].runs
     run_id = client.post("/api/start", headers=auth).get_json()["run_id"]
     assert client.post("/api/stop", headers=auth).status_code == 200
-    deadline = time.monotonic() + 10
-    while loop.status()["active"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert loop.wait_inactive(10)
     assert client.post("/api/config", json={"lr": 0.2, "num_rounds": 7}, headers=auth).status_code == 200
     assert client.post("/api/start", headers=auth).get_json()["run_id"] == run_id  # resumed
     assert client.get("/api/config").get_json()["lr"] == 0.2
     assert loop.store.latest_run()["config"]["num_rounds"] == 7  # the stored run took the edit
     client.post("/api/stop", headers=auth)
-    while loop.status()["active"] and time.monotonic() < deadline + 10:
-        time.sleep(0.05)
+    assert loop.wait_inactive(10)
     client.post("/api/config", json={"model": "cnn"}, headers=auth)  # another model: no resume
     new_id = client.post("/api/start", headers=auth).get_json()["run_id"]
     assert new_id != run_id and loop.store.latest_run()["config"]["model"] == "cnn"
@@ -145,7 +141,7 @@ def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app
     assert register(app, key, "a", num_examples=50).is_connected(NAMESPACE)
     client, auth = app.test_client(), {"Authorization": f"Bearer {ADMIN}"}
     assert client.post("/api/start", headers=auth).status_code == 200  # initial model v1; waits for clients
-    loop = app.extensions["meshfed"].loop
+    loop = app.extensions["meshfed"].runs
     before = client.get("/api/model/latest").headers["X-Model-SHA256"]
 
     def body(delta: dict, cid: str = "k1", base: int = 1, signer=key, client_id: str = "a") -> bytes:
@@ -154,7 +150,7 @@ def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app
                             num_examples=50, payload_sha256=sha256_hex(payload), peers=["b"])
         return pack_sync(dataclasses.replace(header, signature=crypto.sign(signer, header.canonical_bytes())), payload)
 
-    zeros = {k: np.zeros_like(v) for k, v in loop._global.items()}
+    zeros = {k: np.zeros_like(v) for k, v in loop.model.weights.items()}
     nan = {k: np.full_like(v, np.nan) for k, v in zeros.items()}
     post = lambda data: client.post("/api/sync", data=data, content_type="application/octet-stream")  # noqa: E731
     refusals = [(post(body(zeros, signer=crypto.generate_key())), "bad_signature"),
@@ -171,10 +167,7 @@ def test_offline_contributions_are_verified_kept_once_and_change_nothing_yet(app
     assert mesh["edges"] == [["a", "b"]]
     assert client.get("/api/model/latest").headers["X-Model-SHA256"] == before  # merged by the next round only
     client.post("/api/stop", headers=auth)
-    deadline = time.monotonic() + 10
-    while loop.status()["active"] and time.monotonic() < deadline:  # the loop records the stop first
-        time.sleep(0.05)
-    assert not loop.status()["active"]
+    assert loop.wait_inactive(10)  # the loop records the stop first
 
 
 def _killed_after_committing_round_1(tmp_path, num_rounds: int, finished: str | None) -> tuple[ServerConfig, str]:
@@ -184,13 +177,11 @@ def _killed_after_committing_round_1(tmp_path, num_rounds: int, finished: str | 
     cfg = ServerConfig(state_dir=str(tmp_path / "state"), admin_token=ADMIN, enrollment_token=ENROLL,
                        run=RunConfig(dataset="synthetic", model="mlp", num_rounds=num_rounds))
     first = create_app(cfg)
-    loop, store = first.extensions["meshfed"].loop, first.extensions["meshfed"].store
+    loop, store = first.extensions["meshfed"].runs, first.extensions["meshfed"].store
     run_id = loop.start()
     loop.stop()
-    deadline = time.monotonic() + 10
-    while loop.status()["active"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    weights = {k: v + 0.01 for k, v in loop._global.items()}  # what round 1's aggregation produced
+    assert loop.wait_inactive(10)
+    weights = {k: v + 0.01 for k, v in loop.model.weights.items()}  # what round 1's aggregation produced
     row = {"round": 1, "accuracy": None, "loss": None, "num_clients": 1, "num_selected": 1, "num_refused": 0,
            "seconds": 1.0, "train_seconds": 0.5, "eval_seconds": None, "clients": ["c0"]}
     version = store.commit_round(run_id, 1, store.write_checkpoint(encode_weights(weights)), loop.global_version, row,
@@ -209,8 +200,8 @@ def test_a_finished_runs_last_round_left_unevaluated_is_evaluated_in_the_backgro
     second = create_app(cfg)
     meshfed = second.extensions["meshfed"]
     spawned: list = []
-    meshfed.loop._spawn = spawned.append  # hold the background task to see start-up did not run it
-    assert not meshfed.loop.resume_if_interrupted() and len(spawned) == 1
+    meshfed.runs._spawn = spawned.append  # hold the background task to see start-up did not run it
+    assert not meshfed.runs.resume_if_interrupted() and len(spawned) == 1
     assert second.test_client().get("/api/metrics").get_json()["rounds"] == []  # not evaluated yet
     spawned[0]()
     rounds = second.test_client().get("/api/metrics").get_json()["rounds"]
@@ -226,16 +217,13 @@ def test_a_round_committed_but_not_evaluated_is_hidden_then_evaluated_on_restart
     second = create_app(cfg)
     client = second.extensions["meshfed"]
     assert client.store.rounds(run_id) == [] and len(client.store.rounds(run_id, evaluated_only=False)) == 1
-    assert client.loop.resume_if_interrupted()
-    deadline = time.monotonic() + 20
-    while not client.store.rounds(run_id) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert client.runs.resume_if_interrupted()
+    wait_until(lambda: client.store.rounds(run_id), 20, "round 1 evaluated after the restart", every=0.05)
     rounds = second.test_client().get("/api/metrics").get_json()["rounds"]
-    client.loop.stop()
+    client.runs.stop()
     assert [r["round"] for r in rounds] == [1] and rounds[0]["model_version"] == 2
     assert 0 <= rounds[0]["accuracy"] <= 1 and rounds[0]["loss"] > 0
     assert client.store.get_version(2)["accuracy"] == rounds[0]["accuracy"]
-    assert client.loop.round >= 1  # resumed after round 1, not before it
-    while client.loop.status()["active"] and time.monotonic() < deadline + 10:
-        time.sleep(0.05)
+    assert client.runs.run.completed >= 1  # resumed after round 1, not before it
+    assert client.runs.wait_inactive(10)
     client.store.close()

@@ -97,7 +97,7 @@ def test_mesh_steps_train_with_the_momentum_of_the_last_round(tmp_path):
     """Offline, a client's gossip steps train like the server's last round asked: same lr, batch size
     and momentum (no peers here: the step trains and finds nobody to exchange with)."""
     from client.trainer import DataConfig, LocalTrainer
-    from mesh.node import MeshConfig
+    from mesh.config import MeshConfig
     from shared.models import build_model, get_weights
 
     class Recording(LocalTrainer):

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 import run_server
@@ -37,3 +39,26 @@ def test_server_threads_default_to_one_per_core_and_refuse_negatives(capsys):
     with pytest.raises(SystemExit):
         run_server.parse_args(["--torch-threads", "-1"])
     assert "--torch-threads must be 0 (one per core) or a number of threads" in capsys.readouterr().err
+
+
+def test_the_schema_the_flags_and_the_checks_come_from_one_definition():
+    """Every RunConfig field is a run_server.py flag with the field's default, a property of the JSON Schema
+    with its bounds or choices, and checked with the same bounds: adding a field is one line."""
+    import run_server
+    from app.config import SETTINGS, config_schema
+
+    args = run_server.parse_args([])
+    schema = config_schema()["properties"]
+    assert list(schema) == list(SETTINGS) == [f.name for f in dataclasses.fields(RunConfig)]
+    for name, flag, kind, setting in run_server.run_flags():
+        assert getattr(args, name) == getattr(RunConfig(), name) == schema[name]["default"], name
+        if "enum" in schema[name]:
+            assert schema[name]["enum"] == list(setting.choices())
+        else:  # just past each bound is refused, as the schema says
+            step = 1 if kind == "int" else 1e-9
+            for key, outside in (("minimum", -step), ("exclusiveMinimum", 0), ("maximum", step),
+                                 ("exclusiveMaximum", 0)):
+                if key in schema[name]:
+                    with pytest.raises(ConfigError):
+                        update_run_config(RunConfig(), {name: schema[name][key] + outside})
+    assert run_server.parse_args(["--min-clients", "4"]).min_fit_clients == 4  # the one flag named otherwise

@@ -110,7 +110,7 @@ def _nginx() -> str:
 
 
 def test_nginx_accepts_the_shipped_config(tmp_path, certs):
-    from run_demo import free_port
+    from shared.cluster import free_port
 
     r = subprocess.run([_nginx(), "-t", "-c", nginx_config(tmp_path, 5000, 5001, free_port()), "-e", str(tmp_path / "err.log")],
                        capture_output=True, text=True)
@@ -139,7 +139,7 @@ def test_scale_out_behind_nginx_with_tls_and_redis(cluster, tmp_path, certs):
     """nginx (TLS) -> a gunicorn leader + a follower sharing a real redis-server: clients train through
     nginx over wss on the leader; a dashboard that nginx sends to the follower starts the run there and
     receives every round live; a second leader refuses to start; the follower refuses clients."""
-    from run_demo import free_port
+    from shared.cluster import free_port
 
     redis_port, web_port, port = free_port(), free_port(), free_port()
     queue_url = f"redis://127.0.0.1:{redis_port}/0"

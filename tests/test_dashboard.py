@@ -71,12 +71,17 @@ def test_invalid_config_gets_field_errors_over_socketio(app):
     assert ack == {"ok": False, "error": "no run is active"}
 
 
-def test_control_events_without_a_token_do_nothing(app):
-    client = sio(app)
-    assert not client.is_connected(NS)
-    with pytest.raises(RuntimeError):  # not connected: the event cannot even be sent
-        client.emit("start_training", {}, namespace=NS)
-    assert app.extensions["meshfed"].loop.status()["active"] is False
+def test_control_events_of_a_revoked_login_are_refused_and_do_nothing(app):
+    """The socket stays connected (say the revocation raced its connect): every control event still checks
+    the login, so none of them acts."""
+    client = sio(app, auth={"token": ADMIN})
+    assert client.is_connected(NS)
+    meshfed = app.extensions["meshfed"]
+    meshfed.admin_sessions._revoked.update(meshfed.admin_sessions._sockets)  # revoke every login, keep the socket
+    for event, data in (("start_training", {}), ("update_config", {"num_rounds": 9}), ("stop_training", None)):
+        ack = client.emit(event, data, namespace=NS, callback=True)
+        assert ack == {"ok": False, "error": "unauthorized: log in with the admin token"}, (event, ack)
+    assert meshfed.runs.status()["active"] is False and meshfed.runs.run_config.num_rounds != 9
 
 
 def _chromium() -> str:
@@ -151,6 +156,10 @@ def test_dashboard_in_chromium_live_rounds_start_stop_and_screenshots(cluster):
             page.wait_for_function("() => document.getElementById('state').textContent === 'stopped'", timeout=60_000)
             assert cluster.status()["state"] == "stopped"
 
+            # The form is made from the configuration's schema: one field per setting, in its order.
+            from app.config import config_schema
+            fields = page.eval_on_selector_all("#config-fields [name]", "els => els.map(e => e.name)")
+            assert fields == list(config_schema()["properties"]), fields
             page.fill("#cfg-num_rounds", "-3")
             page.click("#btn-save")
             page.wait_for_selector("#cfg-num_rounds.is-invalid", timeout=10_000)
@@ -196,7 +205,7 @@ def test_a_page_of_another_origin_cannot_drive_the_dashboard_with_the_admins_coo
     import threading
 
     from playwright.sync_api import sync_playwright
-    from run_demo import free_port
+    from shared.cluster import free_port
 
     cluster.start_server("--dataset", "synthetic", "--model", "mlp")
     cluster.wait_ready()

@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 
 from tests.conftest import ROOT
+from shared.cluster import wait_until
 
 
 def processes_in(workdir):
@@ -53,13 +53,10 @@ def test_demo_writes_report_and_plot_and_stops_everything(tmp_path):
 def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
     proc = demo(tmp_path, "--num-rounds", "50")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(processes_in(tmp_path / "work")) < 4:
-            time.sleep(0.5)
+        wait_until(lambda: len(processes_in(tmp_path / "work")) >= 4, 120, "the demo's four processes", every=0.5)
         assert len(processes_in(tmp_path / "work")) == 4  # server, the clients' launcher, 2 forked clients
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    time.sleep(0.5)
-    assert processes_in(tmp_path / "work") == []
+    wait_until(lambda: processes_in(tmp_path / "work") == [], 10, "every process of the demo to end")

@@ -210,7 +210,7 @@ def _fedadam_run(cluster, kill_after: int | None) -> list[str]:
 
 
 def test_resumed_fedadam_run_matches_an_uninterrupted_one(tmp_path):
-    from run_demo import Cluster
+    from shared.cluster import Cluster
 
     with Cluster(tmp_path / "straight") as straight:
         expected = _fedadam_run(straight, kill_after=None)

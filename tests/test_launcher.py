@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import psutil
 import pytest
 
 import run_client
+from shared.cluster import wait_until
 
 
 def test_each_local_client_gets_its_own_id_partition_log_file_and_mesh_port():
@@ -48,13 +48,13 @@ def test_the_launcher_refuses_bad_flags_before_forking_anything(monkeypatch, cap
 
 def gone(pids, timeout):
     """Wait until none of pids runs (zombies count as gone); return those still running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return []
-        time.sleep(0.2)
-    return alive
+    def alive():
+        return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    try:
+        wait_until(lambda: not alive(), timeout, f"processes {pids} to end")
+    except TimeoutError:
+        return alive()
+    return []
 
 
 def test_forked_clients_train_separately_and_die_with_their_launcher(cluster, fmnist):

@@ -16,6 +16,7 @@ from mesh.gossip import choose_peers, mix
 from mesh.trust import Trust, fingerprint_qr
 from mesh.wire import MAX_SKEW_SECONDS, MeshRefused, ReplayGuard, open_message, seal
 from shared import crypto
+from shared.cluster import wait_until
 
 LIMIT = 1 << 20
 
@@ -125,22 +126,17 @@ def test_zeroconf_discovers_peers_on_loopback_and_forgets_those_that_leave():
     try:
         for node in nodes:
             node.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(len(n.peers()) == 2 for n in nodes):
-            time.sleep(0.1)
+        wait_until(lambda: all(len(n.peers()) == 2 for n in nodes), 30, "discovery", 0.1)
         seen = {n.client_id: sorted((p.client_id, p.port, p.fingerprint, p.model_version) for p in n.peers())
                 for n in nodes}
         assert seen["m0"] == [("m1", 7301, "SHA256:1", 1), ("m2", 7302, "SHA256:2", 2)]
         assert all(len(v) == 2 for v in seen.values())
         nodes[1].set_model_version(9)  # re-announced in the TXT record
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and {p.client_id: p.model_version for p in nodes[0].peers()}["m1"] != 9:
-            time.sleep(0.1)
+        wait_until(lambda: {p.client_id: p.model_version for p in nodes[0].peers()}["m1"] == 9, 15,
+                   "the new model version to be seen", 0.1)
         assert {p.client_id: p.model_version for p in nodes[0].peers()}["m1"] == 9
         nodes[2].close()  # goodbye packets: the others forget it
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(len(n.peers()) != 1 for n in nodes[:2]):
-            time.sleep(0.1)
+        wait_until(lambda: all(len(n.peers()) == 1 for n in nodes[:2]), 15, "the goodbye", 0.1)
         assert [sorted(p.client_id for p in n.peers()) for n in nodes[:2]] == [["m1"], ["m0"]]
     finally:
         for node in nodes:
@@ -190,7 +186,8 @@ def test_the_gossip_endpoint_answers_hostile_requests_with_a_json_4xx(tmp_path, 
     import struct
     import threading
 
-    from mesh.node import MeshConfig, MeshNode
+    from mesh.config import MeshConfig
+    from mesh.node import MeshNode
 
     node = MeshNode(MeshConfig(interfaces=("127.0.0.1",)), "a", keys["a"], None, tmp_path / "a.mesh",
                     threading.Lock(), lr=0.05, batch_size=32, trust_file=tmp_path / "trust.json")

@@ -17,7 +17,7 @@ import socketio
 from mesh.discovery import Discovery
 from mesh.trust import Trust
 from mesh.wire import ReplayGuard, open_message, seal
-from run_demo import free_port
+from shared.cluster import free_port
 from shared import crypto
 from shared.models import build_model, get_weights
 from tests.conftest import ROOT

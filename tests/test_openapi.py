@@ -28,9 +28,10 @@ def api_app(tmp_path_factory):
     app = create_app(ServerConfig(state_dir=str(tmp_path_factory.mktemp("state")), admin_token=ADMIN,
                                   enrollment_token="contract-enroll", run=RunConfig(dataset="synthetic", model="mlp")))
     yield app
-    loop = app.extensions["meshfed"].loop
-    if loop.status()["active"]:
-        loop.stop()
+    runs = app.extensions["meshfed"].runs
+    if runs.status()["active"]:
+        runs.stop()
+        runs.wait_inactive(10)
     app.extensions["meshfed"].store.close()
 
 

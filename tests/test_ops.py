@@ -6,7 +6,6 @@ import logging
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
@@ -15,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import create_app
 from app.config import RunConfig, ServerConfig
 from shared.log import setup_logging
+from shared.cluster import wait_until
 
 
 def test_readyz_goes_unready_when_the_state_dir_is_not_writable(tmp_path):
@@ -66,15 +66,12 @@ def _json_server(tmp_path, port: int, log_name: str, **env: str) -> subprocess.P
                               stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
                               env={k: v for k, v in os.environ.items() if not k.startswith("MESHFED_")} | env)
     out.close()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
-                return server
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    server.kill()
-    raise TimeoutError((tmp_path / log_name).read_text()[-2000:])
+    try:
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok, 60, "the server")
+    except TimeoutError:
+        server.kill()
+        raise TimeoutError((tmp_path / log_name).read_text()[-2000:]) from None
+    return server
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -86,7 +83,7 @@ def test_tokens_are_made_once_kept_private_and_never_logged(tmp_path):
     """run_server.py --log-format json --log-level debug, no tokens given: every line is JSON; the tokens are
     generated, printed once in the banner, kept 0600 in the state dir and reused after a restart; no log line
     (werkzeug's request log included) carries them; the admin token counts only with the Bearer scheme."""
-    from run_demo import free_port
+    from shared.cluster import free_port
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = _json_server(tmp_path, port, "first.log")

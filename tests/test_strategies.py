@@ -96,32 +96,33 @@ def test_anomaly_scores_single_out_the_attacker():
     x = np.vstack([rng.normal(1.0, 0.1, (9, 20)), -10 * np.ones((1, 20))])
     s = agg.anomaly_scores(x, x[:9].mean(axis=0))
     assert int(np.argmax(s["norm_z"])) == 9 and int(np.argmax(s["cosine_z"])) == 9 and s["cosine_z"][9] > 2.5
-    # the same scores from named float32 arrays, without stacking them (what the round loop uses)
+    # the same scores from named float32 arrays, one norm and one dot product per update as it arrives
     named = [{"a": row[:8].reshape(2, 4).astype(np.float32), "b": row[8:].astype(np.float32)} for row in x]
     mean = x[:9].mean(axis=0).astype(np.float32)
-    s32 = agg.anomaly_scores_of(named, {"a": mean[:8].reshape(2, 4), "b": mean[8:]})
+    step = {"a": mean[:8].reshape(2, 4), "b": mean[8:]}
+    ids = [f"c{i}" for i in range(10)]
+    flagged = agg.flag_anomalies(ids, [agg.update_norm(u) for u in named], [agg.dot(u, step) for u in named],
+                                 agg.update_norm(step), 2.5)
+    assert list(flagged) == ["c9"]
     for key in s:
-        np.testing.assert_allclose(s32[key], s[key], rtol=1e-4, atol=1e-5)
-    # norms computed as each update arrived (update_norm) give the same scores
-    ahead = agg.anomaly_scores_of(named, {"a": mean[:8].reshape(2, 4), "b": mean[8:]},
-                                  [agg.update_norm(u) for u in named])
-    for key in s:
-        np.testing.assert_allclose(ahead[key], s[key], rtol=1e-4, atol=1e-5)
+        assert flagged["c9"][key] == pytest.approx(s[key][9], rel=1e-4, abs=1e-4)
 
 
-def test_flag_anomalies_names_the_update_far_from_the_others_and_needs_three():
+def test_flag_anomalies_names_the_update_against_the_last_step_and_needs_three():
     rng = np.random.default_rng(0)
-    previous = {"w": np.zeros((4, 5), np.float32), "b": np.zeros(5, np.float32)}
-    honest = [{k: (0.1 + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in previous.items()}
+    shapes = {"w": (4, 5), "b": (5,)}
+    step = {k: np.full(v, 0.1, np.float32) for k, v in shapes.items()}  # where the model moved last round
+    honest = [{k: (0.1 + 0.01 * rng.standard_normal(v)).astype(np.float32) for k, v in shapes.items()}
               for _ in range(5)]
     attacker = {k: -v for k, v in honest[0].items()}  # as long as an honest one, the other way
     updates = [*honest, attacker]
-    norms = [float(np.sqrt(sum((u[k] ** 2).sum() for k in u))) for u in updates]
-    new = {k: previous[k] + np.mean([u[k] for u in updates], axis=0) for k in previous}
+    norms, dots = [agg.update_norm(u) for u in updates], [agg.dot(u, step) for u in updates]
     ids = [f"c{i}" for i in range(6)]
-    flagged = agg.flag_anomalies(ids, updates, norms, previous, 2.0, new)
+    flagged = agg.flag_anomalies(ids, norms, dots, agg.update_norm(step), 2.0)
     assert list(flagged) == ["c5"] and flagged["c5"]["cosine_distance"] > 1.9, flagged
-    assert agg.flag_anomalies(ids[:2], updates[4:], norms[4:], previous, 1.5, new) == {}  # z-scores of two say nothing
+    assert agg.flag_anomalies(ids[:2], norms[4:], dots[4:], agg.update_norm(step), 1.5) == {}  # two say nothing
+    # a run's first round has no step: only the norm can stand out, and here it does not
+    assert agg.flag_anomalies(ids, norms, [0.0] * 6, 0.0, 2.0) == {}
 
 
 def brute_nnm(x, f):

@@ -187,34 +187,27 @@ function addAlert(a) {
 }
 
 // --- config form --------------------------------------------------------------------------------
-const CONFIG_FIELDS = [
-  ["dataset", "Dataset", ["fashion-mnist", "mnist", "cifar10", "synthetic"]], ["model", "Model", ["cnn", "mlp"]],
-  ["partition", "Partition", ["", "iid", "dirichlet", "shards"]], ["alpha", "Dirichlet alpha"],
-  ["num_rounds", "Rounds"], ["min_fit_clients", "Min clients"], ["max_fit_clients", "Max clients per round (0 = all)"],
-  ["fraction_fit", "Fraction of clients per round"], ["local_epochs", "Local epochs"], ["lr", "Learning rate"],
-  ["batch_size", "Batch size"], ["momentum", "Client momentum"], ["max_batches", "Max local batches (0 = all)"], ["quorum", "Quorum"],
-  ["round_timeout", "Round timeout (s)"], ["min_updates", "Close round at N updates (0 = all)"],
-  ["stragglers", "Late updates", ["drop", "merge"]], ["target_accuracy", "Target accuracy (0 = off)"], ["seed", "Seed"],
-  ["strategy", "Strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "krum", "multikrum",
-                            "median", "trimmed_mean", "bulyan"]],
-  ["proximal_mu", "FedProx mu"], ["server_lr", "Server learning rate"], ["byzantine_f", "Byzantine f"],
-  ["trim_beta", "Trimmed-mean beta"], ["mixing", "Robust rules: mixing", ["none", "nnm"]],
-  ["compression", "Update compression", ["none", "fp16", "int8"]], ["anomaly_z", "Anomaly z-score"],
-];
+// The form is made from the run configuration's JSON Schema (config_schema event, GET /api/config/schema):
+// one field per setting, a select where the schema lists choices, its help as the tooltip.
+let configSchema = null;
+function configNames() { return configSchema ? Object.keys(configSchema.properties) : []; }
 function buildForm() {
   const box = $("config-fields");
-  for (const [name, label, options] of CONFIG_FIELDS) {
+  box.replaceChildren();
+  for (const [name, field] of Object.entries(configSchema.properties)) {
     const col = document.createElement("div");
     col.className = "col-12 col-sm-6 col-lg-3";
     const lab = document.createElement("label");
     lab.className = "form-label small mb-0";
     lab.htmlFor = "cfg-" + name;
-    lab.textContent = label;
-    const input = document.createElement(options ? "select" : "input");
-    input.className = options ? "form-select form-select-sm" : "form-control form-control-sm";
+    lab.textContent = field.title || name;
+    lab.title = field.description || "";
+    const input = document.createElement(field.enum ? "select" : "input");
+    input.className = field.enum ? "form-select form-select-sm" : "form-control form-control-sm";
     input.id = "cfg-" + name;
     input.name = name;
-    for (const o of options || []) input.add(new Option(o || "each client's own", o));
+    input.title = field.description || "";
+    for (const o of field.enum || []) input.add(new Option(o === "" ? "each client's own" : o, o));
     const feedback = document.createElement("div");
     feedback.className = "invalid-feedback";
     feedback.id = "err-" + name;
@@ -223,9 +216,9 @@ function buildForm() {
   }
 }
 function fillForm(config) {
-  for (const [name] of CONFIG_FIELDS) {
+  for (const name of configNames()) {
     const input = $("cfg-" + name);
-    if (document.activeElement !== input) input.value = config[name];
+    if (input && document.activeElement !== input) input.value = config[name];
   }
 }
 function say(id, text, ok) {
@@ -243,6 +236,11 @@ socket.on("connect_error", (err) => {
   if (String(err.message).startsWith("unauthorized")) window.location = "/login";
 });
 socket.on("disconnect", () => { $("state").textContent = "disconnected"; });
+socket.on("config_schema", (schema) => {
+  configSchema = schema;
+  buildForm();
+  if (state.status) fillForm(state.status.config);
+});
 socket.on("status_update", (s) => {
   state.status = s;
   $("state").textContent = s.state;
@@ -278,7 +276,7 @@ $("btn-stop").onclick = () => socket.emit("stop_training", (ack) =>
 $("config-form").onsubmit = (event) => {
   event.preventDefault();
   const changes = {};
-  for (const [name] of CONFIG_FIELDS) {
+  for (const name of configNames()) {
     changes[name] = $("cfg-" + name).value;
     $("cfg-" + name).classList.remove("is-invalid");
   }
@@ -290,4 +288,3 @@ $("config-form").onsubmit = (event) => {
     say("config-message", ack.error, false);
   });
 };
-buildForm();

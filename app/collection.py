@@ -1,0 +1,128 @@
+"""Collecting rounds: the open round's updates, and late ones for rounds already closed.
+
+Request threads offer() verified updates; the loop open()s a round, wait()s until it may close, and close()s it.
+An accepted update goes straight into the round's accumulator (a running sum for FedAvg-family rules,
+shared/accumulator.py), so a round holds O(d) memory whatever the number of clients; what stays per client is
+its Arrival: examples, norm, alignment with the last step, and its advisory metrics. An update for a round that
+closed without it is a straggler, handed to PendingMerges (app/merges.py).
+"""
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.merges import PendingMerges
+from app.verify import OpenRound, Verified, check_arrays, check_examples, check_round
+from shared.accumulator import Accumulator
+from shared.aggregate import dot, update_norm
+
+if TYPE_CHECKING:
+    from app.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What the server keeps of one accepted update once its delta is in the accumulator."""
+
+    client_id: str
+    num_examples: int
+    norm: float                # L2 norm of the delta: anomaly scores, the clipping bound of late deltas
+    dot: float                 # <delta, the previous round's step>: its alignment, for the anomaly scores
+    metrics: dict[str, float]  # the client's advisory metrics, plus arrived (monotonic) and payload_bytes
+
+
+def select_clients(online: list[str], cfg: "RunConfig", run_id: str, round_no: int) -> list[str]:
+    """The clients asked in a round: fraction_fit of those online, at least min_fit_clients, at most
+    max_fit_clients, sampled with the run's seed."""
+    k = max(cfg.min_fit_clients, math.ceil(cfg.fraction_fit * len(online)))
+    if cfg.max_fit_clients:
+        k = min(k, cfg.max_fit_clients)
+    rng = random.Random(f"{cfg.seed}/{run_id}/{round_no}")
+    return sorted(rng.sample(online, min(k, len(online))))
+
+
+class Collection:
+    """Thread-safe: offer() from request threads, open/wait/close from the loop."""
+
+    def __init__(self, merges: PendingMerges):
+        self.merges = merges
+        self._cond = threading.Condition()
+        self._round: OpenRound | None = None  # None while no round is open
+        self._accumulator: Accumulator | None = None
+        self._step: dict[str, np.ndarray] = {}  # the previous round's step (empty in a run's first round)
+        self._arrivals: dict[str, Arrival] = {}
+        self._gone: set[str] = set()
+        self._refusals = 0  # verified refusals of the open round (its telemetry)
+
+    def open(self, open_round: OpenRound, accumulator: Accumulator, step: dict[str, np.ndarray]) -> None:
+        with self._cond:
+            self._round, self._accumulator, self._step = open_round, accumulator, step
+            self._arrivals, self._gone, self._refusals = {}, set(), 0
+
+    def offer(self, update: Verified, merge_stragglers: bool) -> str:
+        """Add a verified update to the open round ('accepted'), or take it as a straggler of a closed round;
+        UpdateRefused (nothing added) otherwise."""
+        header = update.header
+        with self._cond:
+            r, accumulator, step, delivered = self._round, self._accumulator, self._step, set(self._arrivals)
+        late = self.merges.late_round(header, r.round if r else None)
+        if late is not None:
+            return self.merges.offer_straggler(update, late, merge_stragglers)
+        check_examples(header.num_examples, update.registered_examples)
+        check_round(header, r, delivered)
+        delta = check_arrays(update.payload, r.spec, r.max_bytes, r.compression)
+        norm, alignment = update_norm(delta), dot(delta, step)  # while the delta is in the CPU cache
+        with self._cond:  # the round may have closed, or the client delivered, while we decoded
+            check_round(header, self._round if self._round is r else None, set(self._arrivals))
+            accumulator.add(delta, header.num_examples, key=header.client_id)
+            self._arrivals[header.client_id] = Arrival(
+                header.client_id, header.num_examples, norm, alignment,
+                {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(update.payload)})
+            self._cond.notify_all()
+        return "accepted"
+
+    def gone(self, client_ids: set[str]) -> None:
+        """These asked clients will not deliver (disconnected, or never reached): stop waiting for them."""
+        with self._cond:
+            self._gone |= client_ids
+            self._cond.notify_all()
+
+    def refused(self, round_no: int | None) -> None:
+        with self._cond:
+            if self._round is not None and round_no == self._round.round:
+                self._refusals += 1
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, deadline: float, min_updates: int, stop: threading.Event) -> None:
+        """Until every asked client delivered or is gone, min_updates arrived (if set), the deadline, or stop."""
+        with self._cond:
+            while not stop.is_set() and self._round is not None:
+                pending = self._round.selected - set(self._arrivals) - self._gone
+                enough = min_updates and len(self._arrivals) >= min_updates
+                if not pending or enough or time.monotonic() >= deadline:
+                    return
+                self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def close(self, max_staleness: int) -> tuple[list[Arrival], Accumulator, int]:
+        """Stop taking updates for the open round (later ones are stragglers): its arrivals in client id order,
+        its accumulator, its refusals."""
+        with self._cond:
+            r, arrivals, accumulator, refusals = self._round, self._arrivals, self._accumulator, self._refusals
+            self._round, self._accumulator = None, None
+        self.merges.round_closed(r, set(arrivals), max_staleness)
+        return [arrivals[cid] for cid in sorted(arrivals)], accumulator, refusals
+
+    def view(self) -> dict[str, Any] | None:
+        with self._cond:
+            r = self._round
+            return None if r is None else {"round": r.round, "selected": sorted(r.selected),
+                                           "delivered": sorted(self._arrivals)}
