@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--byzantine-f", type=int, default=0, help="attackers the strategy tolerates (Krum, Bulyan)")
     p.add_argument("--malicious", type=int, default=0, help="make the last K clients attackers")
     p.add_argument("--attack", default="sign_flip", help="their attack: sign_flip scale gaussian label_flip")
+    p.add_argument("--dp", default="none", choices=["none", "sample", "client", "local"],
+                   help="differential privacy: DP-SGD on the clients, DP-FedAvg on the server, or local noise")
+    p.add_argument("--target-epsilon", type=float, default=0.0, help="the privacy budget (0 = none)")
+    p.add_argument("--noise-multiplier", type=float, default=1.0, help="DP's sigma (sample, client)")
     p.add_argument("--keep-open", action="store_true", help="keep the server up after the last round")
     args = p.parse_args(argv)
     if not 0 <= args.malicious <= args.num_clients:
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--min-clients", str(args.num_clients), "--local-epochs", str(args.local_epochs),
                              "--lr", str(args.lr), "--batch-size", str(args.batch_size),
                              "--eval-limit", str(args.eval_limit), "--round-timeout", str(args.round_timeout),
-                             "--strategy", args.strategy, "--byzantine-f", str(args.byzantine_f),
+                             "--strategy", args.strategy, "--byzantine-f", str(args.byzantine_f), "--dp", args.dp,
+                             "--target-epsilon", str(args.target_epsilon), "--noise-multiplier",
+                             str(args.noise_multiplier),
                              *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
         # One launcher forks the clients after a single import of torch (run_client.py --local-clients):
         # client-0..; the last --malicious ones are a second launcher's, attacker-0..

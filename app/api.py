@@ -20,6 +20,7 @@ from app.ratelimit import RateLimited
 from app.refusals import Refusal
 from app.rounds import RoundLoop
 from app.runs import Conflict, Runs
+from app.verify import authenticate
 from shared.errors import ConfigError, DatasetNotFound, UpdateRefused
 from shared.protocol import signed_roster, unpack_sync, unpack_update
 
@@ -121,6 +122,26 @@ def metrics() -> Any:
     run_id = request.args.get("run_id", runs.run_id)
     rounds = runs.store.rounds(run_id) if run_id else []
     return jsonify({"run_id": run_id, "rounds": rounds})
+
+
+@bp.get("/privacy")
+def privacy() -> Any:
+    """What the run spent of its privacy budget, round by round, and its latest membership-inference audit."""
+    return jsonify(_meshfed().control.privacy())
+
+
+@bp.post("/privacy/audit")
+@admin_required
+def privacy_audit() -> Any:
+    """Keep a membership-inference audit of a run (bench/privacy_audit.py): its attacks' AUC, TPR at low FPR and
+    the lower bound on epsilon they imply, beside the accountant's epsilon; the dashboard shows the latest."""
+    report = _json_object()
+    run_id = report.get("run_id")
+    if not isinstance(run_id, str) or not isinstance(report.get("attacks"), dict) or len(report["attacks"]) > 16:
+        raise BadBody("send the audit as {\"run_id\": ..., \"attacks\": {name: {auc, ...}}, ...}")
+    _runs().store.add_audit(run_id, report)
+    _meshfed().socketio.emit("privacy_update", _meshfed().control.privacy(), namespace="/dashboard")
+    return jsonify({"stored": True})
 
 
 @bp.get("/clients")
@@ -282,7 +303,7 @@ def update() -> Any:
     rounds, limits = _rounds(), _meshfed().limits
     try:
         header, payload = unpack_update(_signed_body("update-per-address"))
-        verified = rounds.authenticate(header, payload)
+        verified = authenticate(rounds.store, header, payload)
     except UpdateRefused as exc:  # nobody's signature vouches for this request: the address answers for it
         return _refusal_reply(exc)
     try:  # from here on the sender is proven: refusals are its own
@@ -303,7 +324,7 @@ def sync() -> Any:
     rounds, limits = _rounds(), _meshfed().limits
     try:
         header, payload = unpack_sync(_signed_body("sync-per-address"))
-        verified = rounds.authenticate(header, payload)
+        verified = authenticate(rounds.store, header, payload)
     except UpdateRefused as exc:
         return _refusal_reply(exc)
     try:

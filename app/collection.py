@@ -35,6 +35,7 @@ class Arrival:
     norm: float                # L2 norm of the delta: anomaly scores, the clipping bound of late deltas
     dot: float                 # <delta, the previous round's step>: its alignment, for the anomaly scores
     metrics: dict[str, float]  # the client's advisory metrics, plus arrived (monotonic) and payload_bytes
+    epsilon: float = 0.0       # the privacy the client signed it had spent in the run (dp 'sample', 'local')
 
 
 def select_clients(online: list[str], cfg: "RunConfig", run_id: str, round_no: int) -> list[str]:
@@ -83,7 +84,8 @@ class Collection:
             accumulator.add(delta, header.num_examples, key=header.client_id)
             self._arrivals[header.client_id] = Arrival(
                 header.client_id, header.num_examples, norm, alignment,
-                {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(update.payload)})
+                {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(update.payload)},
+                header.epsilon)
             self._cond.notify_all()
         return "accepted"
 

@@ -12,6 +12,7 @@ from shared.errors import ConfigError
 from shared.models import MODELS
 from app.strategy import ROBUST, STRATEGIES, updates_needed
 from shared.partition import PARTITION_NAMES
+from shared.privacy import ACCOUNTANTS, DP_MODES
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,31 @@ class RunConfig:
                           choices=lambda: ("none", "nnm"))
     anomaly_z: float = setting(2.5, "Anomaly z-score", "flag updates whose norm or cosine distance to the last "
                                "step has a z-score above this", "strategy", lo=0, hi=100, lo_open=True)
+    # privacy (shared/privacy.py; README: Differential privacy)
+    dp: str = setting("none", "Differential privacy", "'sample': DP-SGD on each client (Opacus); 'client': "
+                      "DP-FedAvg on the server (clip each update, noise their sum); 'local': each client adds "
+                      "Laplace noise to its update", "privacy", choices=lambda: DP_MODES)
+    target_epsilon: float = setting(0.0, "Privacy budget (epsilon)", "spend no more than this epsilon: each "
+                                    "client's (sample, local) or the run's (client)", "privacy", lo=0, hi=1000,
+                                    note="0 = no budget")
+    delta: float = setting(1e-5, "Delta", "the delta of the (epsilon, delta) guarantee: below 1 / the number of "
+                           "records protected (a client's examples; the registered clients)", "privacy", lo=0,
+                           hi=0.1, lo_open=True)
+    noise_multiplier: float = setting(1.0, "Noise multiplier", "sigma: Gaussian noise std over the clip (sample, "
+                                      "client)", "privacy", lo=0, hi=100, lo_open=True)
+    max_grad_norm: float = setting(1.0, "Per-example clip", "sample: each example's gradient clipped to this L2 "
+                                   "norm", "privacy", lo=0, hi=10_000, lo_open=True)
+    clip_norm: float = setting(1.0, "Update clip", "client: each update clipped to this L2 norm (the first one, "
+                               "when adaptive); local: to this L1 norm", "privacy", lo=0, hi=1e6, lo_open=True)
+    clip_quantile: float = setting(0.0, "Adaptive clip quantile", "client: move the clip towards this quantile of "
+                                   "the update norms (Andrew et al. 2021)", "privacy", lo=0, hi=1, hi_open=True,
+                                   note="0 = a fixed clip")
+    clip_lr: float = setting(0.2, "Clip learning rate", "client, adaptive: the clip's geometric learning rate",
+                             "privacy", lo=0, hi=10, lo_open=True)
+    accountant: str = setting("rdp", "Accountant", "sample, client: Opacus' RDP or PRV accountant", "privacy",
+                              choices=lambda: ACCOUNTANTS)
+    local_epsilon: float = setting(1.0, "Local epsilon per round", "local: the pure epsilon each update spends",
+                                   "privacy", lo=0, hi=100, lo_open=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,6 +264,15 @@ def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
         if not 0 < 2 * result.byzantine_f < result.min_fit_clients:
             raise ConfigError({"byzantine_f": "nnm needs byzantine_f (attackers to tolerate) with 1 <= byzantine_f < "
                                               "min_fit_clients / 2"})
+    if result.dp == "client" and not STRATEGIES[result.strategy].streams:
+        raise ConfigError({"dp": f"client-level DP noises the sum of clipped updates; {result.strategy} needs every "
+                                 "update itself: choose fedavg, fedavgm or a FedOpt strategy"})
+    if result.dp == "client" and result.stragglers == "merge":
+        raise ConfigError({"stragglers": "client-level DP accounts one clipped update per asked client a round; "
+                                         "late updates cannot be merged: use 'drop'"})
+    if result.dp == "sample" and result.strategy == "fedprox":
+        raise ConfigError({"strategy": "DP-SGD clips each example's gradient; FedProx's proximal term is not an "
+                                       "example's: use fedavg (or a FedOpt strategy) with dp 'sample'"})
     needed = updates_needed(result)
     if needed > result.min_fit_clients:
         raise ConfigError({"min_fit_clients": f"{result.strategy} with byzantine_f={result.byzantine_f} needs "

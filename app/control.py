@@ -12,6 +12,7 @@ from typing import Any
 import requests
 
 from app.config import config_schema
+from app.privacy import privacy_view
 from shared.errors import ConfigError, MeshfedError
 
 
@@ -43,6 +44,12 @@ class LocalControl:
 
     def config_schema(self) -> dict[str, Any]:
         return config_schema()
+
+    def privacy(self) -> dict[str, Any]:
+        runs = self.meshfed.runs
+        rounds = runs.store.rounds(runs.run_id) if runs.run_id else []
+        return {"run_id": runs.run_id, **privacy_view(rounds, runs.run_config),
+                "audit": runs.store.latest_audit(runs.run_id)}
 
     def start(self, new_run: bool) -> str:
         return self.meshfed.runs.start(new_run=new_run)
@@ -105,6 +112,9 @@ class RemoteControl:
 
     def config_schema(self) -> dict[str, Any]:
         return self._call("GET", "/api/config/schema")  # the leader's: its plug-ins are the choices
+
+    def privacy(self) -> dict[str, Any]:
+        return self._call("GET", "/api/privacy")
 
     def start(self, new_run: bool) -> str:
         return self._call("POST", "/api/start", {"new_run": new_run})["run_id"]

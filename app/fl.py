@@ -123,6 +123,14 @@ class FlNamespace(Namespace):
         else:
             mesh = {}
         changes: dict[str, Any] = {"resources": resources, "mesh": mesh, **({"state": state} if state else {})}
+        privacy = data.get("privacy")
+        if isinstance(privacy, dict):  # a client whose budget is spent says so: it is asked no more
+            epsilon = privacy.get("epsilon")
+            changes["privacy"] = {"exhausted": privacy.get("exhausted") is True,
+                                  "epsilon": float(epsilon) if isinstance(epsilon, (int, float)) and
+                                  math.isfinite(epsilon) and 0 <= epsilon <= 1e6 else 0.0}
+            if changes["privacy"]["exhausted"]:
+                self.runs.rounds.collection.gone({client_id})
         examples = data.get("num_examples")
         if isinstance(examples, int) and not isinstance(examples, bool) and 0 < examples <= MAX_EXAMPLES:
             self.store.set_examples(client_id, examples)

@@ -122,6 +122,7 @@ class PendingMerges:
         check_arrays(contribution.payload, spec, self.max_bytes)
         duplicate = not self.store.add_contribution(header, contribution.payload)
         if not duplicate:
+            self.store.record_accepted(header.client_id)
             log.info("offline contribution %s from %s: base v%d, %d local steps, mixed with %s; merged with the "
                      "next aggregation", header.contribution_id[:8], header.client_id, header.base_version,
                      header.local_steps, ", ".join(header.peers) or "nobody")
@@ -143,12 +144,13 @@ class PendingMerges:
 
     # --- one aggregation's merges --------------------------------------------------------------------------
 
-    def take(self, version: int, spec: dict, max_norm: float) -> Taken:
+    def take(self, version: int, spec: dict, max_norm: float, offline: bool = True) -> Taken:
         """Everything pending for an aggregation from global `version`, weighted, clipped to max_norm and capped
-        per client (a merge whose client registered no examples weighs nothing and is left out)."""
+        per client (a merge whose client registered no examples weighs nothing and is left out). offline=False
+        leaves offline contributions pending (a private run: what the mesh learned was not trained privately)."""
         with self._lock:
             late, seen, self._late, self._seen = self._late, self._seen, [], {}
-        pending = late + self._offline(spec)
+        pending = late + (self._offline(spec) if offline else [])
         weights = [staleness_weight(p.num_examples, version - p.base_version) for p in pending]
         for client in {p.client_id for p in pending}:
             mine = [i for i, p in enumerate(pending) if p.client_id == client]

@@ -108,6 +108,17 @@ def _operations() -> dict[str, dict[str, Any]]:
             "responses": ok({"type": "object", "required": ["rounds"], "properties": {
                 "run_id": {"type": ["string", "null"]}, "rounds": {"type": "array", "items": _ref("Round")}}},
                 "the rounds")}},
+        "/api/privacy": {"get": {"summary": "The privacy the run spent, round by round: the run's epsilon (dp "
+                                            "client), each client's (dp sample, local), the budget's share",
+                                 "responses": ok({"type": "object", "required": ["mode", "run", "clients", "latest"]},
+                                                 "the privacy spent")}},
+        "/api/privacy/audit": {"post": {
+            "summary": "Keep a membership-inference audit of a run (bench/privacy_audit.py posts it)",
+            "security": admin,
+            "requestBody": {"required": True, "content": {JSON: {"schema": {
+                "type": "object", "required": ["run_id", "attacks"],
+                "properties": {"run_id": {"type": "string"}, "attacks": {"type": "object", "maxProperties": 16}}}}}},
+            "responses": {**ok(obj, "stored"), **_errors(400, 401)}}},
         "/api/clients": {"get": {"summary": "Registered clients: fingerprint, status, outcomes, resources",
                                  "responses": ok({"type": "object", "required": ["clients"], "properties": {
                                      "clients": {"type": "array", "items": _ref("Client")}}}, "the clients")}},

@@ -12,6 +12,8 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from app.privacy import privacy_view
+
 bp = Blueprint("ops", __name__)
 
 
@@ -62,6 +64,14 @@ class MeshfedCollector:
             refused.add_metric([reason, str(verified).lower()], n)
         yield refused
         yield from rate_limit_metrics(self.meshfed.limits)
+        spent = privacy_view(rounds, runs.run_config)["latest"]
+        epsilon = GaugeMetricFamily("meshfed_privacy_epsilon", "Privacy spent in the current run: the run's "
+                                    "(dp client) or each client's (dp sample, local)", labels=["scope"])
+        if spent["run"] is not None:
+            epsilon.add_metric(["run"], spent["run"])
+        for cid, value in spent["clients"].items():
+            epsilon.add_metric([f"client:{cid}"], value)
+        yield epsilon
         traffic = self.meshfed.traffic
         yield CounterMetricFamily("meshfed_http_received_bytes", "Update bytes received", value=traffic.bytes_in)
         yield CounterMetricFamily("meshfed_http_sent_bytes", "Model bytes sent", value=traffic.bytes_out)

@@ -21,6 +21,7 @@ class Session:
     last_seen: float = field(default_factory=time.time)
     resources: dict[str, float] = field(default_factory=dict)  # cpu_percent, memory_mb from the client
     mesh: dict[str, Any] = field(default_factory=dict)         # {mode, peers: [{id, mode}]} (mesh clients)
+    privacy: dict[str, Any] = field(default_factory=dict)      # {epsilon, exhausted} (dp 'sample' / 'local')
 
 
 class Registry:

@@ -23,18 +23,21 @@ from app.config import RunConfig
 from app.evaluator import Evaluator
 from app.merges import PendingMerges
 from app.model import GlobalModel
+from app.privacy import RunPrivacy
 from app.refusals import Refusal, RefusalLedger
 from app.registry import Registry
 from app.store import Store
-from app.verify import OpenRound, Verified, check_signature
+from app.verify import OpenRound, Verified
 from shared.aggregate import update_norm
 from shared.models import weight_spec
-from shared.protocol import SyncHeader, TrainRequest, UpdateHeader
+from shared.protocol import TrainRequest
 
 if TYPE_CHECKING:
     from app.runs import Run
 
 log = logging.getLogger("meshfed.rounds")
+PRIVATE = ("dp", "noise_multiplier", "max_grad_norm", "clip_norm", "local_epsilon", "delta", "target_epsilon",
+           "accountant")  # what a client privatising its own training is told (dp 'sample' or 'local')
 
 
 class Transport(Protocol):
@@ -58,6 +61,7 @@ class RoundLoop:
         self.model, self.merges = GlobalModel(store), PendingMerges(store, max_update_bytes)
         self.collection = Collection(self.merges)
         self.committer, self.refusals = Committer(store, self.model, transport), RefusalLedger(store)
+        self.privacy = RunPrivacy(store)
         self._cond = threading.Condition()  # wakes the wait for clients
 
     def play(self, run: "Run", round_no: int, report: Callable[..., None]) -> str | None:
@@ -68,8 +72,10 @@ class RoundLoop:
         online = self._wait_for_clients(cfg.min_fit_clients, run.stop)
         if online is None:
             return None
-        started = time.monotonic()
-        selected = select_clients(online, cfg, run.id, round_no)                        # S_t
+        started, eligible = time.monotonic(), self.privacy.eligible(online, cfg)        # budget left
+        selected = select_clients(eligible, cfg, run.id, round_no)                      # S_t
+        if finished := self.privacy.refuses(cfg, len(selected), len(online), len(eligible)):
+            return finished
         report(run, Phase.TRAINING, round_no)
         now = self._ask(run.id, round_no, selected, cfg)                                # w_t to each k in S_t
         dispatched = time.monotonic() - started
@@ -81,7 +87,8 @@ class RoundLoop:
             return self._again(run, report, round_no, f"{len(arrivals)} of {len(selected)} replied")
         report(run, Phase.AGGREGATING, round_no)
         t_aggregate = time.monotonic()
-        taken = self.merges.take(now.version, weight_spec(now.weights), float(np.median([a.norm for a in arrivals])))
+        taken = self.merges.take(now.version, weight_spec(now.weights), float(np.median([a.norm for a in arrivals])),
+                                 offline=cfg.dp == "none")
         for delta, weight, key in taken.merges:                                         # + late and offline deltas
             accumulator.add(delta, weight, key)
         try:                                                                            # w_t+1 = w_t + sum n_k/n d_k
@@ -92,7 +99,8 @@ class RoundLoop:
         row = RoundRow(round_no, [a.client_id for a in arrivals], len(selected), refusals, time.monotonic() - started,
                        max(a.metrics.get("train_seconds", 0.0) for a in arrivals),
                        sorted(set(selected) - {a.client_id for a in arrivals}), taken.stragglers,
-                       sorted(taken.contributions), timings(arrivals, started, dispatched, t_aggregate))
+                       sorted(taken.contributions), timings(arrivals, started, dispatched, t_aggregate),
+                       privacy=self.privacy.account(cfg, accumulator, len(selected), len(eligible), arrivals))
         finished = "max_rounds" if round_no >= cfg.num_rounds else None
         committed = self.committer.submit(run.id, row, weights, state, arrivals, update_norm(now.step),
                                           cfg.anomaly_z, finished, taken.contributions, started)
@@ -101,9 +109,9 @@ class RoundLoop:
         report(run, Phase.AGGREGATING, None, round_no)
         return finished
 
-    def _wait_for_clients(self, needed: int, stop: threading.Event) -> list[str] | None:
+    def _wait_for_clients(self, needed: int, stop: threading.Event) -> list[Any] | None:
         while not stop.is_set():
-            online = [s.client_id for s in self.registry.online()]
+            online = self.registry.online()
             if len(online) >= needed:
                 return online
             with self._cond:
@@ -115,12 +123,14 @@ class RoundLoop:
         global model the round starts from."""
         now = self.model.now()
         self.collection.open(OpenRound(run_id, round_no, now.version, frozenset(selected), weight_spec(now.weights),
-                                       self.merges.max_bytes, cfg.compression), strategy.accumulator_for(cfg), now.step)
+                                       self.merges.max_bytes, cfg.compression),
+                             self.privacy.accumulator(cfg, len(selected)), now.step)
         request = TrainRequest(run_id=run_id, round=round_no, model_version=now.version, model_sha256=now.sha256,
                                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout, partition=cfg.partition,
                                alpha=cfg.alpha, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-                               compression=cfg.compression, momentum=cfg.momentum)
+                               compression=cfg.compression, momentum=cfg.momentum,
+                               **({k: getattr(cfg, k) for k in PRIVATE} if cfg.dp in ("sample", "local") else {}))
         self.collection.gone({cid for cid in selected if not self.transport.send_train(cid, request)})
         return now
 
@@ -164,19 +174,11 @@ class RoundLoop:
 
     # --- what handlers call --------------------------------------------------------------------------------
 
-    def authenticate(self, header: UpdateHeader | SyncHeader, payload: bytes) -> Verified:
-        """Check the signature against the sender's pinned key; UpdateRefused (nobody charged) if it fails."""
-        client = self.store.client(header.client_id)
-        check_signature(header, payload, client["public_key"] if client else None)
-        return Verified(header, payload, int(client["num_examples"] or 0))
-
     def offer_contribution(self, contribution: Verified) -> dict[str, Any]:
         """Keep a verified offline contribution for the next aggregation (app/merges.py has the policy)."""
         reply = self.merges.offer_contribution(contribution, weight_spec(self.model.weights))
         if not reply["duplicate"]:
-            self.store.record_accepted(contribution.header.client_id)
             self.transport.publish("mesh_update", self.merges.view())
-            self.wake()
         return reply
 
     def count_refusal(self, refusal: Refusal) -> None:

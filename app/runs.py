@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from app.config import RunConfig, update_run_config
+from app.privacy import check_model
 from app.rounds import Phase, RoundLoop
-from shared.errors import MeshfedError
+from shared.errors import ConfigError, MeshfedError
 from shared.protocol import encode_weights
 
 log = logging.getLogger("meshfed.runs")
@@ -74,6 +75,12 @@ class Runs:
             if self.run.active:
                 raise Conflict("a run is already active; stop it before starting another")
             cfg, stored = self.run.config, self.store.latest_run()
+            registered = len(self.store.clients())
+            if cfg.dp == "client" and registered and cfg.delta >= 1 / registered:
+                raise ConfigError({"delta": f"client-level DP protects each of the {registered} registered clients: "
+                                            f"delta must be below 1/{registered} = {1 / registered:g}"})
+            if cfg.dp == "sample":
+                check_model(cfg, self.rounds.evaluator_for(cfg).input_shape)
             if not new_run and stored and stored["status"] in ("running", "stopped") and \
                     stored["completed_round"] < cfg.num_rounds and \
                     (stored["config"]["dataset"], stored["config"]["model"]) == (cfg.dataset, cfg.model):
@@ -88,6 +95,7 @@ class Runs:
                 log.info("new run %s, initial model version %d", run.id, self.model.version)
             run.active, run.phase, self.run = True, Phase.WAITING, run
             self.rounds.merges.reset()
+            self.rounds.privacy.start(run.id, cfg)
         self.rounds.transport.publish("training_started", {"run_id": run.id, "round": run.completed})
         run.thread = self._spawn(lambda: self._play(run))
         return run.id

@@ -43,8 +43,8 @@ CREATE TABLE IF NOT EXISTS model_versions (
 CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_version INTEGER NOT NULL,
     accuracy REAL, loss REAL, num_clients INTEGER, num_selected INTEGER, num_refused INTEGER,
-    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT, flagged TEXT, stragglers TEXT,
-    PRIMARY KEY (run_id, round));
+    seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT, flagged TEXT,
+    stragglers TEXT, privacy TEXT, PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
     last_seen REAL, num_examples INTEGER, last_round INTEGER, accepted INTEGER NOT NULL DEFAULT 0,
@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS refusal_counts (
     verified INTEGER NOT NULL, subject TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
     last REAL NOT NULL, PRIMARY KEY (verified, subject, reason));
 CREATE TABLE IF NOT EXISTS revoked_sessions (id TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audits (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, created REAL NOT NULL, report TEXT NOT NULL);
 """
 # refusals.client_id: the verified sender (app/refusals.py); refusals.address: the source address of a
 # refusal nobody's signature vouched for. refusal_counts aggregates both (verified = 1: subject is a client).
@@ -83,6 +85,8 @@ class Store:
         self._db.executescript(SCHEMA)
         if "address" not in {r["name"] for r in self._db.execute("PRAGMA table_info(refusals)")}:
             self._db.execute("ALTER TABLE refusals ADD COLUMN address TEXT")  # a state dir from meshfed/2
+        if "privacy" not in {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)")}:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN privacy TEXT")    # a state dir from meshfed/2
 
     def close(self) -> None:
         with self._lock:
@@ -171,11 +175,11 @@ class Store:
               checkpoint.state_path)),
             ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
              "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings, flagged, "
-             "stragglers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             "stragglers, privacy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
               row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
               jsonio.dumps(row["clients"]), jsonio.dumps(row.get("timings", {})), jsonio.dumps(row.get("flagged", {})),
-              jsonio.dumps(row.get("stragglers", {})))),
+              jsonio.dumps(row.get("stragglers", {})), jsonio.dumps(row.get("privacy", {})))),
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
         # per-client outcomes in the round's own transaction (one fsync per round, not one per update)
@@ -252,6 +256,7 @@ class Store:
             r["timings"] = json.loads(r["timings"] or "{}")
             r["flagged"] = json.loads(r["flagged"] or "{}")
             r["stragglers"] = json.loads(r["stragglers"] or "{}")
+            r["privacy"] = json.loads(r["privacy"] or "{}")  # epsilon per client (and the run's, dp 'client')
         return rows
 
     # --- clients ---------------------------------------------------------------------------------
@@ -383,6 +388,16 @@ class Store:
 
     def refusals(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._query("SELECT * FROM refusals ORDER BY id DESC LIMIT ?", (limit,))
+
+    # --- privacy audits (bench/privacy_audit.py posts them) ---------------------------------------
+
+    def add_audit(self, run_id: str | None, report: dict[str, Any]) -> None:
+        self._execute(("INSERT INTO audits (run_id, created, report) VALUES (?, ?, ?)",
+                       (run_id, time.time(), jsonio.dumps(report))))
+
+    def latest_audit(self, run_id: str | None) -> dict[str, Any] | None:
+        rows = self._query("SELECT report, created FROM audits WHERE run_id IS ? ORDER BY id DESC LIMIT 1", (run_id,))
+        return {**json.loads(rows[0]["report"]), "created": rows[0]["created"]} if rows else None
 
     # --- dashboard sessions ----------------------------------------------------------------------
 

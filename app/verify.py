@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,13 @@ class Verified:
     header: UpdateHeader | SyncHeader
     payload: bytes
     registered_examples: int  # what the sender registered with (signed): the bound of its examples
+
+
+def authenticate(store: Any, header: UpdateHeader | SyncHeader, payload: bytes) -> Verified:
+    """Check the signature against the sender's key pinned in `store`; UpdateRefused (nobody charged) if it fails."""
+    client = store.client(header.client_id)
+    check_signature(header, payload, client["public_key"] if client else None)
+    return Verified(header, payload, int(client["num_examples"] or 0))
 
 
 def check_signature(header: UpdateHeader | SyncHeader, payload: bytes, public_key_pem: str | None) -> None:

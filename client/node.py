@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import socketio
 import urllib3
 
 from client.behaviour import Behaviour, partial_batches, poison
+from client.privacy import BudgetExhausted, ClientPrivacy, privatize
 from client.trainer import LocalTrainer
 from mesh.config import MeshConfig, trust_path
 from shared import crypto
@@ -50,12 +52,13 @@ class NodeConfig:
 
 
 def signed_update(key: Any, request: TrainRequest, client_id: str, num_examples: int, delta: dict,
-                  metrics: dict[str, float] | None = None) -> tuple[UpdateHeader, bytes]:
-    """Compress the delta as the request says, encode, hash and sign: (header, payload) for pack_update."""
+                  metrics: dict[str, float] | None = None, epsilon: float = 0.0) -> tuple[UpdateHeader, bytes]:
+    """Compress the delta as the request says, encode, hash and sign: (header, payload) for pack_update.
+    `epsilon` is the privacy this client spent in the run (signed: the server relies on it)."""
     payload = encode_weights(compress(delta, request.compression, np.random.default_rng()))
     header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
                           client_id=client_id, num_examples=num_examples, payload_sha256=sha256_hex(payload),
-                          metrics=metrics or {})
+                          epsilon=epsilon, metrics=metrics or {})
     return dataclasses.replace(header, signature=crypto.sign(key, header.canonical_bytes())), payload
 
 
@@ -96,6 +99,7 @@ class Node:
         self._fetch_lock = threading.Lock()  # one download per version, whoever asks first
         self._evaluated: tuple[str, dict[str, float]] | None = None  # (model sha256, its held-out metrics)
         self.downloads = 0  # models fetched over HTTP (a prefetched one is not fetched again)
+        self.privacy = ClientPrivacy(Path(config.key_dir) / f"{config.client_id}.privacy.json")
         if config.mesh is not None:  # zeroconf and the mesh load only when it is on
             from mesh.node import MeshNode
             self.mesh = MeshNode(config.mesh, config.client_id, self.key, trainer,
@@ -206,7 +210,10 @@ class Node:
                     request = self._requests.get_nowait()
                 if (request.run_id, request.round) in self._cancelled:
                     continue
-                self.handle(request)
+                try:
+                    self.handle(request)
+                except Exception:  # a bug in one round must not end the client: say it, wait for the next
+                    log.exception("round %d failed; waiting for the next request", request.round)
         finally:
             self.sio.disconnect()
             if self.mesh is not None:
@@ -225,6 +232,7 @@ class Node:
             log.info("round %d: dropping out (simulated, p=%.2f)", request.round, b.dropout_prob)
             return
         self._state = "training"  # no status message: the server marked us training when it asked (send_train)
+        status: dict[str, Any] = {}
         try:
             if request.partition and self.trainer.repartition(request.partition, request.alpha):
                 log.info("re-partitioned as %s (alpha %s): %d training samples", request.partition, request.alpha,
@@ -239,26 +247,40 @@ class Node:
             if self.mesh is not None:  # mesh steps train like the server's last round asked
                 self.mesh.lr, self.mesh.batch_size = c.lr or request.lr, batch_size
                 self.mesh.momentum = request.momentum
+            private = request.dp in ("sample", "local")
+            if private:  # a round past the budget is not trained at all (BudgetExhausted, below)
+                self.privacy.plan(request, self.trainer.num_examples, epochs, batch_size, max_batches)
             with self.train_lock:
                 # The held-out evaluation of this model was done on new_model, if it was announced (not
                 # for a run's initial model); it is not worth delaying the round for.
                 done = self._evaluated
                 evaluated = done[1] if done and done[0] == model_sha256 else {}
-                delta, metrics = self.trainer.fit(global_weights, epochs, c.lr or request.lr, batch_size,
-                                                  max_batches, seed=request.round, proximal_mu=request.proximal_mu,
-                                                  momentum=request.momentum)
+                delta, metrics = self.trainer.fit(
+                    global_weights, epochs, c.lr or request.lr, batch_size, max_batches, seed=request.round,
+                    proximal_mu=request.proximal_mu, momentum=request.momentum,
+                    dp_sgd=(request.noise_multiplier, request.max_grad_norm) if request.dp == "sample" else None)
+            epsilon = 0.0
+            if private:  # spent once trained, recorded before the update leaves
+                if request.dp == "local":
+                    delta = privatize(delta, request, self._rng)
+                event = (request.noise_multiplier, metrics.pop("sample_rate"), metrics.pop("steps")) \
+                    if request.dp == "sample" else (request.local_epsilon,)
+                epsilon = self.privacy.record(request, event)
             delta = poison(delta, b.attack, b.attack_scale, self._rng)
             if b.delay:
                 time.sleep(b.delay)
             metrics.update(evaluated, **self._resources(), fetch_seconds=fetch_seconds, prefetched=float(prefetched))
-            verdict = self.post_update(request, delta, metrics, received)
+            verdict = self.post_update(request, delta, metrics, received, epsilon)
             log.info("round %d: trained %d batches in %.2fs, global model's held-out acc %s -> %s", request.round,
                      metrics["batches"], metrics["train_seconds"], metrics.get("eval_accuracy", "not evaluated"),
                      verdict)
+        except BudgetExhausted as exc:  # the server stops asking a client whose budget is spent
+            log.warning("round %d not trained: %s", request.round, exc)
+            status = {"privacy": {"exhausted": True, "epsilon": self.privacy.spent(request)}}
         except requests.RequestException as exc:
             log.warning("round %d lost: server unreachable (%s)", request.round, exc)
         finally:
-            self._emit_status("idle")
+            self._emit_status("idle", **status)
 
     def fetch_model(self, version: int, sha256: str = "") -> tuple[str, dict]:
         """(sha256, weights) of global model `version`, downloaded once; `sha256`, if known, must match,
@@ -308,12 +330,12 @@ class Node:
         return r.json()
 
     def sign_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float],
-                    received: float | None = None) -> bytes:
+                    received: float | None = None, epsilon: float = 0.0) -> bytes:
         """Encode, hash, sign: the exact bytes POSTed to /api/update. With `received` (perf_counter when
         the request came) the advisory metrics also get prepare_seconds and total_seconds."""
         started = time.perf_counter()
         header, payload = signed_update(self.key, request, self.config.client_id, self.trainer.num_examples,
-                                        delta, metrics)
+                                        delta, metrics, epsilon)
         if received is not None:  # metrics are not signed (canonical_bytes leaves them out)
             now = time.perf_counter()
             header = dataclasses.replace(header, metrics={**metrics, "prepare_seconds": now - started,
@@ -321,8 +343,8 @@ class Node:
         return pack_update(header, payload)
 
     def post_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float],
-                    received: float | None = None) -> str:
-        body = self.sign_update(request, delta, metrics, received)
+                    received: float | None = None, epsilon: float = 0.0) -> str:
+        body = self.sign_update(request, delta, metrics, received, epsilon)
         r = self.http.post(f"{self.config.server_address}/api/update", data=body, timeout=self.config.http_timeout,
                            verify=self._verify,
                            headers={"Content-Type": "application/octet-stream",
@@ -341,11 +363,11 @@ class Node:
         return {"cpu_percent": self._process.cpu_percent(interval=None),
                 "memory_mb": self._process.memory_info().rss / 2**20}
 
-    def _emit_status(self, state: str) -> None:
+    def _emit_status(self, state: str, **extra: Any) -> None:
         self._state = state
         mesh = {"mesh": self.mesh.summary()} if self.mesh is not None else {}
         try:
             self.sio.emit(EV_CLIENT_STATUS, {"state": state, "num_examples": self.trainer.num_examples,
-                                             **self._resources(), **mesh}, namespace=NAMESPACE)
+                                             **self._resources(), **mesh, **extra}, namespace=NAMESPACE)
         except socketio.exceptions.SocketIOError:
             pass  # not connected right now; the next status will tell

@@ -93,17 +93,28 @@ class LocalTrainer:
         return len(self.y)
 
     def fit(self, global_weights: Weights, epochs: int, lr: float, batch_size: int, max_batches: int = 0,
-            seed: int = 0, proximal_mu: float = 0.0, momentum: float = 0.0) -> tuple[Weights, dict[str, float]]:
-        """Train from global_weights; returns (delta = local - global, training metrics)."""
+            seed: int = 0, proximal_mu: float = 0.0, momentum: float = 0.0,
+            dp_sgd: tuple[float, float] | None = None) -> tuple[Weights, dict[str, float]]:
+        """Train from global_weights; returns (delta = local - global, training metrics). With dp_sgd =
+        (noise multiplier, per-example clip) it trains with DP-SGD (client/privacy.py), and the metrics carry
+        the sampling rate and steps its accountant needs."""
         self._load_weights(global_weights)
         self._loaded = None  # training changes the model's weights
         started = time.perf_counter()
-        stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed, proximal_mu, momentum)
+        if dp_sgd is None:
+            stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed, proximal_mu,
+                          momentum)
+        else:
+            from client.privacy import dp_sgd as private_sgd
+            stats, rate, steps = private_sgd(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed,
+                                             momentum, *dp_sgd)
+            stats = {**stats, "sample_rate": rate, "steps": float(steps)}
         train_seconds = time.perf_counter() - started
         local = {k: v.detach().numpy() for k, v in self.model.state_dict().items()}  # views, no copy
         delta = subtract(local, global_weights)
         return delta, {"train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
-                       "examples": stats["examples"], "batches": stats["batches"], "train_seconds": train_seconds}
+                       "examples": stats["examples"], "batches": stats["batches"], "train_seconds": train_seconds,
+                       **{k: stats[k] for k in ("sample_rate", "steps") if k in stats}}
 
     def evaluate(self, weights: Weights | None = None) -> tuple[float, float]:
         """(loss, accuracy) on our held-out 20%, of `weights` or of the current local model."""

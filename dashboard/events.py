@@ -3,7 +3,7 @@
 server -> browser: config_schema (the run configuration's JSON Schema: the form is made from it),
   status_update, metrics_update (one round), metrics_history (all rounds of the run),
   training_started, training_stopped, clients_update, models_update, system_update, alert,
-  update_refused, mesh_update (offline contributions and gossip edges)
+  update_refused, mesh_update (offline contributions and gossip edges), privacy_update (GET /api/privacy)
 browser -> server (each answers through the Socket.IO acknowledgement):
   request_status, request_metrics, start_training {new_run}, stop_training,
   update_config {field: value}, rollback_model {version}
@@ -67,6 +67,7 @@ class DashboardNamespace(Namespace):
         emit("models_update", self.control.models())
         emit("system_history", self.control.system())
         emit("mesh_update", self.control.mesh())
+        emit("privacy_update", self.control.privacy())
         return {}
 
     @admin_only

@@ -14,6 +14,7 @@ CLIENT_REFUSALS = 3          # warn when one client had this many updates refuse
 MEMORY_PERCENT = 90.0        # critical when system memory use passes this
 CPU_PERCENT = 95.0           # warn when CPU stays above this for CPU_SAMPLES samples
 CPU_SAMPLES = 5
+PRIVACY_WARN = 0.8           # warn when a run has spent this share of its privacy budget
 SAMPLE_SECONDS = 2.0         # one resource sample every this many seconds (the dashboard feed's beat)
 HISTORY = 300                # samples kept (10 minutes)
 
@@ -67,7 +68,9 @@ class Monitor:
         """Watch what the round loop publishes and derive alerts from it."""
         if event == "training_started":
             self._accuracies.clear()
+            self.clear("privacy")
         elif event == "metrics_update":
+            self._privacy(data)
             self._accuracies.append(float(data["accuracy"]))
             last = self._accuracies[-(ACCURACY_DROP_ROUNDS + 1):]
             if len(last) == ACCURACY_DROP_ROUNDS + 1 and all(b < a for a, b in zip(last, last[1:])):
@@ -79,6 +82,15 @@ class Monitor:
             if self._refusals[client] == CLIENT_REFUSALS:
                 self.alert("warning", "client", f"client {client} had {CLIENT_REFUSALS} updates refused "
                            f"(last: {data.get('reason')})", key=f"client-{client}")
+
+    def _privacy(self, row: dict[str, Any]) -> None:
+        """Warn once a run has spent PRIVACY_WARN of its privacy budget (the run's, or any client's)."""
+        privacy = row.get("privacy") or {}
+        target = privacy.get("target") or 0
+        spent = max([privacy.get("epsilon") or 0.0, *privacy.get("clients", {}).values()])
+        if target and spent >= PRIVACY_WARN * target:
+            self.alert("warning", "privacy", f"{100 * spent / target:.0f}% of the privacy budget spent (epsilon "
+                       f"{spent:.2f} of {target:g}, round {row['round']})", key="privacy")
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

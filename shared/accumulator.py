@@ -14,7 +14,7 @@ Both are thread-safe: the server adds updates from its request threads. Pure num
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -60,11 +60,13 @@ class WeightedSum:
 
     def result(self) -> list[tuple[Weights, float]]:
         with self._lock:
-            if not self._count:
-                return []
-            mean = {name: (s / self.total).astype(self._dtypes[name]).reshape(self._shapes[name])
-                    for name, s in self._sum.items()}
-            return [(mean, self.total)]
+            return [(self.mean(), self.total)] if self._count else []
+
+    def mean(self, denominator: float | None = None,
+             noise: Callable[[np.ndarray], np.ndarray] | None = None) -> Weights:
+        """(the sum [+ noise(sum) in float64]) / denominator (default: the total weight), in each array's dtype."""
+        return {name: ((s if noise is None else s + noise(s)) / (denominator or self.total))
+                .astype(self._dtypes[name]).reshape(self._shapes[name]) for name, s in self._sum.items()}
 
     def __len__(self) -> int:
         return self._count
@@ -88,3 +90,41 @@ class Buffer:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class ClippedNoisySum:
+    """DP-FedAvg's aggregate (McMahan et al. 2018): each update clipped to L2 norm `clip` and counted once
+    (example counts are ignored: they would let one client weigh more), the sum noised with N(0, (sigma * clip)^2)
+    per coordinate, divided by `denominator` (the clients asked: a fixed denominator, so that no count leaks).
+    It also counts the updates that needed no clipping, for adaptive clipping (shared/privacy.py)."""
+
+    def __init__(self, clip: float, noise_multiplier: float, denominator: int, rng: np.random.Generator,
+                 count_noise: float = 0.0):
+        self.clip, self.noise_multiplier, self.denominator = clip, noise_multiplier, denominator
+        self.count_noise, self._rng = count_noise, rng
+        self._sum = WeightedSum()
+        self._unclipped = 0
+        self._lock = threading.Lock()
+
+    def add(self, delta: Weights, weight: float, key: str = "") -> None:
+        from shared.privacy import clip_l2
+        clipped, within = clip_l2(delta, self.clip)
+        self._sum.add(clipped, 1.0, key)
+        with self._lock:
+            self._unclipped += int(within)
+
+    def result(self) -> list[tuple[Weights, float]]:
+        if not len(self._sum):
+            return []
+        std = self.noise_multiplier * self.clip
+        return [(self._sum.mean(self.denominator, lambda s: self._rng.normal(0.0, std, s.shape)),
+                 float(self.denominator))]
+
+    def unclipped_fraction(self) -> float:
+        """The share of updates within the clip, noised with N(0, count_noise^2) on the count (adaptive clipping)."""
+        with self._lock:
+            count = self._unclipped + self._rng.normal(0.0, self.count_noise) if self.count_noise else self._unclipped
+        return float(count) / self.denominator
+
+    def __len__(self) -> int:
+        return len(self._sum)

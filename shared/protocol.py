@@ -27,7 +27,7 @@ from safetensors.numpy import save as st_save
 from shared import crypto, jsonio
 from shared.errors import UpdateRefused
 from shared.frames import (BASE64, CLIENT_ID, PEM, SHA256, TOKEN_ID, VERSION, advisory, canonical_bytes, frame,
-                           integer, local, strings, text, unframe, wire_dict)
+                           integer, local, number, strings, text, unframe, wire_dict)
 
 PROTOCOL_VERSION = "meshfed/3"  # 3: one codec; every header field signed but the advisory metrics; signed
                                 # registration over a challenge
@@ -66,6 +66,16 @@ class TrainRequest:
     proximal_mu: float = 0.0  # FedProx: > 0 adds mu/2 * ||w - w_global||^2 to the local loss
     compression: str = "none" # how to encode the update: none | fp16 | int8 (shared/compression.py)
     momentum: float = 0.0     # local SGD momentum (0 = plain SGD), buffers started afresh each round
+    # privacy (shared/privacy.py): 'sample' trains with DP-SGD, 'local' noises the update; the client keeps its
+    # own accountant and refuses a round that would take it past target_epsilon (0 = no budget)
+    dp: str = "none"
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 0.0
+    clip_norm: float = 0.0    # local: the update's L1 clip
+    local_epsilon: float = 0.0
+    delta: float = 0.0
+    target_epsilon: float = 0.0
+    accountant: str = "rdp"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +105,8 @@ class UpdateHeader:
     client_id: str = field(metadata=text(CLIENT_ID))
     num_examples: int = field(metadata=integer(0))  # its bounds are the server's check (app/verify.py)
     payload_sha256: str = field(metadata=text(SHA256))
+    epsilon: float = field(default=0.0, metadata=number(0, 1e6))  # privacy the client spent in this run so far
+                                                                   # (dp 'sample' or 'local'); the server relies on it
     protocol: str = field(default=PROTOCOL_VERSION, metadata=text(VERSION))
     signature: str = field(default="", metadata=text(BASE64, signed=False))  # base64 RSA-PSS
     metrics: dict[str, float] = field(default_factory=dict, metadata=advisory(METRICS))

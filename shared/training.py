@@ -46,11 +46,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
             seen += len(idx)
             batches += 1
             if max_batches and batches >= max_batches:
-                return _summary(loss_sum, correct, seen, batches)
-    return _summary(loss_sum, correct, seen, batches)
+                return train_summary(loss_sum, correct, seen, batches)
+    return train_summary(loss_sum, correct, seen, batches)
 
 
-def _summary(loss_sum: float, correct: int, seen: int, batches: int) -> dict[str, float]:
+def train_summary(loss_sum: float, correct: int, seen: int, batches: int) -> dict[str, float]:
+    """What a training pass reports: mean loss and accuracy over the examples seen, examples, batches."""
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
             "examples": float(seen), "batches": float(batches)}
 

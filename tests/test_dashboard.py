@@ -238,3 +238,43 @@ s.on("connect_error", (e) => {{ window.outcome = "refused: " + e.message; }});
         evil.shutdown()
         evil.server_close()
     assert outcome.startswith("refused"), outcome
+
+
+def test_the_privacy_tab_shows_epsilon_growing_live(cluster):
+    from playwright.sync_api import sync_playwright
+
+    cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "8", "--min-clients", "2",
+                         "--dp", "client", "--noise-multiplier", "4.0", "--target-epsilon", "3", "--eval-limit", "200",
+                         "--max-batches", "3")
+    cluster.wait_ready()
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(f"{cluster.url}/?token={cluster.admin_token}")
+            page.wait_for_function("() => document.getElementById('state').textContent === 'idle'", timeout=20_000)
+            page.click("#privacy-tab")
+            for i in range(2):
+                cluster.start_client(f"c{i}", "--dataset", "synthetic", "--model", "mlp", "--partition", "iid",
+                                     "--num-clients", "2", "--client-index", str(i), "--max-samples", "200")
+            cluster.api("POST", "/api/start", admin=True).raise_for_status()
+            seen = []
+            for n in (1, 2, 3):  # each round adds a point, live
+                page.wait_for_function(f"() => (window.meshfed.charts.privacy.data.datasets[0]?.data || [])"
+                                       f".filter((v) => v != null).length >= {n}", timeout=60_000)
+                seen.append(page.evaluate("() => window.meshfed.charts.privacy.data.datasets[0].data.filter("
+                                          "(v) => v != null).slice(-1)[0]"))
+            assert seen == sorted(seen) and len(set(seen)) == 3, seen
+            assert page.text_content("#privacy-mode").startswith("dp: client, budget epsilon 3")
+            assert "epsilon" in page.text_content("#privacy-spent")
+            page.wait_for_function("() => document.getElementById('state').textContent === 'finished'",
+                                   timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-privacy.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == [], errors
+    rounds = cluster.rounds()  # the budget stopped it before its 8 rounds (q = 1, sigma 4: 5 rounds fit in 3)
+    assert 3 <= len(rounds) < 8 and rounds[-1]["privacy"]["epsilon"] <= 3
+    assert "privacy budget" in (cluster.workdir / "server.log").read_text()

@@ -17,6 +17,7 @@ from app.registry import Registry, Session
 from app.rounds import RoundLoop
 from app.runs import Runs
 from app.store import Store
+from app.verify import authenticate
 from client.node import signed_update
 from shared import crypto
 from shared.accumulator import Buffer, WeightedSum
@@ -52,7 +53,7 @@ class ClientsBehindAFakeTransport:
         def deliver() -> None:
             time.sleep(self.late.get(client_id, 0.0))
             try:
-                verified = self.rounds.authenticate(header, payload)
+                verified = authenticate(self.rounds.store, header, payload)
                 self.outcomes.append(self.rounds.collection.offer(verified, self.merge))
             except Exception as exc:  # noqa: BLE001 - recorded for the test to read (or the test is over)
                 self.outcomes.append(f"refused: {exc}")
@@ -262,7 +263,7 @@ def test_an_offline_minus_global_cannot_drag_the_round_and_robust_rules_see_it(l
     h = SyncHeader(contribution_id="k1", client_id="c0", base_version=1, local_steps=3, num_examples=100,
                    payload_sha256=sha256_hex(payload))
     h = dataclasses.replace(h, signature=crypto.sign(transport.keys["c0"], h.canonical_bytes()))
-    assert runs.rounds.offer_contribution(runs.rounds.authenticate(h, payload))["accepted"]
+    assert runs.rounds.offer_contribution(authenticate(store, h, payload))["accepted"]
     for cid in CLIENTS:
         registry.connect(Session(client_id=cid, sid=f"sid-{cid}", fingerprint="", num_examples=100))
     runs.notify()

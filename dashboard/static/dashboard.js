@@ -31,6 +31,7 @@ const charts = {
       { label: "flagged as anomalous", data: [], backgroundColor: "#ffc107" }] },
     options: { animation: false, maintainAspectRatio: false, scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } } },
   }),
+  privacy: lineChart("chart-privacy", [], { beginAtZero: true }),
   system: new Chart($("chart-system"), {
     type: "line",
     data: { labels: [], datasets: [
@@ -55,6 +56,33 @@ function drawRounds() {
   const last = r[r.length - 1];
   $("stat-accuracy").textContent = last ? (100 * last.accuracy).toFixed(2) + "%" : "–";
   $("stat-loss").textContent = last ? last.loss.toFixed(4) : "–";
+  drawPrivacy();
+}
+
+// Privacy: the run's epsilon (dp client) or each client's (dp sample, local), from the rounds' privacy field;
+// the budget bar turns amber at 80% (the server raises an alert there too).
+const PALETTE = ["#0d6efd", "#198754", "#dc3545", "#fd7e14", "#6f42c1", "#20c997", "#d63384", "#6c757d"];
+function drawPrivacy() {
+  const r = state.rounds.filter((x) => x.privacy && x.privacy.mode);
+  const series = {};
+  for (const x of r) {
+    if (x.privacy.epsilon != null) (series.run ||= {})[x.round] = x.privacy.epsilon;
+    for (const [cid, e] of Object.entries(x.privacy.clients || {})) (series[cid] ||= {})[x.round] = e;
+  }
+  const chart = charts.privacy;
+  chart.data.labels = r.map((x) => x.round);
+  chart.data.datasets = Object.entries(series).map(([name, points], i) => ({
+    label: name === "run" ? "the run" : name, borderColor: PALETTE[i % PALETTE.length],
+    data: r.map((x) => points[x.round] ?? null), spanGaps: true }));
+  chart.update();
+  const last = r[r.length - 1];
+  if (!last) return;
+  const spent = Math.max(last.privacy.epsilon || 0, ...Object.values(series).map((p) => Math.max(...Object.values(p))));
+  const target = last.privacy.target || 0;
+  $("privacy-mode").textContent = `dp: ${last.privacy.mode}` + (target ? `, budget epsilon ${target}` : ", no budget");
+  const share = target ? Math.min(100, (100 * spent) / target) : 0;
+  $("privacy-bar").className = `progress-bar privacy-bar-${5 * Math.round(share / 5)} ${share >= 80 ? "bg-warning" : ""}`;
+  $("privacy-spent").textContent = `epsilon ${spent.toFixed(3)}` + (target ? ` of ${target} (${share.toFixed(0)}%)` : "");
 }
 
 function drawSystem() {
@@ -255,6 +283,17 @@ socket.on("status_update", (s) => {
   fillForm(s.config);
 });
 socket.on("metrics_history", (m) => { state.rounds = m.rounds; drawRounds(); });
+socket.on("privacy_update", (p) => {
+  const a = p.audit;
+  if (!a) return;
+  const rows = Object.entries(a.attacks).map(([name, x]) =>
+    `${name}: AUC ${x.auc.toFixed(3)}, TPR ${(100 * x.tpr_at_1pct_fpr).toFixed(1)}% at 1% FPR, ` +
+    `epsilon lower bound ${x.epsilon_lower_bound.toFixed(2)}`);
+  const verdict = a.epsilon == null ? "no DP: nothing to check" :
+    (a.consistent ? `consistent with the accountant's epsilon ${a.epsilon.toFixed(2)}` :
+      `EXCEEDS the accountant's epsilon ${a.epsilon.toFixed(2)}: a bug`);
+  $("privacy-audit").textContent = `${rows.join("; ")} (${verdict})`;
+});
 socket.on("metrics_update", (row) => {
   state.rounds = state.rounds.filter((r) => r.round !== row.round).concat([row]);
   drawRounds();

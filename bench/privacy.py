@@ -1,0 +1,156 @@
+"""Differential privacy's cost, side by side in one invocation: FedAvg on full Fashion-MNIST (10 clients,
+Dirichlet(0.5) seed 0, the McMahan CNN, one local epoch a round, delta 1e-5) without privacy and with DP-SGD
+at each budget (Opacus, ghost clipping), every process real. For each budget the noise multiplier is the
+smallest whose epsilon, after all rounds, stays within the budget for the client that samples the most (the
+one with the fewest examples), computed with meshfed's accountant before the run. Then, if asked, client-level
+DP-FedAvg with many small clients (run_client.py --local-clients), a fixed clip against an adaptive one.
+
+    python bench/privacy.py --out bench/results/privacy.json               # 20 rounds: about 2 hours here
+    python bench/privacy.py --rounds 2 --targets 8 --out /tmp/p.json        # a quick look
+
+Prints one JSON line per round and run, then the summary (also written with --out, and a PNG beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from shared.cluster import Cluster  # noqa: E402
+from shared.datasets import load_split  # noqa: E402
+from shared.partition import partition, train_holdout  # noqa: E402
+from shared.privacy import Accountant  # noqa: E402
+
+DELTA = 1e-5
+
+
+def client_sizes(num_clients: int, alpha: float, seed: int, holdout: float) -> list[int]:
+    """Each client's training examples, as the clients will cut them (shared/partition.py)."""
+    labels = load_split("fashion-mnist", train=True).labels
+    parts = partition(labels, "dirichlet", num_clients, alpha, seed)
+    return [len(train_holdout(p, seed=seed + i, fraction=holdout)[0]) for i, p in enumerate(parts)]
+
+
+def calibrate(target: float, sizes: list[int], batch_size: int, rounds: int, kind: str = "rdp") -> float:
+    """The smallest noise multiplier (to 1%) whose epsilon after `rounds` one-epoch rounds stays within target for
+    every client: the one with the fewest examples samples the most and spends the most."""
+    batches = max(1, -(-min(sizes) // batch_size))
+    spent = lambda sigma: Accountant(kind, [[sigma, 1 / batches, batches * rounds]]).epsilon(DELTA)  # noqa: E731
+    lo, hi = 0.3, 30.0
+    while hi / lo > 1.01:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if spent(mid) <= target else (mid, hi)
+    return hi
+
+
+def run(name: str, server: list[str], clients: list[str], args: argparse.Namespace, local_clients: int = 0,
+        rounds: int | None = None) -> dict[str, Any]:
+    rounds = rounds or args.rounds
+    with Cluster(tempfile.mkdtemp(prefix=f"meshfed-privacy-{name}-")) as cluster:
+        cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", str(rounds), "--round-timeout", "3600",
+                             "--eval-limit", str(args.eval_limit), *server, "--start")
+        common = ["--dataset", "fashion-mnist", "--partition", "dirichlet", "--alpha", str(args.alpha), "--seed",
+                  str(args.seed)]
+        if local_clients:
+            cluster.start_clients("c", local_clients, *common, "--num-clients", str(local_clients), *clients)
+        else:
+            for i in range(args.num_clients):
+                cluster.start_client(f"c{i}", *common, "--num-clients", str(args.num_clients), "--client-index",
+                                     str(i), *clients)
+        seen: list[dict[str, Any]] = []
+        while len(seen) < rounds and cluster.status()["state"] != "finished":
+            new = cluster.wait_until(lambda: [r for r in cluster.rounds() if r["round"] > len(seen)] or
+                                     cluster.status()["state"] == "finished", 7200, f"{name}: round {len(seen) + 1}",
+                                     every=2.0)
+            for r in new if isinstance(new, list) else []:
+                privacy = r.get("privacy") or {}
+                spent = privacy.get("epsilon") or max(privacy.get("clients", {}).values(), default=None)
+                row = {"run": name, "round": r["round"], "accuracy": r["accuracy"], "seconds": r["seconds"],
+                       "train_seconds": r["train_seconds"], "epsilon": spent, "clip": privacy.get("clip")}
+                print(json.dumps(row), flush=True)
+                seen.append(row)
+    return {"rounds": seen, "accuracy_last": seen[-1]["accuracy"] if seen else None,
+            "epsilon_last": seen[-1]["epsilon"] if seen else None,
+            "round_seconds_median": statistics.median(r["seconds"] for r in seen) if seen else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--targets", default="8,3", help="DP-SGD budgets, comma-separated (epsilon per client)")
+    p.add_argument("--num-clients", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128, help="DP-SGD's expected batch (the plain run uses 32)")
+    p.add_argument("--lr", type=float, default=0.5, help="DP-SGD's client learning rate (the plain run uses 0.05)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD's per-example clip")
+    p.add_argument("--eval-limit", type=int, default=0, help="test samples per evaluation (0 = all 10k)")
+    p.add_argument("--client-level", type=int, default=0, metavar="N",
+                   help="also run client-level DP with N clients (fraction 0.1), fixed vs adaptive clip")
+    p.add_argument("--client-level-rounds", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    started = time.monotonic()
+    holdout = 0.2
+    sizes = client_sizes(args.num_clients, args.alpha, args.seed, holdout)
+    runs: dict[str, Any] = {}
+    runs["non-private"] = run("non-private", ["--min-clients", str(args.num_clients), "--lr", "0.05",
+                                              "--batch-size", "32"], [], args)
+    for target in [float(t) for t in args.targets.split(",") if t]:
+        sigma = calibrate(target, sizes, args.batch_size, args.rounds)
+        result = run(f"dp-sgd-eps{target:g}", [
+            "--min-clients", str(args.num_clients), "--dp", "sample", "--target-epsilon", str(target),
+            "--noise-multiplier", f"{sigma:.4f}", "--max-grad-norm", str(args.max_grad_norm), "--batch-size",
+            str(args.batch_size), "--lr", str(args.lr), "--delta", str(DELTA)], [], args)
+        runs[f"dp-sgd-eps{target:g}"] = {"target_epsilon": target, "noise_multiplier": sigma, **result}
+    if args.client_level:
+        for name, adaptive in (("client-level-fixed", []), ("client-level-adaptive", ["--clip-quantile", "0.5"])):
+            runs[name] = run(name, ["--min-clients", str(args.client_level), "--fraction-fit", "0.1", "--dp",
+                                    "client", "--noise-multiplier", "1.0", "--clip-norm", "0.1", *adaptive,
+                                    "--lr", "0.05", "--batch-size", "32", "--delta", str(DELTA)],
+                             ["--torch-threads", "1"], args, local_clients=args.client_level,
+                             rounds=args.client_level_rounds)
+    plain = runs["non-private"]["round_seconds_median"]
+    summary = {"benchmark": "privacy", "rounds": args.rounds, "num_clients": args.num_clients, "alpha": args.alpha,
+               "delta": DELTA, "client_examples": sizes, "dp_sgd": {"batch_size": args.batch_size, "lr": args.lr,
+                                                                    "max_grad_norm": args.max_grad_norm},
+               "targets": {"eps8_accuracy": 0.84, "eps3_accuracy": 0.80, "round_time_ratio": 2.5},
+               "round_time_ratio": {k: round(v["round_seconds_median"] / plain, 2) for k, v in runs.items()
+                                    if v.get("round_seconds_median") and k.startswith("dp-sgd")},
+               "wall_seconds": round(time.monotonic() - started, 1), "runs": runs}
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
+        plot(runs, out.with_suffix(".png"))
+
+
+def plot(runs: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        xs = [x["round"] for x in r["rounds"]]
+        ax1.plot(xs, [100 * x["accuracy"] for x in r["rounds"]], marker="o", label=name)
+        if any(x["epsilon"] for x in r["rounds"]):
+            ax2.plot(xs, [x["epsilon"] for x in r["rounds"]], marker="o", label=name)
+    ax1.set(xlabel="round", ylabel="test accuracy (%)", title="Fashion-MNIST, 10 clients, Dirichlet(0.5)")
+    ax2.set(xlabel="round", ylabel="epsilon spent (delta 1e-5)", title="privacy spent")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
