@@ -58,6 +58,7 @@ class Collection:
         self._accumulator: Accumulator | None = None
         self._step: dict[str, np.ndarray] = {}  # the previous round's step (empty in a run's first round)
         self._arrivals: dict[str, Arrival] = {}
+        self._adding: set[str] = set()  # verified and checked, their deltas going into the accumulator
         self._gone: set[str] = set()
         self._refusals = 0  # verified refusals of the open round (its telemetry)
 
@@ -80,14 +81,24 @@ class Collection:
         delta = check_arrays(update.payload, r.spec, r.max_bytes, r.compression)
         norm, alignment = update_norm(delta), dot(delta, step)  # while the delta is in the CPU cache
         with self._cond:  # the round may have closed, or the client delivered, while we decoded
-            check_round(header, self._round if self._round is r else None, set(self._arrivals))
+            check_round(header, self._round if self._round is r else None, set(self._arrivals) | self._adding)
+            self._adding.add(header.client_id)  # close() waits for it; a second copy is a replay
+        try:  # outside the lock: other updates decode meanwhile (the accumulator has a lock of its own)
             accumulator.add(delta, header.num_examples, key=header.client_id)
-            self._arrivals[header.client_id] = Arrival(
-                header.client_id, header.num_examples, norm, alignment,
-                {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(update.payload)},
-                header.epsilon)
-            self._cond.notify_all()
+        except BaseException:
+            self._added(header.client_id, None)
+            raise
+        self._added(header.client_id, Arrival(
+            header.client_id, header.num_examples, norm, alignment,
+            {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(update.payload)}, header.epsilon))
         return "accepted"
+
+    def _added(self, client_id: str, arrival: Arrival | None) -> None:
+        with self._cond:
+            self._adding.discard(client_id)
+            if arrival is not None:
+                self._arrivals[client_id] = arrival
+            self._cond.notify_all()
 
     def gone(self, client_ids: set[str]) -> None:
         """These asked clients will not deliver (disconnected, or never reached): stop waiting for them."""
@@ -118,8 +129,11 @@ class Collection:
         """Stop taking updates for the open round (later ones are stragglers): its arrivals in client id order,
         its accumulator, its refusals."""
         with self._cond:
-            r, arrivals, accumulator, refusals = self._round, self._arrivals, self._accumulator, self._refusals
-            self._round, self._accumulator = None, None
+            r, self._round = self._round, None  # no update is taken from here on
+            while self._adding:  # those already checked finish their additions
+                self._cond.wait()
+            arrivals, accumulator, refusals = self._arrivals, self._accumulator, self._refusals
+            self._accumulator = None
         self.merges.round_closed(r, set(arrivals), max_staleness)
         return [arrivals[cid] for cid in sorted(arrivals)], accumulator, refusals
 

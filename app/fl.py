@@ -132,7 +132,9 @@ class FlNamespace(Namespace):
             if changes["privacy"]["exhausted"]:
                 self.runs.rounds.collection.gone({client_id})
         examples = data.get("num_examples")
-        if isinstance(examples, int) and not isinstance(examples, bool) and 0 < examples <= MAX_EXAMPLES:
+        session = self.registry.get(client_id)
+        if isinstance(examples, int) and not isinstance(examples, bool) and 0 < examples <= MAX_EXAMPLES and \
+                session is not None and examples != session.num_examples:  # a write only when it changed
             self.store.set_examples(client_id, examples)
             changes["num_examples"] = examples
         self.registry.update(client_id, **changes)

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.cluster import Cluster  # noqa: E402
 from shared.datasets import load_split  # noqa: E402
@@ -47,6 +49,39 @@ def calibrate(target: float, sizes: list[int], batch_size: int, rounds: int, kin
         mid = (lo * hi) ** 0.5
         lo, hi = (lo, mid) if spent(mid) <= target else (mid, hi)
     return hi
+
+
+def step_cost(examples: int, batch_sizes: list[int], threads: int = 2) -> dict[str, Any]:
+    """DP-SGD's own cost against plain SGD at the same batch size, one process, the McMahan CNN, one epoch on
+    `examples` training images; and what Opacus adds to a client's first DP round (its import, the first step)."""
+    import subprocess
+    probe = ("import time; t = time.perf_counter(); import opacus; print(time.perf_counter() - t)")
+    cold = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    import opacus  # noqa: F401  (imported: the first step below is Opacus's set-up alone)
+    import torch
+    from client.privacy import dp_sgd
+    from shared.datasets import to_tensors
+    from shared.models import build_model
+    from shared.training import train
+    torch.set_num_threads(threads)
+    x, y = to_tensors(load_split("fashion-mnist", train=True), np.arange(examples))
+    result: dict[str, Any] = {"examples": examples, "threads": threads, "opacus_import_seconds": round(cold, 2)}
+    t = time.perf_counter()
+    dp = {"lr": 0.5, "seed": 0, "momentum": 0.0, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    dp_sgd(build_model("cnn", (1, 28, 28)), x[:256], y[:256], epochs=1, batch_size=128, max_batches=1, **dp)
+    result["first_dp_step_seconds"] = round(time.perf_counter() - t, 2)  # make_private, one batch, its teardown
+    for batch in batch_sizes:
+        model = build_model("cnn", (1, 28, 28))
+        t = time.perf_counter()
+        train(model, x, y, epochs=1, lr=0.05, batch_size=batch)
+        plain = time.perf_counter() - t
+        t = time.perf_counter()
+        dp_sgd(build_model("cnn", (1, 28, 28)), x, y, epochs=1, batch_size=batch, max_batches=0, **dp)
+        private = time.perf_counter() - t
+        result[f"batch_{batch}"] = {"plain_seconds": round(plain, 2), "dp_sgd_seconds": round(private, 2),
+                                    "ratio": round(private / plain, 2)}
+        print(json.dumps({"step_cost": batch, **result[f"batch_{batch}"]}), flush=True)
+    return result
 
 
 def run(name: str, server: list[str], clients: list[str], args: argparse.Namespace, local_clients: int = 0,
@@ -94,11 +129,14 @@ def main() -> None:
     p.add_argument("--client-level", type=int, default=0, metavar="N",
                    help="also run client-level DP with N clients (fraction 0.1), fixed vs adaptive clip")
     p.add_argument("--client-level-rounds", type=int, default=20)
+    p.add_argument("--cost-examples", type=int, default=4800,
+                   help="first, DP-SGD against plain SGD at equal batch size on this many examples (0 = skip)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     started = time.monotonic()
     holdout = 0.2
     sizes = client_sizes(args.num_clients, args.alpha, args.seed, holdout)
+    cost = step_cost(args.cost_examples, [32, args.batch_size]) if args.cost_examples else None
     runs: dict[str, Any] = {}
     runs["non-private"] = run("non-private", ["--min-clients", str(args.num_clients), "--lr", "0.05",
                                               "--batch-size", "32"], [], args)
@@ -123,7 +161,7 @@ def main() -> None:
                "targets": {"eps8_accuracy": 0.84, "eps3_accuracy": 0.80, "round_time_ratio": 2.5},
                "round_time_ratio": {k: round(v["round_seconds_median"] / plain, 2) for k, v in runs.items()
                                     if v.get("round_seconds_median") and k.startswith("dp-sgd")},
-               "wall_seconds": round(time.monotonic() - started, 1), "runs": runs}
+               "step_cost": cost, "wall_seconds": round(time.monotonic() - started, 1), "runs": runs}
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
     if args.out:
         out = Path(args.out)
