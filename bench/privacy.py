@@ -90,6 +90,7 @@ def run(name: str, server: list[str], clients: list[str], args: argparse.Namespa
     with Cluster(tempfile.mkdtemp(prefix=f"meshfed-privacy-{name}-")) as cluster:
         cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", str(rounds), "--round-timeout", "3600",
                              "--eval-limit", str(args.eval_limit), *server, "--start")
+        cluster.wait_ready()
         common = ["--dataset", "fashion-mnist", "--partition", "dirichlet", "--alpha", str(args.alpha), "--seed",
                   str(args.seed)]
         if local_clients:
@@ -123,7 +124,7 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128, help="DP-SGD's expected batch (the plain run uses 32)")
-    p.add_argument("--lr", type=float, default=0.5, help="DP-SGD's client learning rate (the plain run uses 0.05)")
+    p.add_argument("--lr", type=float, default=1.0, help="DP-SGD's client learning rate (the plain run uses 0.05)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD's per-example clip")
     p.add_argument("--eval-limit", type=int, default=0, help="test samples per evaluation (0 = all 10k)")
     p.add_argument("--client-level", type=int, default=0, metavar="N",

@@ -11,7 +11,10 @@ the other four clients alone, so an example that is easy for any model stops loo
 ROC AUC, TPR at 1% and 0.1% FPR, and the lower bound on epsilon the attack proves, ln((TPR - delta) / FPR) at
 the best threshold with 95% Clopper-Pearson bounds (TPR's lower, FPR's upper). Each budget's DP-SGD run
 (noise multiplier calibrated so c0 stays within it) must give a bound below the accountant's epsilon: a bound
-above it would mean a bug, and the audit says so. The report of each run is also posted to its server
+above it would mean a bug, and the audit says so. What the bound is: a heuristic one. Members and non-members
+are fixed sets, not examples each included by a coin flip, so it is not the rigorous one-run audit of Steinke et
+al. (2023); the members' own distribution (train split) and the non-members' (test split) also differ slightly.
+It can catch a gross bug (noise not added, a clip not applied), not prove a guarantee tight. The report of each run is also posted to its server
 (POST /api/privacy/audit), whose dashboard shows it.
 
     python bench/privacy_audit.py --out bench/results/privacy_audit.json    # about 40 minutes here
