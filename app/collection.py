@@ -106,10 +106,16 @@ class Collection:
             self._gone |= client_ids
             self._cond.notify_all()
 
-    def refused(self, round_no: int | None) -> None:
+    def refused(self, round_no: int | None, client_id: str) -> None:
+        """A verified update for `round_no` was refused. If it was an asked client's for the open round, it will
+        not deliver one (clients do not resend): stop waiting for it, as for a client that left, rather than
+        hold the round until its deadline."""
         with self._cond:
             if self._round is not None and round_no == self._round.round:
                 self._refusals += 1
+                if client_id in self._round.selected - self._arrivals.keys() - self._adding:
+                    self._gone.add(client_id)
+                    self._cond.notify_all()
 
     def wake(self) -> None:
         with self._cond:

@@ -184,7 +184,7 @@ class RoundLoop:
     def count_refusal(self, refusal: Refusal) -> None:
         """Count a refusal (app/refusals.py: charged to a client only if its signature verified)."""
         if refusal.verified:
-            self.collection.refused(refusal.round)
+            self.collection.refused(refusal.round, refusal.client_id)
             log.warning("refused update from %s: %s: %s", refusal.client_id, refusal.reason, refusal.message)
             self.transport.publish("update_refused", {"client_id": refusal.client_id, "round": refusal.round,
                                                       "reason": refusal.reason, "message": refusal.message})

@@ -7,6 +7,7 @@ DP-FedAvg with many small clients (run_client.py --local-clients), a fixed clip 
 
     python bench/privacy.py --out bench/results/privacy.json               # 20 rounds: about 2 hours here
     python bench/privacy.py --rounds 2 --targets 8 --out /tmp/p.json        # a quick look
+    python bench/privacy.py --parts client-level --client-level 100 --out bench/results/privacy_client_level.json
 
 Prints one JSON line per round and run, then the summary (also written with --out, and a PNG beside it).
 """
@@ -89,12 +90,16 @@ def run(name: str, server: list[str], clients: list[str], args: argparse.Namespa
     rounds = rounds or args.rounds
     with Cluster(tempfile.mkdtemp(prefix=f"meshfed-privacy-{name}-")) as cluster:
         cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", str(rounds), "--round-timeout", "3600",
-                             "--eval-limit", str(args.eval_limit), *server, "--start")
+                             "--eval-limit", str(args.eval_limit), *server, *([] if local_clients else ["--start"]))
         cluster.wait_ready()
         common = ["--dataset", "fashion-mnist", "--partition", "dirichlet", "--alpha", str(args.alpha), "--seed",
                   str(args.seed)]
         if local_clients:
             cluster.start_clients("c", local_clients, *common, "--num-clients", str(local_clients), *clients)
+            # started once all are online, so every round draws its 10% from all of them (q = 0.1, not 10 of 10)
+            cluster.wait_until(lambda: cluster.status()["clients_online"] == local_clients, 600, "all clients online",
+                               every=2.0)
+            cluster.api("POST", "/api/start", admin=True).raise_for_status()
         else:
             for i in range(args.num_clients):
                 cluster.start_client(f"c{i}", *common, "--num-clients", str(args.num_clients), "--client-index",
@@ -107,7 +112,8 @@ def run(name: str, server: list[str], clients: list[str], args: argparse.Namespa
             for r in new if isinstance(new, list) else []:
                 privacy = r.get("privacy") or {}
                 spent = privacy.get("epsilon") or max(privacy.get("clients", {}).values(), default=None)
-                row = {"run": name, "round": r["round"], "accuracy": r["accuracy"], "seconds": r["seconds"],
+                row = {"run": name, "round": r["round"], "asked": r.get("num_selected"), "accuracy": r["accuracy"],
+                       "seconds": r["seconds"],
                        "train_seconds": r["train_seconds"], "epsilon": spent, "clip": privacy.get("clip")}
                 print(json.dumps(row), flush=True)
                 seen.append(row)
@@ -132,36 +138,44 @@ def main() -> None:
     p.add_argument("--client-level-rounds", type=int, default=20)
     p.add_argument("--cost-examples", type=int, default=4800,
                    help="first, DP-SGD against plain SGD at equal batch size on this many examples (0 = skip)")
+    p.add_argument("--parts", default="cost,non-private,dp-sgd,client-level",
+                   help="which parts to run, comma-separated (client-level only with --client-level N)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    parts = set(args.parts.split(","))
+    if unknown := parts - {"cost", "non-private", "dp-sgd", "client-level"}:
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from cost, non-private, dp-sgd, client-level")
     started = time.monotonic()
     holdout = 0.2
     sizes = client_sizes(args.num_clients, args.alpha, args.seed, holdout)
-    cost = step_cost(args.cost_examples, [32, args.batch_size]) if args.cost_examples else None
+    cost = step_cost(args.cost_examples, [32, args.batch_size]) if args.cost_examples and "cost" in parts else None
     runs: dict[str, Any] = {}
-    runs["non-private"] = run("non-private", ["--min-clients", str(args.num_clients), "--lr", "0.05",
+    if "non-private" in parts:
+        runs["non-private"] = run("non-private", ["--min-clients", str(args.num_clients), "--lr", "0.05",
                                               "--batch-size", "32"], [], args)
-    for target in [float(t) for t in args.targets.split(",") if t]:
+    for target in [float(t) for t in args.targets.split(",") if t and "dp-sgd" in parts]:
         sigma = calibrate(target, sizes, args.batch_size, args.rounds)
         result = run(f"dp-sgd-eps{target:g}", [
             "--min-clients", str(args.num_clients), "--dp", "sample", "--target-epsilon", str(target),
             "--noise-multiplier", f"{sigma:.4f}", "--max-grad-norm", str(args.max_grad_norm), "--batch-size",
             str(args.batch_size), "--lr", str(args.lr), "--delta", str(DELTA)], [], args)
         runs[f"dp-sgd-eps{target:g}"] = {"target_epsilon": target, "noise_multiplier": sigma, **result}
-    if args.client_level:
+    if args.client_level and "client-level" in parts:
+        # 10% of the N clients asked each round (--min-clients is the floor of those asked, not who must be there)
         for name, adaptive in (("client-level-fixed", []), ("client-level-adaptive", ["--clip-quantile", "0.5"])):
-            runs[name] = run(name, ["--min-clients", str(args.client_level), "--fraction-fit", "0.1", "--dp",
+            runs[name] = run(name, ["--min-clients", str(max(1, args.client_level // 10)), "--fraction-fit", "0.1",
+                                    "--dp",
                                     "client", "--noise-multiplier", "1.0", "--clip-norm", "0.1", *adaptive,
                                     "--lr", "0.05", "--batch-size", "32", "--delta", str(DELTA)],
                              ["--torch-threads", "1"], args, local_clients=args.client_level,
                              rounds=args.client_level_rounds)
-    plain = runs["non-private"]["round_seconds_median"]
+    plain = runs.get("non-private", {}).get("round_seconds_median")
     summary = {"benchmark": "privacy", "rounds": args.rounds, "num_clients": args.num_clients, "alpha": args.alpha,
                "delta": DELTA, "client_examples": sizes, "dp_sgd": {"batch_size": args.batch_size, "lr": args.lr,
                                                                     "max_grad_norm": args.max_grad_norm},
                "targets": {"eps8_accuracy": 0.84, "eps3_accuracy": 0.80, "round_time_ratio": 2.5},
                "round_time_ratio": {k: round(v["round_seconds_median"] / plain, 2) for k, v in runs.items()
-                                    if v.get("round_seconds_median") and k.startswith("dp-sgd")},
+                                    if plain and v.get("round_seconds_median") and k.startswith("dp-sgd")},
                "step_cost": cost, "wall_seconds": round(time.monotonic() - started, 1), "runs": runs}
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
     if args.out:

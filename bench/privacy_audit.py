@@ -14,8 +14,8 @@ the best threshold with 95% Clopper-Pearson bounds (TPR's lower, FPR's upper). E
 above it would mean a bug, and the audit says so. What the bound is: a heuristic one. Members and non-members
 are fixed sets, not examples each included by a coin flip, so it is not the rigorous one-run audit of Steinke et
 al. (2023); the members' own distribution (train split) and the non-members' (test split) also differ slightly.
-It can catch a gross bug (noise not added, a clip not applied), not prove a guarantee tight. The report of each run is also posted to its server
-(POST /api/privacy/audit), whose dashboard shows it.
+It can catch a gross bug (noise not added, a clip not applied), not prove a guarantee tight. The report of
+each run is also posted to its server (POST /api/privacy/audit), whose dashboard shows it.
 
     python bench/privacy_audit.py --out bench/results/privacy_audit.json    # about 40 minutes here
 """
@@ -125,7 +125,7 @@ def audit(label: str, dp: list[str], target: float | None, data: dict[str, Any])
         bound = max(a["epsilon_lower_bound"] for a in attacks.values())
         report = {"run_id": cluster.status()["run_id"], "label": label, "target_epsilon": target,
                   "epsilon": epsilon, "delta": DELTA, "accuracy": rounds[-1]["accuracy"],
-                  "train_accuracy_gap": float(np.mean(target_in) - np.mean(target_out)), "attacks": attacks,
+                  "member_loss_gap": float(np.mean(target_in) - np.mean(target_out)), "attacks": attacks,
                   "consistent": epsilon is None or bound <= epsilon,
                   "setting": {"clients": CLIENTS, "examples": EXAMPLES, "epochs": EPOCHS, "rounds": ROUNDS,
                               "members": len(y_in), "non_members": len(y_out)}}

@@ -131,14 +131,20 @@ def test_bad_updates_are_refused_with_reasons_and_change_nothing(cluster, tmp_pa
 
         nan = {**zeros, "net.1.weight": np.full_like(zeros["net.1.weight"], np.nan)}
         shape = {**zeros, "net.1.bias": np.zeros(7, np.float32)}
-        refused(signed_update(wrong_key, req, zeros, "evil"), "bad_signature")
-        refused(signed_update(key, req, nan, "evil"), "non_finite")
-        refused(signed_update(key, req, shape, "evil"), "shape_mismatch")
-        refused(signed_update(key, req, zeros, "evil", num_examples=0), "bad_examples")
+        refused(signed_update(wrong_key, req, zeros, "evil"), "bad_signature")  # nobody verified: round open
         refused(b"MFU1" + b"\0" * (20 << 20), "too_large", 413)  # 10x the 2 MB limit
         refused(b"junk", "malformed")
+        assert cluster.status()["open_round"]["round"] == 1
+        # A verified refusal: the client will not resend, so the round closes without it at once (here for
+        # want of a quorum) and is played again: a new request for round 1, from the same model.
+        for bad, reason in ((nan, "non_finite"), (shape, "shape_mismatch"), (zeros, "bad_examples")):
+            refused(signed_update(key, req, bad, "evil", num_examples=0 if reason == "bad_examples" else 10),
+                    reason)
+            again = requests_q.get(timeout=60)
+            assert (again["round"], again["model_version"]) == (1, req["model_version"])
+            req = again
 
-        # Nothing changed: same global version and bytes, server up, round still open.
+        # Nothing changed: same global version and bytes, server up, round 1 open again.
         latest = cluster.api("GET", "/api/model/latest")
         assert latest.headers["X-Model-SHA256"] == base.headers["X-Model-SHA256"]
         assert cluster.status()["open_round"]["round"] == 1
@@ -238,6 +244,23 @@ def test_async_rounds_close_at_min_updates_and_merge_stragglers(cluster):
     assert merged and all(m["merged"] and 1 <= m["staleness"] <= 5 for m in merged), merged
     c2 = next(c for c in cluster.api("GET", "/api/clients").json()["clients"] if c["id"] == "c2")
     assert c2["refusals"] == {}  # late is not bad
+
+
+def test_a_refused_update_does_not_hold_the_round_until_its_deadline(cluster):
+    """c2 sends infinite deltas: each is refused (non_finite) and, as clients do not resend, the round closes with
+    the other two instead of waiting out its 600 s deadline."""
+    cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "3", "--min-clients", "3",
+                         "--round-timeout", "600", "--eval-limit", "200", "--start")
+    for i in range(3):
+        cluster.start_client(f"c{i}", "--dataset", "synthetic", "--model", "mlp", "--partition", "iid",
+                             "--num-clients", "3", "--client-index", str(i), "--max-samples", "300",
+                             *(["--attack", "scale", "--attack-scale", "inf"] if i == 2 else []))
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 300, "3 rounds, none held by c2")
+    rounds = cluster.rounds()
+    assert [r["clients"] for r in rounds] == [["c0", "c1"]] * 3 and all(r["num_selected"] == 3 for r in rounds)
+    assert all(r["seconds"] < 600 for r in rounds)
+    c2 = next(c for c in cluster.api("GET", "/api/clients").json()["clients"] if c["id"] == "c2")
+    assert c2["refusals"] == {"non_finite": 3}, c2["refusals"]
 
 
 def test_median_after_nnm_learns_with_an_attacker_and_bad_mixing_is_refused(cluster):
