@@ -5,7 +5,7 @@ smallest whose epsilon, after all rounds, stays within the budget for the client
 one with the fewest examples), computed with meshfed's accountant before the run. Then, if asked, client-level
 DP-FedAvg with many small clients (run_client.py --local-clients), a fixed clip against an adaptive one.
 
-    python bench/privacy.py --out bench/results/privacy.json               # 20 rounds: about 2 hours here
+    python bench/privacy.py --out bench/results/privacy.json               # 20 rounds: about 70 minutes here
     python bench/privacy.py --rounds 2 --targets 8 --out /tmp/p.json        # a quick look
     python bench/privacy.py --parts client-level --client-level 100 --out bench/results/privacy_client_level.json
 
@@ -113,8 +113,8 @@ def run(name: str, server: list[str], clients: list[str], args: argparse.Namespa
                 privacy = r.get("privacy") or {}
                 spent = privacy.get("epsilon") or max(privacy.get("clients", {}).values(), default=None)
                 row = {"run": name, "round": r["round"], "asked": r.get("num_selected"), "accuracy": r["accuracy"],
-                       "seconds": r["seconds"],
-                       "train_seconds": r["train_seconds"], "epsilon": spent, "clip": privacy.get("clip")}
+                       "seconds": r["seconds"], "train_seconds": r["train_seconds"], "epsilon": spent,
+                       "clip": privacy.get("clip")}
                 print(json.dumps(row), flush=True)
                 seen.append(row)
     return {"rounds": seen, "accuracy_last": seen[-1]["accuracy"] if seen else None,
@@ -152,7 +152,7 @@ def main() -> None:
     runs: dict[str, Any] = {}
     if "non-private" in parts:
         runs["non-private"] = run("non-private", ["--min-clients", str(args.num_clients), "--lr", "0.05",
-                                              "--batch-size", "32"], [], args)
+                                                  "--batch-size", "32"], [], args)
     for target in [float(t) for t in args.targets.split(",") if t and "dp-sgd" in parts]:
         sigma = calibrate(target, sizes, args.batch_size, args.rounds)
         result = run(f"dp-sgd-eps{target:g}", [
@@ -164,8 +164,7 @@ def main() -> None:
         # 10% of the N clients asked each round (--min-clients is the floor of those asked, not who must be there)
         for name, adaptive in (("client-level-fixed", []), ("client-level-adaptive", ["--clip-quantile", "0.5"])):
             runs[name] = run(name, ["--min-clients", str(max(1, args.client_level // 10)), "--fraction-fit", "0.1",
-                                    "--dp",
-                                    "client", "--noise-multiplier", "1.0", "--clip-norm", "0.1", *adaptive,
+                                    "--dp", "client", "--noise-multiplier", "1.0", "--clip-norm", "0.1", *adaptive,
                                     "--lr", "0.05", "--batch-size", "32", "--delta", str(DELTA)],
                              ["--torch-threads", "1"], args, local_clients=args.client_level,
                              rounds=args.client_level_rounds)
@@ -182,10 +181,13 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2))
-        plot(runs, out.with_suffix(".png"))
+        only_client_level = all(name.startswith("client-level") for name in runs)
+        n = args.client_level if only_client_level else args.num_clients
+        plot(runs, out.with_suffix(".png"), f"Fashion-MNIST, {n} clients"
+             f"{f' ({max(1, n // 10)} a round)' if only_client_level else ''}, Dirichlet({args.alpha:g})")
 
 
-def plot(runs: dict[str, Any], path: Path) -> None:
+def plot(runs: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,7 +197,7 @@ def plot(runs: dict[str, Any], path: Path) -> None:
         ax1.plot(xs, [100 * x["accuracy"] for x in r["rounds"]], marker="o", label=name)
         if any(x["epsilon"] for x in r["rounds"]):
             ax2.plot(xs, [x["epsilon"] for x in r["rounds"]], marker="o", label=name)
-    ax1.set(xlabel="round", ylabel="test accuracy (%)", title="Fashion-MNIST, 10 clients, Dirichlet(0.5)")
+    ax1.set(xlabel="round", ylabel="test accuracy (%)", title=title)
     ax2.set(xlabel="round", ylabel="epsilon spent (delta 1e-5)", title="privacy spent")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

@@ -17,7 +17,7 @@ al. (2023); the members' own distribution (train split) and the non-members' (te
 It can catch a gross bug (noise not added, a clip not applied), not prove a guarantee tight. The report of
 each run is also posted to its server (POST /api/privacy/audit), whose dashboard shows it.
 
-    python bench/privacy_audit.py --out bench/results/privacy_audit.json    # about 40 minutes here
+    python bench/privacy_audit.py --out bench/results/privacy_audit.json    # about 20 minutes here
 """
 from __future__ import annotations
 
