@@ -35,6 +35,14 @@ def count_noise(noise_multiplier: float) -> float:
     return noise_multiplier / (2 * math.sqrt(COUNT_SHARE))
 
 
+def delta_problem(cfg: RunConfig, registered: int) -> str | None:
+    """Client-level DP protects each registered client: its delta must stay below 1 / their number."""
+    if cfg.dp == "client" and registered and cfg.delta >= 1 / registered:
+        return (f"client-level DP protects each of the {registered} registered clients: delta must be below "
+                f"1/{registered} = {1 / registered:g}")
+    return None
+
+
 def check_model(cfg: RunConfig, input_shape: tuple[int, ...]) -> None:
     """dp 'sample' needs a model Opacus can train with per-example gradients (no BatchNorm, ...): refuse the run
     before any client imports Opacus to find out."""
@@ -74,9 +82,8 @@ class RunPrivacy:
             return BUDGET  # enough clients are there, too few have budget left
         if cfg.dp != "client":
             return None
-        registered = len(self.store.clients())
-        if cfg.delta >= 1 / registered:
-            return f"{BUDGET}: delta {cfg.delta:g} is not below 1 / {registered} registered clients"
+        if problem := delta_problem(cfg, self.store.client_count()):  # more clients registered since the start
+            return f"{BUDGET}: {problem}"
         if cfg.target_epsilon and self.accountant.epsilon_after(self._event(cfg, asked, eligible),
                                                                 cfg.delta) > cfg.target_epsilon:
             return BUDGET

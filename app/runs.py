@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from app.config import RunConfig, update_run_config
-from app.privacy import check_model
+from app.privacy import check_model, delta_problem
 from app.rounds import Phase, RoundLoop
 from shared.errors import ConfigError, MeshfedError
 from shared.protocol import encode_weights
@@ -75,10 +75,8 @@ class Runs:
             if self.run.active:
                 raise Conflict("a run is already active; stop it before starting another")
             cfg, stored = self.run.config, self.store.latest_run()
-            registered = len(self.store.clients())
-            if cfg.dp == "client" and registered and cfg.delta >= 1 / registered:
-                raise ConfigError({"delta": f"client-level DP protects each of the {registered} registered clients: "
-                                            f"delta must be below 1/{registered} = {1 / registered:g}"})
+            if problem := delta_problem(cfg, self.store.client_count()):
+                raise ConfigError({"delta": problem})
             if cfg.dp == "sample":
                 check_model(cfg, self.rounds.evaluator_for(cfg).input_shape)
             if not new_run and stored and stored["status"] in ("running", "stopped") and \

@@ -314,6 +314,9 @@ class Store:
                            (max_addresses,)))
         self._execute(*statements)
 
+    def client_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM clients")[0]["n"])
+
     def clients(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT id, fingerprint, registered, last_seen, num_examples, last_round, accepted, "
                            "refused, flagged, dropouts FROM clients ORDER BY id")

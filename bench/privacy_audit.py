@@ -172,8 +172,9 @@ def plot(reports: list[dict[str, Any]], path: Path) -> None:
     ax1.axhline(100 * plain["accuracy"], color="gray", linestyle="--", label="non-private")
     ax1.set(xscale="log", xlabel="epsilon (budget)", ylabel="test accuracy (%)", title="accuracy vs epsilon")
     for name in ("loss_threshold", "calibrated"):
-        ax2.plot(xs, [r["attacks"][name]["auc"] for r in private], marker="o", label=name)
-        ax2.axhline(plain["attacks"][name]["auc"], linestyle="--", alpha=0.5, label=f"{name}, non-private")
+        line, = ax2.plot(xs, [r["attacks"][name]["auc"] for r in private], marker="o", label=name)
+        ax2.axhline(plain["attacks"][name]["auc"], color=line.get_color(), linestyle="--", alpha=0.5,
+                    label=f"{name}, non-private")
     ax2.axhline(0.5, color="black", linewidth=0.8)
     ax2.set(xscale="log", xlabel="epsilon (budget)", ylabel="attack ROC AUC", title="membership inference")
     for ax in (ax1, ax2):

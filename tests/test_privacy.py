@@ -65,6 +65,26 @@ def test_every_model_passes_opacus_module_validator(name, shape):
     check_model(RunConfig(dp="sample", model=name), shape)  # and the run starts
 
 
+def test_client_level_delta_must_stay_below_one_over_the_registered_clients(tmp_path):
+    """Start is refused, naming delta, once there are 1/delta registered clients or more; fewer may start."""
+    from app import create_app
+    from app.config import ServerConfig
+    from app.privacy import delta_problem
+    app = create_app(ServerConfig(state_dir=str(tmp_path / "state"), admin_token="a" * 32, enrollment_token="e" * 32,
+                                  run=RunConfig(dataset="synthetic", model="mlp", dp="client", delta=0.05)))
+    store = app.extensions["meshfed"].store
+    try:
+        for i in range(20):  # 20 registered clients: delta 0.05 is not below 1/20
+            store.pin_client(f"c{i}", "pem", f"fp{i}", 10)
+        assert store.client_count() == 20
+        r = app.test_client().post("/api/start", headers={"Authorization": "Bearer " + "a" * 32})
+        assert r.status_code == 400 and "1/20" in r.get_json()["fields"]["delta"], r.get_json()
+        assert delta_problem(RunConfig(dp="client", delta=0.049), 20) is None
+        assert delta_problem(RunConfig(dp="sample", delta=0.05), 20) is None  # a client's examples bound it there
+    finally:
+        store.close()
+
+
 def test_a_model_opacus_cannot_train_is_refused_before_the_run(monkeypatch):
     monkeypatch.setitem(MODELS, "bn", lambda shape, classes: nn.Sequential(
         nn.Conv2d(shape[0], 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, classes)))
