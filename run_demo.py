@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.cluster import Cluster
+import requests
+
+from shared.cluster import Cluster, free_port
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")  # the built-in ones (plug-ins: run_server.py)
 
 
 def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -39,7 +46,7 @@ def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion-mnist", help="mnist | fashion-mnist | cifar10 | synthetic")
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
     p.add_argument("--num-clients", type=int, default=3)
     p.add_argument("--num-rounds", type=int, default=5)
@@ -62,11 +69,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="differential privacy: DP-SGD on the clients, DP-FedAvg on the server, or local noise")
     p.add_argument("--target-epsilon", type=float, default=0.0, help="the privacy budget (0 = none)")
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="DP's sigma (sample, client)")
+    p.add_argument("--secure-aggregation", default="none", choices=["none", "secagg+"],
+                   help="secagg+: the server learns only the sum of each round's updates")
     p.add_argument("--keep-open", action="store_true", help="keep the server up after the last round")
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp work dir (logs, state) after a good run")
     args = p.parse_args(argv)
-    if not 0 <= args.malicious <= args.num_clients:
-        p.error(f"--malicious must be between 0 and --num-clients ({args.num_clients})")
+    rules = {"--num-clients": (args.num_clients >= 1, "at least 1"), "--num-rounds": (args.num_rounds >= 1,
+             "at least 1"), "--local-epochs": (args.local_epochs >= 1, "at least 1"),
+             "--batch-size": (args.batch_size >= 1, "at least 1"), "--lr": (args.lr > 0, "above 0"),
+             "--alpha": (args.alpha > 0, "above 0"), "--max-samples": (args.max_samples >= 0, "0 or more"),
+             "--eval-limit": (args.eval_limit >= 0, "0 or more"), "--round-timeout": (args.round_timeout >= 1,
+             "at least 1 (seconds)"), "--port": (0 <= args.port <= 65535, "from 0 to 65535"),
+             "--target-epsilon": (args.target_epsilon >= 0, "0 (no budget) or more"),
+             "--noise-multiplier": (args.noise_multiplier > 0, "above 0"),
+             "--malicious": (0 <= args.malicious <= args.num_clients, f"from 0 to --num-clients ({args.num_clients})")}
+    for flag, (ok, what) in rules.items():
+        if not ok:
+            p.error(f"{flag} must be {what}")
     return args
+
+
+def pick_port(wanted: int) -> int:
+    """`wanted` if it is free on 127.0.0.1, else any free port (said so): another meshfed, or anything else,
+    may hold it, and the demo must not drive someone else's server."""
+    if wanted == 0:
+        return free_port()
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", wanted))
+            return wanted
+        except OSError:
+            port = free_port()
+            print(f"port {wanted} is taken (another meshfed, or another program); using {port}", flush=True)
+            return port
+
+
+def server_reason(workdir: Path) -> str:
+    """The last error the server logged (its one-line reason), or where to look."""
+    log = workdir / "server.log"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    errors = [line for line in lines if line.startswith("error") or " ERROR " in line or "Error:" in line]
+    return (errors or lines or [f"no log in {log}"])[-1].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +118,40 @@ def main(argv: list[str] | None = None) -> int:
     report_dir = Path(args.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))  # run the cleanup below on SIGTERM too
-    with Cluster(workdir, port=args.port or None) as cluster:
+    def fail(why: str) -> int:  # one line, no traceback
+        print(f"error: {' '.join(why.split())} (logs in {workdir})", file=sys.stderr)
+        return 1
+
+    try:
+        code = demo(args, workdir, report_dir)
+    except RuntimeError as exc:  # a process exited
+        return fail(f"{exc.args[0].split(';')[0]}: {server_reason(workdir)}")
+    except TimeoutError as exc:
+        return fail(str(exc))
+    except requests.HTTPError as exc:
+        reply = exc.response.json() if exc.response.headers.get("Content-Type", "").startswith("application/json") \
+            else {}
+        return fail(f"the server refused to start the run: {reply.get('message', exc)}")
+    if code == 0 and not args.work_dir and not args.keep_logs:
+        shutil.rmtree(workdir, ignore_errors=True)  # a temp dir of logs and checkpoints nobody asked to keep
+        print(f"removed {workdir} (--keep-logs keeps the logs)", flush=True)
+    elif code == 0:
+        print(f"logs and state: {workdir}", flush=True)
+    return code
+
+
+def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
+    # the processes run in the work dir: a relative default would point into it, not where the demo was started
+    data_dir = str(Path(args.data_dir or os.environ.get("MESHFED_DATA_DIR") or "data").resolve())
+    with Cluster(workdir, port=pick_port(args.port)) as cluster:
         cluster.start_server("--dataset", args.dataset, "--num-rounds", str(args.num_rounds),
                              "--min-clients", str(args.num_clients), "--local-epochs", str(args.local_epochs),
                              "--lr", str(args.lr), "--batch-size", str(args.batch_size),
                              "--eval-limit", str(args.eval_limit), "--round-timeout", str(args.round_timeout),
                              "--strategy", args.strategy, "--byzantine-f", str(args.byzantine_f), "--dp", args.dp,
                              "--target-epsilon", str(args.target_epsilon), "--noise-multiplier",
-                             str(args.noise_multiplier),
-                             *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
+                             str(args.noise_multiplier), "--secure-aggregation", args.secure_aggregation,
+                             "--data-dir", data_dir)
         # One launcher forks the clients after a single import of torch (run_client.py --local-clients):
         # client-0..; the last --malicious ones are a second launcher's, attacker-0..
         honest = args.num_clients - args.malicious
@@ -93,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.start_clients(prefix, count, "--dataset", args.dataset, "--partition", args.partition,
                                       "--alpha", str(args.alpha), "--num-clients", str(args.num_clients),
                                       "--client-index", str(first), "--max-samples", str(args.max_samples), *attack,
-                                      *(["--data-dir", str(Path(args.data_dir).resolve())] if args.data_dir else []))
+                                      "--data-dir", data_dir)
         cluster.wait_ready()
         print(f"dashboard: {cluster.url}/   (admin token {cluster.admin_token}; logs in {workdir})", flush=True)
         cluster.api("POST", "/api/start", admin=True).raise_for_status()

@@ -8,6 +8,7 @@ closed without it is a straggler, handed to PendingMerges (app/merges.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.merges import PendingMerges
-from app.verify import OpenRound, Verified, check_arrays, check_examples, check_round
+from app.verify import SECURE, OpenRound, Verified, check_arrays, check_examples, check_round
+from shared import secagg
 from shared.accumulator import Accumulator
 from shared.aggregate import dot, update_norm
+from shared.errors import UpdateRefused
 
 if TYPE_CHECKING:
     from app.config import RunConfig
@@ -61,11 +64,12 @@ class Collection:
         self._adding: set[str] = set()  # verified and checked, their deltas going into the accumulator
         self._gone: set[str] = set()
         self._refusals = 0  # verified refusals of the open round (its telemetry)
+        self._secure_weights: dict[str, int] = {}  # a secure round's roster: who may send input, weighing what
 
     def open(self, open_round: OpenRound, accumulator: Accumulator, step: dict[str, np.ndarray]) -> None:
         with self._cond:
             self._round, self._accumulator, self._step = open_round, accumulator, step
-            self._arrivals, self._gone, self._refusals = {}, set(), 0
+            self._arrivals, self._gone, self._refusals, self._secure_weights = {}, set(), 0, {}
 
     def offer(self, update: Verified, merge_stragglers: bool) -> str:
         """Add a verified update to the open round ('accepted'), or take it as a straggler of a closed round;
@@ -79,7 +83,16 @@ class Collection:
         check_examples(header.num_examples, update.registered_examples)
         check_round(header, r, delivered)
         delta = check_arrays(update.payload, r.spec, r.max_bytes, r.compression)
-        norm, alignment = update_norm(delta), dot(delta, step)  # while the delta is in the CPU cache
+        if r.compression == SECURE:  # masked: its norm is noise; its weight is the one the roster announced
+            if header.num_examples != self._secure_weights.get(header.client_id):
+                raise UpdateRefused("bad_examples", f"a secure round weighs {header.client_id!r} by the "
+                                                    f"{self._secure_weights.get(header.client_id)} examples its "
+                                                    f"roster announced, got {header.num_examples}")
+            norm, alignment = math.nan, math.nan
+            secagg.audit(f"{header.run_id}-{header.round}-{header.client_id}.masked",
+                         lambda: secagg.flatten(delta, dict(sorted(r.spec.items()))))
+        else:
+            norm, alignment = update_norm(delta), dot(delta, step)  # while the delta is in the CPU cache
         with self._cond:  # the round may have closed, or the client delivered, while we decoded
             check_round(header, self._round if self._round is r else None, set(self._arrivals) | self._adding)
             self._adding.add(header.client_id)  # close() waits for it; a second copy is a replay
@@ -98,6 +111,15 @@ class Collection:
             self._adding.discard(client_id)
             if arrival is not None:
                 self._arrivals[client_id] = arrival
+            self._cond.notify_all()
+
+    def admit(self, weights: dict[str, int]) -> None:
+        """A secure round opens with nobody selected (app/rounds.py); once its keys are shared, the clients that
+        shared them may send their masked inputs, each weighing what the roster said."""
+        with self._cond:
+            if self._round is not None:
+                self._round = dataclasses.replace(self._round, selected=frozenset(weights))
+                self._secure_weights = dict(weights)
             self._cond.notify_all()
 
     def gone(self, client_ids: set[str]) -> None:

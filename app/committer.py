@@ -44,6 +44,7 @@ class RoundRow:
     timings: dict[str, float]             # where the round's time went (bench/round_overhead.py)
     flagged: dict[str, Any] = field(default_factory=dict)  # anomalous updates, with their z-scores
     privacy: dict[str, Any] = field(default_factory=dict)  # epsilon per client; the run's step (app/privacy.py)
+    secure: dict[str, Any] = field(default_factory=dict)   # a secure round's stages (app/secagg.secure_row)
     accuracy: float | None = None
     loss: float | None = None
     eval_seconds: float | None = None

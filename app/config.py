@@ -10,6 +10,7 @@ from shared.compression import COMPRESSIONS
 from shared.datasets import DATASETS
 from shared.errors import ConfigError
 from shared.models import MODELS
+from app.secagg import MODES as SECAGG_MODES
 from app.strategy import ROBUST, STRATEGIES, updates_needed
 from shared.partition import PARTITION_NAMES
 from shared.privacy import ACCOUNTANTS, DP_MODES
@@ -169,6 +170,18 @@ class RunConfig:
     local_epsilon: float = setting(1.0, "Local epsilon per round", "local: the pure epsilon each update spends",
                                    "privacy", lo=0, hi=100, lo_open=True)
 
+    # secure aggregation (app/secagg.py; README: Secure aggregation)
+    secure_aggregation: str = setting("none", "Secure aggregation", "'secagg+': the server learns only the sum "
+                                      "of the round's updates (masked; SecAgg+ with dropout recovery)", "privacy",
+                                      choices=lambda: SECAGG_MODES)
+    secagg_clip: float = setting(1.0, "SecAgg range", "secagg+: each coordinate of an update is clipped to "
+                                 "[-this, this] before it is quantised", "privacy", lo=0, hi=1e6, lo_open=True)
+    secagg_threshold: float = setting(0.5, "SecAgg threshold", "secagg+: shares needed to rebuild a client's "
+                                      "secrets, as a share of its neighbourhood (always more than half)", "privacy",
+                                      lo=0, hi=1, lo_open=True)
+    secagg_neighbours: int = setting(0, "SecAgg neighbours", "secagg+: each client's neighbours k (n - 1 or more = "
+                                     "plain SecAgg)", "privacy", lo=0, hi=10_000, note="0 = about 2 log2 n")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -273,9 +286,30 @@ def update_run_config(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
     if result.dp == "sample" and result.strategy == "fedprox":
         raise ConfigError({"strategy": "DP-SGD clips each example's gradient; FedProx's proximal term is not an "
                                        "example's: use fedavg (or a FedOpt strategy) with dp 'sample'"})
+    if result.secure_aggregation != "none":
+        secure_rules(result)
     needed = updates_needed(result)
     if needed > result.min_fit_clients:
         raise ConfigError({"min_fit_clients": f"{result.strategy} with byzantine_f={result.byzantine_f} needs "
                                               f"at least {needed} clients per round (n > 2f + 2 for Krum, "
                                               f"n >= 4f + 3 for Bulyan)"})
     return result
+
+
+def secure_rules(cfg: RunConfig) -> None:
+    """What secure aggregation cannot be combined with, and why (ConfigError naming the setting)."""
+    if not STRATEGIES[cfg.strategy].streams:
+        raise ConfigError({"secure_aggregation": f"{cfg.strategy} needs every update itself; secure aggregation "
+                                                 "reveals only their sum: choose fedavg, fedprox, fedavgm or a "
+                                                 "FedOpt strategy"})
+    if cfg.dp == "client":
+        raise ConfigError({"secure_aggregation": "client-level DP clips each update on the server, which secure "
+                                                 "aggregation never sees: use dp 'sample' or 'local' with it"})
+    if cfg.compression != "none":
+        raise ConfigError({"compression": "secure aggregation sends each update as 32-bit ring integers; "
+                                          "use compression 'none' with it"})
+    if cfg.stragglers == "merge":
+        raise ConfigError({"stragglers": "a late masked update cannot be unmasked alone: use 'drop' with secure "
+                                         "aggregation"})
+    if cfg.min_updates:
+        raise ConfigError({"min_updates": "secure aggregation waits for every input it can unmask: use 0"})

@@ -13,9 +13,9 @@ from app.ratelimit import RateLimited, RateLimits
 from app.registry import IDLE, TRAINING, Registry, Session
 from app.runs import Runs
 from app.store import Store
-from shared import frames
+from shared import frames, jsonio
 from shared.errors import RegistrationRefused, UpdateRefused
-from shared.protocol import (EV_CANCEL, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, MAX_EXAMPLES, NAMESPACE,
+from shared.protocol import (EV_CANCEL, EV_NEW_MODEL, EV_SECAGG, EV_TRAIN, EV_WELCOME, MAX_EXAMPLES, NAMESPACE,
                              Registration, TrainRequest)
 
 log = logging.getLogger("meshfed.fl")
@@ -42,6 +42,14 @@ class SocketTransport:
         session = self.registry.get(client_id)
         if session is not None:
             self.socketio.emit(EV_CANCEL, {"run_id": run_id, "round": round_no}, to=session.sid, namespace=NAMESPACE)
+
+    def send_secagg(self, client_id: str, data: dict[str, Any]) -> bool:
+        """A secure round's stage message to one client (app/secagg.py); False if it is not connected."""
+        session = self.registry.get(client_id)
+        if session is None:
+            return False
+        self.socketio.emit(EV_SECAGG, data, to=session.sid, namespace=NAMESPACE)
+        return True
 
     def announce_model(self, version: int, sha256: str) -> None:
         """Tell every client a new global model is committed: they fetch it while the server evaluates it."""
@@ -138,3 +146,16 @@ class FlNamespace(Namespace):
             self.store.set_examples(client_id, examples)
             changes["num_examples"] = examples
         self.registry.update(client_id, **changes)
+
+    def on_secagg(self, data: Any = None) -> dict[str, Any]:  # EV_SECAGG
+        """A secure round's stage message (keys, shares, reveal), signed by the client's key and checked in
+        app/secagg.py; the answer (Socket.IO's ack) says whether it was taken, and if not, why."""
+        client_id = self.registry.client_for_sid(request.sid)
+        if client_id is None:
+            return {"accepted": False, "reason": "not registered"}
+        try:
+            self.limits.hit("secagg-per-client", client_id)
+        except RateLimited as exc:
+            return {"accepted": False, "reason": str(exc)}
+        size = len(jsonio.dumps(data)) if isinstance(data, dict) else 0
+        return self.runs.rounds.secure.receive(client_id, data, size)

@@ -72,6 +72,15 @@ class MeshfedCollector:
         for cid, value in spent["clients"].items():
             epsilon.add_metric([f"client:{cid}"], value)
         yield epsilon
+        secure = [r["secure"] for r in rounds if r.get("secure")]
+        yield CounterMetricFamily("meshfed_secure_rounds", "Rounds of the current run aggregated securely (secagg+)",
+                                  value=len(secure))
+        yield CounterMetricFamily("meshfed_secure_dropouts_recovered", "Clients of the current run's secure rounds "
+                                  "that dropped after sharing keys and whose masks were removed",
+                                  value=sum(s.get("recovered") or 0 for s in secure))
+        yield CounterMetricFamily("meshfed_secure_rounds_abandoned", "Secure rounds abandoned (too few clients at "
+                                  "a stage) and played again, since the server started",
+                                  value=self.meshfed.rounds.secure.totals["abandoned"])
         traffic = self.meshfed.traffic
         yield CounterMetricFamily("meshfed_http_received_bytes", "Update bytes received", value=traffic.bytes_in)
         yield CounterMetricFamily("meshfed_http_sent_bytes", "Model bytes sent", value=traffic.bytes_out)

@@ -26,6 +26,7 @@ DEFAULT_RULES: dict[str, str] = {
     "sync-per-address": "600/minute",      # POST /api/sync from one source address
     "sync-per-client": "12/minute",        # verified offline contributions of one client
     "connect-per-address": "600/minute",   # /fl connects and GET /api/challenge from one address
+    "secagg-per-client": "600/minute",     # secure aggregation's stage messages of one client (3 a round)
     "login-per-address": "20/minute",      # dashboard login attempts from one address
 }
 

@@ -27,7 +27,9 @@ from app.privacy import RunPrivacy
 from app.refusals import Refusal, RefusalLedger
 from app.registry import Registry
 from app.store import Store
-from app.verify import OpenRound, Verified
+from app.secagg import Abandoned, SecureAggregation, secure_row
+from app.verify import SECURE, OpenRound, Verified
+from shared.accumulator import RingSum, WeightedSum
 from shared.aggregate import update_norm
 from shared.models import weight_spec
 from shared.protocol import TrainRequest
@@ -47,6 +49,7 @@ class Transport(Protocol):
     def send_cancel(self, client_id: str, run_id: str, round_no: int) -> None: ...
     def publish(self, event: str, data: dict[str, Any]) -> None: ...
     def announce_model(self, version: int, sha256: str) -> None: ...
+    def send_secagg(self, client_id: str, data: dict[str, Any]) -> bool: ...
 
 
 class Phase(StrEnum):
@@ -62,6 +65,8 @@ class RoundLoop:
         self.collection = Collection(self.merges)
         self.committer, self.refusals = Committer(store, self.model, transport), RefusalLedger(store)
         self.privacy = RunPrivacy(store)
+        self.secure = SecureAggregation(lambda cid: (store.client(cid) or {}).get("public_key"),
+                                        lambda cid, data: transport.send_secagg(cid, data))
         self._cond = threading.Condition()  # wakes the wait for clients
 
     def play(self, run: "Run", round_no: int, report: Callable[..., None]) -> str | None:
@@ -77,18 +82,36 @@ class RoundLoop:
         if finished := self.privacy.refuses(cfg, len(selected), len(online), len(eligible)):
             return finished
         report(run, Phase.TRAINING, round_no)
+        secure = self.secure.open(run.id, round_no, self._weights(selected), cfg, started) \
+            if cfg.secure_aggregation != "none" else None
         now = self._ask(run.id, round_no, selected, cfg)                                # w_t to each k in S_t
         dispatched = time.monotonic() - started
+        if secure is not None:                                                          # keys, shares: app/secagg.py
+            try:  # those who shared keys may send input from here on (Collection.admit)
+                secure = self.secure.setup(secure, run.stop, self.collection.admit)
+            except Abandoned as exc:
+                return self._lost(run, report, round_no, selected, str(exc), cfg)
         self.collection.wait(started + cfg.round_timeout, cfg.min_updates, run.stop)    # their deltas d_k
         arrivals, accumulator, refusals = self.collection.close(cfg.max_staleness)
         for cid in sorted(set(selected) - {a.client_id for a in arrivals}):
             self.transport.send_cancel(cid, run.id, round_no)
         if run.stop.is_set() or len(arrivals) < math.ceil(cfg.quorum * len(selected)):
+            self.secure.close()
             return self._again(run, report, round_no, f"{len(arrivals)} of {len(selected)} replied")
         report(run, Phase.AGGREGATING, round_no)
         t_aggregate = time.monotonic()
-        taken = self.merges.take(now.version, weight_spec(now.weights), float(np.median([a.norm for a in arrivals])),
-                                 offline=cfg.dp == "none")
+        if secure is not None:                                                          # reveal, unmask
+            try:
+                mean, total = self.secure.unmask(secure, accumulator, run.stop)
+            except Abandoned as exc:  # the survivors wait for a reveal that will not come: tell them
+                for cid in secure.survivors:
+                    self.transport.send_cancel(cid, run.id, round_no)
+                return self._again(run, report, round_no, str(exc))
+            accumulator, median_norm = WeightedSum(), update_norm(mean)  # no update's norm is known: the mean's
+            accumulator.add(mean, total, "secure sum")
+        else:
+            median_norm = float(np.median([a.norm for a in arrivals]))
+        taken = self.merges.take(now.version, weight_spec(now.weights), median_norm, offline=cfg.dp == "none")
         for delta, weight, key in taken.merges:                                         # + late and offline deltas
             accumulator.add(delta, weight, key)
         try:                                                                            # w_t+1 = w_t + sum n_k/n d_k
@@ -100,9 +123,11 @@ class RoundLoop:
                        max(a.metrics.get("train_seconds", 0.0) for a in arrivals),
                        sorted(set(selected) - {a.client_id for a in arrivals}), taken.stragglers,
                        sorted(taken.contributions), timings(arrivals, started, dispatched, t_aggregate),
-                       privacy=self.privacy.account(cfg, accumulator, len(selected), len(eligible), arrivals))
+                       privacy=self.privacy.account(cfg, accumulator, len(selected), len(eligible), arrivals),
+                       secure=secure_row(secure) if secure else {})
         finished = "max_rounds" if round_no >= cfg.num_rounds else None
-        committed = self.committer.submit(run.id, row, weights, state, arrivals, update_norm(now.step),
+        committed = self.committer.submit(run.id, row, weights, state, [] if secure else arrivals,
+                                          update_norm(now.step),
                                           cfg.anomaly_z, finished, taken.contributions, started)
         row.timings["closed"] = time.monotonic() - started
         finished = self._evaluate(run.id, row, weights, committed, finished, started, cfg)
@@ -122,17 +147,33 @@ class RoundLoop:
         """Open the round and ask each selected client to train (the model itself travels over HTTP); returns the
         global model the round starts from."""
         now = self.model.now()
-        self.collection.open(OpenRound(run_id, round_no, now.version, frozenset(selected), weight_spec(now.weights),
-                                       self.merges.max_bytes, cfg.compression),
-                             self.privacy.accumulator(cfg, len(selected)), now.step)
+        secure = cfg.secure_aggregation != "none"  # nobody may send input before sharing keys (Collection.admit)
+        self.collection.open(OpenRound(run_id, round_no, now.version, frozenset() if secure else frozenset(selected),
+                                       weight_spec(now.weights), self.merges.max_bytes,
+                                       SECURE if secure else cfg.compression),
+                             RingSum() if secure else self.privacy.accumulator(cfg, len(selected)), now.step)
         request = TrainRequest(run_id=run_id, round=round_no, model_version=now.version, model_sha256=now.sha256,
                                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout, partition=cfg.partition,
                                alpha=cfg.alpha, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
                                compression=cfg.compression, momentum=cfg.momentum,
+                               secure_aggregation=cfg.secure_aggregation,
                                **({k: getattr(cfg, k) for k in PRIVATE} if cfg.dp in ("sample", "local") else {}))
         self.collection.gone({cid for cid in selected if not self.transport.send_train(cid, request)})
         return now
+
+    def _weights(self, selected: list[str]) -> dict[str, int]:
+        """Each asked client's registered examples (what the server bounds its updates by): a secure round's
+        weights, announced in its roster."""
+        return {cid: int((self.store.client(cid) or {}).get("num_examples") or 1) for cid in selected}
+
+    def _lost(self, run: "Run", report: Callable[..., None], round_no: int, selected: list[str], why: str,
+              cfg: RunConfig) -> None:
+        """A secure round abandoned before its inputs: close it, tell the asked clients, play it again."""
+        self.collection.close(cfg.max_staleness)
+        for cid in selected:
+            self.transport.send_cancel(cid, run.id, round_no)
+        return self._again(run, report, round_no, why)
 
     def _again(self, run: "Run", report: Callable[..., None], round_no: int, why: str) -> None:
         """The round failed: its run plays it again after a pause (unless the run is stopping)."""

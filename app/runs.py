@@ -173,6 +173,7 @@ class Runs:
                     "round": run.playing or run.completed, "completed_round": run.completed,
                     "num_rounds": run.config.num_rounds, "model_version": self.model.version,
                     "clients_online": len(self.rounds.registry.online()), "open_round": self.rounds.collection.view(),
+                    "secure_round": self.rounds.secure.view(),
                     "config": asdict(run.config)}
 
     def wait_inactive(self, seconds: float) -> bool:

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_version INTEGER NOT NULL,
     accuracy REAL, loss REAL, num_clients INTEGER, num_selected INTEGER, num_refused INTEGER,
     seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT, flagged TEXT,
-    stragglers TEXT, privacy TEXT, PRIMARY KEY (run_id, round));
+    stragglers TEXT, privacy TEXT, secure TEXT, PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
     last_seen REAL, num_examples INTEGER, last_round INTEGER, accepted INTEGER NOT NULL DEFAULT 0,
@@ -85,8 +85,10 @@ class Store:
         self._db.executescript(SCHEMA)
         if "address" not in {r["name"] for r in self._db.execute("PRAGMA table_info(refusals)")}:
             self._db.execute("ALTER TABLE refusals ADD COLUMN address TEXT")  # a state dir from meshfed/2
-        if "privacy" not in {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)")}:
-            self._db.execute("ALTER TABLE rounds ADD COLUMN privacy TEXT")    # a state dir from meshfed/2
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)")}
+        for column in ("privacy", "secure"):  # a state dir from an older meshfed
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -175,11 +177,12 @@ class Store:
               checkpoint.state_path)),
             ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
              "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings, flagged, "
-             "stragglers, privacy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             "stragglers, privacy, secure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
               row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
               jsonio.dumps(row["clients"]), jsonio.dumps(row.get("timings", {})), jsonio.dumps(row.get("flagged", {})),
-              jsonio.dumps(row.get("stragglers", {})), jsonio.dumps(row.get("privacy", {})))),
+              jsonio.dumps(row.get("stragglers", {})), jsonio.dumps(row.get("privacy", {})),
+              jsonio.dumps(row.get("secure", {})))),
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
         # per-client outcomes in the round's own transaction (one fsync per round, not one per update)
@@ -257,6 +260,7 @@ class Store:
             r["flagged"] = json.loads(r["flagged"] or "{}")
             r["stragglers"] = json.loads(r["stragglers"] or "{}")
             r["privacy"] = json.loads(r["privacy"] or "{}")  # epsilon per client (and the run's, dp 'client')
+            r["secure"] = json.loads(r["secure"] or "{}")    # a secure round's stages (app/secagg.py)
         return rows
 
     # --- clients ---------------------------------------------------------------------------------

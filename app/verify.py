@@ -31,6 +31,9 @@ from shared.errors import UpdateRefused
 from shared.protocol import MAX_EXAMPLES, PROTOCOL_VERSION, SyncHeader, UpdateHeader, decode_weights, sha256_hex
 
 
+SECURE = "secagg"  # OpenRound.compression of a secure round: inputs are masked uint32 arrays
+
+
 @dataclass(frozen=True)
 class OpenRound:
     """What the currently open round accepts."""
@@ -101,9 +104,11 @@ def check_examples(num_examples: int, registered: int) -> None:
 def check_arrays(payload: bytes, spec: dict[str, tuple[tuple[int, ...], str]], max_bytes: int,
                  scheme: str = "none") -> dict[str, np.ndarray]:
     """Decode the delta and refuse unless names, shapes and dtypes match the model's `spec` as compression
-    `scheme` sends it and every value is finite; returns float deltas in the model's order and dtypes."""
+    `scheme` sends it and every value is finite; returns float deltas in the model's order and dtypes (a secure
+    round's masked inputs: uint32 arrays of the model's shapes, as they are)."""
     arrays = decode_weights(payload, max_bytes=max_bytes)
-    expected = wire_spec(spec, scheme)
+    expected = {name: (shape, "<u4") for name, (shape, _) in spec.items()} if scheme == SECURE \
+        else wire_spec(spec, scheme)
     if set(arrays) != set(expected):
         raise UpdateRefused("shape_mismatch", f"arrays {sorted(arrays)[:4]}... do not match the model's names "
                                               f"(compression {scheme!r})")
@@ -114,6 +119,8 @@ def check_arrays(payload: bytes, spec: dict[str, tuple[tuple[int, ...], str]], m
         if array.dtype.str != dtype:
             raise UpdateRefused("dtype_mismatch", f"{name} has dtype {array.dtype.str}, expected {dtype} "
                                                   f"(compression {scheme!r})")
+    if scheme == SECURE:  # masked ring integers (app/secagg.py): any value is one
+        return {name: arrays[name] for name in expected}
     delta = decompress({name: arrays[name] for name in expected}, scheme, spec)
     for name, array in delta.items():
         if not np.isfinite(array).all():

@@ -23,18 +23,24 @@ import urllib3
 
 from client.behaviour import Behaviour, partial_batches, poison
 from client.privacy import BudgetExhausted, ClientPrivacy, privatize
+from client.secagg import SecureSession
 from client.trainer import LocalTrainer
 from mesh.config import MeshConfig, trust_path
 from shared import crypto
 from shared.compression import COMPRESSIONS, compress
 from shared.errors import SyncRefused
-from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_TRAIN, EV_WELCOME, NAMESPACE,
+from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_SECAGG, EV_TRAIN, EV_WELCOME, NAMESPACE,
                              TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex,
                              signed_registration)
+from shared.secagg import SecAggError
+from shared.training import Cancelled
 
 log = logging.getLogger("meshfed.client")
-# Registration refusals that retrying cannot fix (app/enrollment.py): the client exits with a message.
-FATAL_REFUSALS = ("bad_registration", "protocol_version", "bad_enrollment_token", "key_mismatch", "bad_public_key")
+# Registration refusals that retrying cannot fix (app/enrollment.py): the client exits with a message. A refused
+# enrollment token is not one: the operator may fix the server's (restarting it with the token its clients have),
+# so the client keeps retrying, saying why.
+FATAL_REFUSALS = ("bad_registration", "protocol_version", "key_mismatch", "bad_public_key")
+TOKEN_RETRY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class Node:
         self._cancelled: set[tuple[str, int]] = set()
         self._model_cache: tuple[int, str, dict] | None = None  # (version, sha256, weights) of the last download
         self.fatal: str | None = None
+        self._stop = threading.Event()  # run()'s: set by SIGTERM/SIGINT (run_client.py); training checks it
+        self._token_refused = False  # the last connection was refused for its enrollment token: retry slowly
         self.stats = {"accepted": 0, "refused": 0}
         self.sio.on("connect", self._on_connect, namespace=NAMESPACE)
         self.sio.on("disconnect", self._on_disconnect, namespace=NAMESPACE)
@@ -93,6 +101,9 @@ class Node:
         self.sio.on(EV_TRAIN, self._on_train, namespace=NAMESPACE)
         self.sio.on(EV_CANCEL, self._on_cancel, namespace=NAMESPACE)
         self.sio.on(EV_NEW_MODEL, self._on_new_model, namespace=NAMESPACE)
+        self.sio.on(EV_SECAGG, self._on_secagg, namespace=NAMESPACE)
+        self._secagg_inbox: dict[tuple[str, int, str], dict[str, Any]] = {}  # (run, round, stage) -> message
+        self._secagg_cond = threading.Condition()
         self.train_lock = threading.Lock()  # the trainer's model is shared by rounds and mesh steps
         self._state = "idle"
         self.mesh: Any = None  # mesh.node.MeshNode with --enable-mesh
@@ -110,6 +121,7 @@ class Node:
     # --- Socket.IO handlers: record and return; the worker thread does the work ------------------
 
     def _on_connect(self) -> None:
+        self._token_refused = False
         log.info("connected to %s", self.config.server_address)
 
     def _on_disconnect(self, *_: Any) -> None:
@@ -119,16 +131,35 @@ class Node:
         message = data.get("message", str(data)) if isinstance(data, dict) else str(data)
         if message.startswith(FATAL_REFUSALS):
             self.fatal = message
-        log.warning("connection refused: %s", message)
+        self._token_refused = message.startswith("bad_enrollment_token")
+        if self._token_refused:
+            log.warning("the server refused our enrollment token; retrying every %.0f s until it takes it (give "
+                        "this client the server's token: --enrollment-token-file or MESHFED_ENROLLMENT_TOKEN)",
+                        TOKEN_RETRY_SECONDS)
+        else:
+            log.warning("connection refused: %s", message)
 
     def _on_welcome(self, data: dict[str, Any]) -> None:
         log.info("registered as %s (%s), run %s", data.get("client_id"), data.get("fingerprint"), data.get("run_id"))
 
     def _on_train(self, data: dict[str, Any]) -> None:
-        self._requests.put(TrainRequest.from_dict(data))
+        request = TrainRequest.from_dict(data)
+        self._cancelled.discard((request.run_id, request.round))  # a round played again asks afresh
+        self._requests.put(request)
+        with self._secagg_cond:  # a secure round we wait in is over: the server has moved on
+            self._secagg_cond.notify_all()
 
     def _on_cancel(self, data: dict[str, Any]) -> None:
         self._cancelled.add((str(data.get("run_id")), int(data.get("round", -1))))
+        with self._secagg_cond:
+            self._secagg_cond.notify_all()
+
+    def _on_secagg(self, data: Any) -> None:
+        if isinstance(data, dict) and isinstance(data.get("round"), int):
+            with self._secagg_cond:
+                self._secagg_inbox = {k: v for k, v in self._secagg_inbox.items() if k[1] >= data["round"] - 1}
+                self._secagg_inbox[(str(data.get("run_id")), data["round"], str(data.get("stage")))] = data
+                self._secagg_cond.notify_all()
 
     def _on_new_model(self, data: dict[str, Any]) -> None:
         """A round's model is committed: fetch it and evaluate it on our held-out split now, while the
@@ -183,6 +214,9 @@ class Node:
                 if self.fatal:
                     log.error("the server refused this client: %s", self.fatal)
                     return False
+                if self._token_refused:
+                    stop.wait(TOKEN_RETRY_SECONDS)
+                    continue
                 log.info("server not reachable (%s); retrying in %.1fs", exc, delay)
                 stop.wait(delay)
                 delay = min(delay * 2, 5.0)
@@ -190,7 +224,7 @@ class Node:
 
     def run(self, stop: threading.Event | None = None) -> int:
         """Serve train requests until stop is set; returns a process exit code."""
-        stop = stop or threading.Event()
+        stop = self._stop = stop or threading.Event()
         if self.mesh is not None:  # before connecting: a client restarted during an outage gossips on
             self.mesh.start(connected=lambda: self.sio.connected, latest_model=self._latest_model,
                             upload=self.upload_sync, fetch_roster=self.fetch_roster,
@@ -234,6 +268,7 @@ class Node:
         self._state = "training"  # no status message: the server marked us training when it asked (send_train)
         status: dict[str, Any] = {}
         try:
+            secure = self.secure_setup(request) if request.secure_aggregation != "none" else None
             if request.partition and self.trainer.repartition(request.partition, request.alpha):
                 log.info("re-partitioned as %s (alpha %s): %d training samples", request.partition, request.alpha,
                          self.trainer.num_examples)
@@ -258,7 +293,8 @@ class Node:
                 delta, metrics = self.trainer.fit(
                     global_weights, epochs, c.lr or request.lr, batch_size, max_batches, seed=request.round,
                     proximal_mu=request.proximal_mu, momentum=request.momentum,
-                    dp_sgd=(request.noise_multiplier, request.max_grad_norm) if request.dp == "sample" else None)
+                    dp_sgd=(request.noise_multiplier, request.max_grad_norm) if request.dp == "sample" else None,
+                    cancel=lambda: self._stop.is_set() or (request.run_id, request.round) in self._cancelled)
             epsilon = 0.0
             if private:  # spent once trained, recorded before the update leaves
                 if request.dp == "local":
@@ -270,7 +306,10 @@ class Node:
             if b.delay:
                 time.sleep(b.delay)
             metrics.update(evaluated, **self._resources(), fetch_seconds=fetch_seconds, prefetched=float(prefetched))
-            verdict = self.post_update(request, delta, metrics, received, epsilon)
+            if secure is not None:
+                verdict = self.post_secure(request, secure, delta, metrics, received, epsilon)
+            else:
+                verdict = self.post_update(request, delta, metrics, received, epsilon)
             log.info("round %d: trained %d batches in %.2fs, global model's held-out acc %s -> %s", request.round,
                      metrics["batches"], metrics["train_seconds"], metrics.get("eval_accuracy", "not evaluated"),
                      verdict)
@@ -279,8 +318,65 @@ class Node:
             status = {"privacy": {"exhausted": True, "epsilon": self.privacy.spent(request)}}
         except requests.RequestException as exc:
             log.warning("round %d lost: server unreachable (%s)", request.round, exc)
+        except SecAggError as exc:  # we send nothing more this round; the server recovers us as a dropout
+            log.warning("round %d: secure aggregation: %s", request.round, exc)
+        except Cancelled as exc:  # within one batch of a cancel (the round ended without us) or SIGTERM
+            log.info("round %d: training %s: %s", request.round, exc,
+                     "stopping" if self._stop.is_set() else "the server ended the round")
         finally:
             self._emit_status("idle", **status)
+
+    # --- secure aggregation (client/secagg.py; app/secagg.py has the stages) -----------------------------
+
+    def secure_setup(self, request: TrainRequest) -> SecureSession:
+        """Stages 1 and 2: advertise our keys, check the roster, share our secrets, open our neighbours' shares."""
+        if request.secure_aggregation != "secagg+":
+            raise SecAggError(f"the server asks for {request.secure_aggregation!r}; this client knows secagg+ "
+                              "(upgrade it)")
+        session = SecureSession(self.key, self.config.client_id, request.run_id, request.round)
+        self._secagg_send(session.keys_message())
+        self._secagg_send(session.on_roster(self._secagg_wait(request, "roster", request.deadline_s)))
+        session.on_shares(self._secagg_wait(request, "shares", request.deadline_s))
+        return session
+
+    def post_secure(self, request: TrainRequest, session: SecureSession, delta: dict, metrics: dict[str, float],
+                    received: float, epsilon: float) -> str:
+        """Stages 3 and 4: post our masked input, then reveal the shares the server asks for."""
+        masked, clipped = session.masked_input(delta, self._rng)
+        if clipped:
+            log.info("round %d: %d coordinates clipped to the secure range +-%g", request.round, clipped,
+                     session.roster["clip"])
+        payload = encode_weights(masked)
+        header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
+                              client_id=self.config.client_id, num_examples=session.roster["weight"],
+                              payload_sha256=sha256_hex(payload), epsilon=epsilon)
+        header = dataclasses.replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
+        now = time.perf_counter()
+        header = dataclasses.replace(header, metrics={**metrics, "total_seconds": now - received})
+        verdict = self._post(pack_update(header, payload))
+        if verdict == "accepted":
+            self._secagg_send(session.on_reveal(self._secagg_wait(request, "reveal", request.deadline_s)))
+        return verdict
+
+    def _secagg_send(self, message: dict[str, Any]) -> None:
+        try:
+            ack = self.sio.call(EV_SECAGG, message, namespace=NAMESPACE, timeout=30)
+        except socketio.exceptions.SocketIOError as exc:
+            raise SecAggError(f"could not send the {message['stage']} message: {exc}") from None
+        if not isinstance(ack, dict) or ack.get("accepted") is not True:
+            raise SecAggError(f"the server refused our {message['stage']} message: "
+                              f"{ack.get('reason') if isinstance(ack, dict) else ack}")
+
+    def _secagg_wait(self, request: TrainRequest, stage: str, timeout: float) -> dict[str, Any]:
+        key, deadline = (request.run_id, request.round, stage), time.monotonic() + max(timeout, 1.0)
+        with self._secagg_cond:
+            while key not in self._secagg_inbox:
+                if (request.run_id, request.round) in self._cancelled or not self._requests.empty():
+                    raise SecAggError("the round went on without us")
+                if time.monotonic() >= deadline:
+                    raise SecAggError(f"no {stage} message from the server in {timeout:.0f}s")
+                self._secagg_cond.wait(timeout=0.5)
+            return self._secagg_inbox.pop(key)
 
     def fetch_model(self, version: int, sha256: str = "") -> tuple[str, dict]:
         """(sha256, weights) of global model `version`, downloaded once; `sha256`, if known, must match,
@@ -344,7 +440,9 @@ class Node:
 
     def post_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float],
                     received: float | None = None, epsilon: float = 0.0) -> str:
-        body = self.sign_update(request, delta, metrics, received, epsilon)
+        return self._post(self.sign_update(request, delta, metrics, received, epsilon))
+
+    def _post(self, body: bytes) -> str:
         r = self.http.post(f"{self.config.server_address}/api/update", data=body, timeout=self.config.http_timeout,
                            verify=self._verify,
                            headers={"Content-Type": "application/octet-stream",

@@ -11,7 +11,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 from shared.fileio import write_atomic
 from shared.privacy import Accountant, local_laplace
 from shared.protocol import TrainRequest
-from shared.training import train_summary
+from shared.training import Cancelled, train_summary
 
 Weights = dict[str, np.ndarray]
 
@@ -39,7 +39,7 @@ class BudgetExhausted(Exception):
 
 def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
            max_batches: int, seed: int, momentum: float, noise_multiplier: float,
-           max_grad_norm: float) -> tuple[dict[str, float], float, int]:
+           max_grad_norm: float, cancel: Callable[[], bool] | None = None) -> tuple[dict[str, float], float, int]:
     """DP-SGD on (x, y) with Opacus (Poisson-sampled batches of expected size batch_size, each example's gradient
     clipped to max_grad_norm, Gaussian noise of std noise_multiplier * max_grad_norm on their sum). The model is
     trained in place and left unwrapped. Returns (loss/accuracy/batches, the sampling rate, the steps taken)."""
@@ -63,6 +63,8 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: 
     try:
         for _ in range(epochs):
             for xb, yb in loader:                        # xb: (~B, C, H, W), a Poisson sample of the data
+                if cancel is not None and cancel():      # nothing is released: no privacy is spent
+                    raise Cancelled(steps)
                 optimizer.zero_grad(set_to_none=True)
                 logits = private(xb)
                 loss = criterion(logits, yb)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -94,20 +95,22 @@ class LocalTrainer:
 
     def fit(self, global_weights: Weights, epochs: int, lr: float, batch_size: int, max_batches: int = 0,
             seed: int = 0, proximal_mu: float = 0.0, momentum: float = 0.0,
-            dp_sgd: tuple[float, float] | None = None) -> tuple[Weights, dict[str, float]]:
+            dp_sgd: tuple[float, float] | None = None,
+            cancel: Callable[[], bool] | None = None) -> tuple[Weights, dict[str, float]]:
         """Train from global_weights; returns (delta = local - global, training metrics). With dp_sgd =
         (noise multiplier, per-example clip) it trains with DP-SGD (client/privacy.py), and the metrics carry
-        the sampling rate and steps its accountant needs."""
+        the sampling rate and steps its accountant needs. cancel() is asked before each batch (shared/training.py:
+        Cancelled ends training within one batch)."""
         self._load_weights(global_weights)
         self._loaded = None  # training changes the model's weights
         started = time.perf_counter()
         if dp_sgd is None:
             stats = train(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed, proximal_mu,
-                          momentum)
+                          momentum, cancel)
         else:
             from client.privacy import dp_sgd as private_sgd
             stats, rate, steps = private_sgd(self.model, self.x, self.y, epochs, lr, batch_size, max_batches, seed,
-                                             momentum, *dp_sgd)
+                                             momentum, *dp_sgd, cancel)
             stats = {**stats, "sample_rate": rate, "steps": float(steps)}
         train_seconds = time.perf_counter() - started
         local = {k: v.detach().numpy() for k, v in self.model.state_dict().items()}  # views, no copy

@@ -9,6 +9,7 @@ This is the seam every way of combining updates goes through (app/strategy.py pi
   separately (no fused multiply-add), so two updates give the same sum in either order; with more, the last
   bits depend on the order they arrived in, as any float32 sum's (relative error ~1e-7 per add).
 - Buffer keeps every update, for rules that need them all (median, trimmed mean, Krum, Bulyan, plug-ins).
+- RingSum adds secure aggregation's masked inputs modulo 2^32 (shared/secagg.py); the round unmasks the sum.
 
 Both are thread-safe: the server adds updates from its request threads. Pure numpy: no I/O, no Flask.
 """
@@ -131,3 +132,27 @@ class ClippedNoisySum:
 
     def __len__(self) -> int:
         return len(self._sum)
+
+
+class RingSum:
+    """Secure aggregation's running sum of masked uint32 inputs, modulo 2^32 (numpy's uint32 adds wrap), and who
+    added them with what weight. It never holds an input alone: each is masked, and only the sum is kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sum: Weights = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, delta: Weights, weight: float, key: str = "") -> None:
+        with self._lock:
+            for name, array in delta.items():
+                if name not in self.sum:
+                    self.sum[name] = np.zeros(array.shape, np.uint32)
+                np.add(self.sum[name], array, out=self.sum[name])
+            self.weights[key] = weight
+
+    def result(self) -> list[tuple[Weights, float]]:
+        raise TypeError("a ring sum is masked: the round unmasks it (app/secagg.py)")
+
+    def __len__(self) -> int:
+        return len(self.weights)

@@ -40,6 +40,7 @@ EV_CANCEL = "cancel"                # server -> client: {run_id, round}: the rou
 EV_UPDATE_RESULT = "update_result"  # server -> client: {round, accepted, reason, message}
 EV_CLIENT_STATUS = "client_status"  # client -> server: {state, cpu_percent, memory_mb}
 EV_NEW_MODEL = "new_model"          # server -> all clients: {version} once a round's model is committed
+EV_SECAGG = "secagg"                # both ways: secure aggregation's stages (app/secagg.py, client/secagg.py)
 
 UPDATE_MAGIC = b"MFU1"        # first bytes of every packed update
 SYNC_MAGIC = b"MFS1"          # first bytes of every packed offline contribution
@@ -76,6 +77,7 @@ class TrainRequest:
     delta: float = 0.0
     target_epsilon: float = 0.0
     accountant: str = "rdp"
+    secure_aggregation: str = "none"  # 'secagg+': the update is masked (app/secagg.py); its stages follow
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

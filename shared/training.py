@@ -1,13 +1,25 @@
 """Plain PyTorch local training and evaluation, shared by clients, the server and the mesh."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 
+class Cancelled(Exception):
+    """Training stopped between two batches because cancel() said so (the round ended, the process is stopping)."""
+
+    def __init__(self, batches: int):
+        super().__init__(f"stopped after {batches} batches")
+        self.batches = batches
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
-          max_batches: int = 0, seed: int = 0, proximal_mu: float = 0.0, momentum: float = 0.0) -> dict[str, float]:
+          max_batches: int = 0, seed: int = 0, proximal_mu: float = 0.0, momentum: float = 0.0,
+          cancel: Callable[[], bool] | None = None) -> dict[str, float]:
     """SGD on (x, y) for `epochs` passes (or `max_batches` batches if > 0); returns loss/accuracy/batches.
+    cancel(), if given, is asked before each batch: True raises Cancelled (the model is left half-trained).
 
     proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 (Li et al. 2020), w_start = the weights
     training started from (the global model). momentum > 0 is heavy-ball momentum as torch.optim.SGD
@@ -24,6 +36,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
+            if cancel is not None and cancel():
+                raise Cancelled(batches)
             idx = order[start:start + batch_size]
             xb, yb = x[idx], y[idx]                       # xb: (B, C, H, W), yb: (B,)
             model.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """The dashboard: /dashboard Socket.IO without a browser, then a real headless Chromium."""
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -240,14 +241,12 @@ s.on("connect_error", (e) => {{ window.outcome = "refused: " + e.message; }});
     assert outcome.startswith("refused"), outcome
 
 
-def test_the_privacy_tab_shows_epsilon_growing_live(cluster):
+@contextlib.contextmanager
+def _privacy_tab(cluster, errors: list[str]):
+    """A headless Chromium logged in to the idle dashboard, on its Privacy tab; console errors go to `errors`."""
     from playwright.sync_api import sync_playwright
 
-    cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "8", "--min-clients", "2",
-                         "--dp", "client", "--noise-multiplier", "4.0", "--target-epsilon", "3", "--eval-limit", "200",
-                         "--max-batches", "3")
     cluster.wait_ready()
-    errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
         try:
@@ -256,25 +255,52 @@ def test_the_privacy_tab_shows_epsilon_growing_live(cluster):
             page.goto(f"{cluster.url}/?token={cluster.admin_token}")
             page.wait_for_function("() => document.getElementById('state').textContent === 'idle'", timeout=20_000)
             page.click("#privacy-tab")
-            for i in range(2):
-                cluster.start_client(f"c{i}", "--dataset", "synthetic", "--model", "mlp", "--partition", "iid",
-                                     "--num-clients", "2", "--client-index", str(i), "--max-samples", "200")
-            cluster.api("POST", "/api/start", admin=True).raise_for_status()
-            seen = []
-            for n in (1, 2, 3):  # each round adds a point, live
-                page.wait_for_function(f"() => (window.meshfed.charts.privacy.data.datasets[0]?.data || [])"
-                                       f".filter((v) => v != null).length >= {n}", timeout=60_000)
-                seen.append(page.evaluate("() => window.meshfed.charts.privacy.data.datasets[0].data.filter("
-                                          "(v) => v != null).slice(-1)[0]"))
-            assert seen == sorted(seen) and len(set(seen)) == 3, seen
-            assert page.text_content("#privacy-mode").startswith("dp: client, budget epsilon 3")
-            assert "epsilon" in page.text_content("#privacy-spent")
-            page.wait_for_function("() => document.getElementById('state').textContent === 'finished'",
-                                   timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-privacy.png"), full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def test_the_privacy_tab_shows_epsilon_growing_live(cluster):
+    cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "8", "--min-clients", "2",
+                         "--dp", "client", "--noise-multiplier", "4.0", "--target-epsilon", "3", "--eval-limit", "200",
+                         "--max-batches", "3")
+    errors: list[str] = []
+    with _privacy_tab(cluster, errors) as page:
+        for i in range(2):
+            cluster.start_client(f"c{i}", "--dataset", "synthetic", "--model", "mlp", "--partition", "iid",
+                                 "--num-clients", "2", "--client-index", str(i), "--max-samples", "200")
+        cluster.api("POST", "/api/start", admin=True).raise_for_status()
+        seen = []
+        for n in (1, 2, 3):  # each round adds a point, live
+            page.wait_for_function(f"() => (window.meshfed.charts.privacy.data.datasets[0]?.data || [])"
+                                   f".filter((v) => v != null).length >= {n}", timeout=60_000)
+            seen.append(page.evaluate("() => window.meshfed.charts.privacy.data.datasets[0].data.filter("
+                                      "(v) => v != null).slice(-1)[0]"))
+        assert seen == sorted(seen) and len(set(seen)) == 3, seen
+        assert page.text_content("#privacy-mode").startswith("dp: client, budget epsilon 3")
+        assert "epsilon" in page.text_content("#privacy-spent")
+        page.wait_for_function("() => document.getElementById('state').textContent === 'finished'", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-privacy.png"), full_page=True)
     assert errors == [], errors
     rounds = cluster.rounds()  # the budget stopped it before its 8 rounds (q = 1, sigma 4: 5 rounds fit in 3)
     assert 3 <= len(rounds) < 8 and rounds[-1]["privacy"]["epsilon"] <= 3
     assert "privacy budget" in (cluster.workdir / "server.log").read_text()
+
+
+def test_the_privacy_tab_shows_each_secure_rounds_stages_live(cluster):
+    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
+    cluster.start_server(*synthetic, "--num-rounds", "2", "--min-clients", "3", "--secure-aggregation", "secagg+",
+                         "--eval-limit", "200", "--max-batches", "3")
+    errors: list[str] = []
+    with _privacy_tab(cluster, errors) as page:
+        assert "in the clear" in page.text_content("#secure-mode")
+        cluster.start_clients("c", 3, *synthetic, "--partition", "iid", "--num-clients", "3", "--max-samples", "200")
+        cluster.wait_until(lambda: cluster.status()["clients_online"] == 3, 60, "three clients")
+        cluster.api("POST", "/api/start", admin=True).raise_for_status()
+        page.wait_for_function("() => document.querySelectorAll('#secure-body tr').length === 2", timeout=60_000)
+        first = page.locator("#secure-body tr").first.locator("td")  # the newest round first
+        assert first.nth(0).text_content() == "2" and first.nth(1).text_content() == "3 / 3 / 3"
+        assert first.nth(2).text_content() == "0" and "KiB" in first.nth(5).text_content()
+        assert "Updates arrive masked" in page.text_content("#secure-mode")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-secure.png"), full_page=True)
+    assert errors == [], errors

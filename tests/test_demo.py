@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT
 from shared.cluster import wait_until
@@ -25,21 +29,24 @@ def processes_in(workdir):
     return found
 
 
-def demo(tmp_path, *args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def demo(tmp_path, *args, work_dir=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}  # its temp work dir goes there
     return subprocess.Popen([sys.executable, str(ROOT / "run_demo.py"), "--dataset", "synthetic", "--port", "0",
                              "--num-clients", "2", "--max-samples", "400", "--eval-limit", "500",
-                             "--report-dir", str(tmp_path / "report"), "--work-dir", str(tmp_path / "work"), *args],
+                             "--report-dir", str(tmp_path / "report"),
+                             *(["--work-dir", str(tmp_path / "work")] if work_dir else []), *args],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_demo_writes_report_and_plot_and_stops_everything(tmp_path):
-    proc = demo(tmp_path, "--num-rounds", "2")
+    proc = demo(tmp_path, "--num-rounds", "2", work_dir=False)
     try:
         out, _ = proc.communicate(timeout=240)
     finally:
         proc.kill()
     assert proc.returncode == 0, out
+    work = Path(re.search(r"logs in (\S+)\)", out).group(1))
+    assert work.parent == tmp_path and f"removed {work}" in out and not work.exists()  # no leftovers
     assert "dashboard: http://127.0.0.1:" in out
     assert "round   1/2" in out and "round   2/2" in out
     report = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -47,7 +54,7 @@ def test_demo_writes_report_and_plot_and_stops_everything(tmp_path):
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert set(report["rounds"][0]) == {"round", "accuracy", "loss", "num_clients", "seconds"}
     assert (tmp_path / "report" / "accuracy_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert processes_in(tmp_path / "work") == []
+    assert processes_in(work) == []
 
 
 def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
@@ -60,3 +67,33 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
     finally:
         proc.kill()
     wait_until(lambda: processes_in(tmp_path / "work") == [], 10, "every process of the demo to end")
+
+
+@pytest.mark.parametrize("args,says", [(["--num-clients", "0"], "--num-clients must be at least 1"),
+                                       (["--num-rounds", "-1"], "--num-rounds must be at least 1"),
+                                       (["--dataset", "nosuch"], "--dataset: invalid choice: 'nosuch'"),
+                                       (["--lr", "0"], "--lr must be above 0")])
+def test_a_mistaken_flag_gets_one_line_naming_it_and_nothing_starts(tmp_path, args, says):
+    r = subprocess.run([sys.executable, str(ROOT / "run_demo.py"), *args, "--report-dir", str(tmp_path / "r")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_dataset_is_one_line_and_a_taken_port_is_replaced(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = demo(tmp_path, "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--port", str(port),
+                    work_dir=False)
+        try:
+            out, _ = proc.communicate(timeout=180)
+        finally:
+            proc.kill()
+    assert f"port {port} is taken (another meshfed, or another program); using" in out, out
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    (error,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert "dataset 'mnist' not found offline" in error and "--data-dir" in error
+    work = Path(re.search(r"\(logs in (\S+)\)$", error).group(1))
+    assert work.exists() and processes_in(work) == []  # kept, to read; every process stopped

@@ -263,6 +263,44 @@ def test_a_refused_update_does_not_hold_the_round_until_its_deadline(cluster):
     assert c2["refusals"] == {"non_finite": 3}, c2["refusals"]
 
 
+def test_a_client_refused_for_its_token_keeps_retrying_until_the_server_takes_it(cluster):
+    """A wrong enrollment token is the operator's to fix, on either side: the client says so and retries, and
+    connects on its own once the server is restarted with the token it has."""
+    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
+    cluster.start_server(*synthetic, "--min-clients", "1")
+    cluster.wait_ready()
+    cluster.enrollment_token = "the-clients-token"  # not the server's
+    client = cluster.start_client("c0", *synthetic, "--max-samples", "100")
+    log = cluster.workdir / "c0.log"
+    cluster.wait_until(lambda: log.read_text().count("the server refused our enrollment token") >= 2, 60,
+                       "the client to retry its refused token")
+    assert client.poll() is None and cluster.status()["clients_online"] == 0
+    cluster.kill(cluster.server)
+    cluster.start_server(*synthetic, "--min-clients", "1")  # same state dir, now with the client's token
+    cluster.wait_until(lambda: cluster.status()["clients_online"] == 1, 60, "the client to connect by itself")
+    assert client.poll() is None
+
+
+def test_sigterm_and_the_dashboards_stop_end_local_training_within_a_batch(cluster):
+    """Local training asks, before each batch, whether the round is still on: SIGTERM (the process is stopping)
+    and a run stopped from the dashboard (the server cancels the round) end minutes of it within a batch."""
+    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
+    cluster.start_server(*synthetic, "--num-rounds", "3", "--min-clients", "2", "--round-timeout", "600", "--start")
+    minutes = ["--local-epochs", "5000", "--max-samples", "1000", "--partition", "iid", "--num-clients", "2"]
+    clients = [cluster.start_client(f"c{i}", *synthetic, *minutes, "--client-index", str(i)) for i in range(2)]
+    cluster.wait_until(lambda: len((cluster.status()["open_round"] or {}).get("selected", [])) == 2, 120,
+                       "a round asking both clients")
+    time.sleep(2)  # both are deep in local training now
+    started = time.monotonic()
+    cluster.kill(clients[0], signal.SIGTERM)  # waits for it to exit
+    assert time.monotonic() - started < 5 and clients[0].returncode == 0
+    assert "training stopped after" in (cluster.workdir / "c0.log").read_text()
+    assert cluster.api("POST", "/api/stop", admin=True).ok
+    cluster.wait_until(lambda: "the server ended the round" in (cluster.workdir / "c1.log").read_text(), 10,
+                       "c1 to stop training when the run stopped")
+    assert clients[1].poll() is None  # it stopped the round, not itself
+
+
 def test_median_after_nnm_learns_with_an_attacker_and_bad_mixing_is_refused(cluster):
     cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", "3", "--min-clients", "5",
                          "--strategy", "median", "--mixing", "nnm", "--byzantine-f", "1", "--eval-limit", "500",

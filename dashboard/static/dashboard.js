@@ -57,6 +57,29 @@ function drawRounds() {
   $("stat-accuracy").textContent = last ? (100 * last.accuracy).toFixed(2) + "%" : "–";
   $("stat-loss").textContent = last ? last.loss.toFixed(4) : "–";
   drawPrivacy();
+  drawSecure();
+}
+
+// Secure aggregation: each secure round's stages (app/secagg.secure_row), newest first. The server never sees
+// a single update, so nothing about one (norm, anomaly flags) can be shown.
+function drawSecure() {
+  const r = state.rounds.filter((x) => x.secure && x.secure.advertised).slice(-10).reverse();
+  if (!r.length) return;
+  $("secure-mode").textContent = "secure_aggregation: secagg+. Updates arrive masked: the server learns only their " +
+    "sum, so the Flagged column and the flagged bars stay empty (no single update's norm or direction is known).";
+  const body = $("secure-body");
+  body.replaceChildren();
+  for (const x of r) {
+    const s = x.secure, row = body.insertRow();
+    const bytes = Object.entries(s.bytes || {}).reduce((a, [, v]) => a + v, 0) / Math.max(1, s.advertised);
+    cell(row, x.round);
+    cell(row, `${s.advertised} / ${s.shared} / ${s.survivors}`);
+    cell(row, s.recovered ? `${s.recovered} (${(s.dropped || []).join(", ")})` : "0");
+    cell(row, `${s.neighbours}, ${s.threshold}`);
+    cell(row, ["keys", "shares", "inputs", "reveal", "unmask"].map((k) => (s.seconds[k] ?? 0).toFixed(2)).join(", "));
+    cell(row, `${(bytes / 1024).toFixed(1)} KiB`);
+    cell(row, (s.unmask_cpu_seconds ?? 0).toFixed(3));
+  }
 }
 
 // Privacy: the run's epsilon (dp client) or each client's (dp sample, local), from the rounds' privacy field;
