@@ -13,6 +13,8 @@ import signal
 import socket
 import sys
 import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import requests
 from shared.cluster import Cluster, free_port
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")  # the built-in ones (plug-ins: run_server.py)
+PROGRESS_SECONDS = 5.0  # at most one progress line this often while a round runs
 
 
 def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -89,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def pick_port(wanted: int) -> int:
     """`wanted` if it is free on 127.0.0.1, else any free port (said so): another meshfed, or anything else,
     may hold it, and the demo must not drive someone else's server."""
@@ -140,6 +147,37 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def wait_for_round(cluster: Cluster, round_no: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rounds from `round_no` on once there are any; meanwhile a line of progress, when it changes (at most
+    every PROGRESS_SECONDS): clients coming online, then their batches done this round."""
+    deadline, said, last = time.monotonic() + args.round_timeout * 2, "", 0.0
+    while time.monotonic() < deadline:
+        try:
+            rows = [r for r in cluster.rounds() if r["round"] >= round_no]
+            if rows:
+                return rows
+            line = progress_line(cluster, round_no, args.num_clients)
+        except requests.RequestException:
+            line = said  # the server is busy or restarting: say nothing new
+        if cluster.server is not None and cluster.server.poll() is not None:
+            raise RuntimeError(f"server exited with {cluster.server.returncode}")
+        if line != said and time.monotonic() - last >= PROGRESS_SECONDS:
+            print(line, flush=True)
+            said, last = line, time.monotonic()
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {args.round_timeout * 2:.0f}s waiting for round {round_no}")
+
+
+def progress_line(cluster: Cluster, round_no: int, num_clients: int) -> str:
+    status = cluster.status()
+    training = [c["progress"] for c in cluster.api("GET", "/api/clients").json()["clients"]
+                if c.get("progress") and c["progress"]["round"] == round_no]
+    if not training:
+        return f"  round {round_no}: {status['state']}, clients online {status['clients_online']}/{num_clients}"
+    done, total = sum(p["done"] for p in training), sum(p["total"] for p in training)
+    return f"  round {round_no}: {len(training)} clients training, {100 * done / total:.0f}% of their batches done"
+
+
 def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
     # the processes run in the work dir: a relative default would point into it, not where the demo was started
     data_dir = str(Path(args.data_dir or os.environ.get("MESHFED_DATA_DIR") or "data").resolve())
@@ -165,11 +203,11 @@ def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
         cluster.wait_ready()
         print(f"dashboard: {cluster.url}/   (admin token {cluster.admin_token}; logs in {workdir})", flush=True)
         cluster.api("POST", "/api/start", admin=True).raise_for_status()
+        started = now_iso()
         printed: list[dict[str, Any]] = []
         try:
             while len(printed) < args.num_rounds:
-                rows = cluster.wait_until(lambda: [r for r in cluster.rounds() if r["round"] > len(printed)],
-                                          args.round_timeout * 2, f"round {len(printed) + 1}", every=0.5)
+                rows = wait_for_round(cluster, len(printed) + 1, args)
                 for r in rows:
                     print(f"round {r['round']:>3}/{args.num_rounds}  accuracy {100 * r['accuracy']:6.2f}%  "
                           f"loss {r['loss']:.4f}  clients {r['num_clients']}/{r['num_selected']}  "
@@ -180,10 +218,17 @@ def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
         except KeyboardInterrupt:
             print("interrupted; stopping every process", flush=True)
             return 130
-        report = {"dataset": args.dataset, "num_clients": args.num_clients, "partition": args.partition,
-                  "alpha": args.alpha, "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "num_clients",
-                                                                        "seconds")} for r in printed]}
-        (report_dir / "report.json").write_text(json.dumps(report, indent=2))
+        status = cluster.status()
+        report = {"run_id": status["run_id"], "started": started, "finished": now_iso(),
+                  "dataset": args.dataset, "num_clients": args.num_clients, "partition": args.partition,
+                  "alpha": args.alpha, "settings": status["config"],
+                  "rounds": [{"round": r["round"], "accuracy": r["accuracy"], "loss": round(r["loss"], 6),
+                              "num_clients": r["num_clients"], "num_selected": r["num_selected"],
+                              "seconds": round(r["seconds"], 3)} for r in printed]}
+        path = report_dir / "report.json"
+        if path.exists():
+            print(f"replacing the previous report in {report_dir} (--report-dir keeps reports apart)", flush=True)
+        path.write_text(json.dumps(report, indent=2))
         plot(printed, report_dir / "accuracy_loss.png",
              f"meshfed: {args.dataset}, {args.num_clients} clients, {args.partition}")
         print(f"report: {report_dir / 'report.json'}, plot: {report_dir / 'accuracy_loss.png'}", flush=True)

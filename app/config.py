@@ -180,7 +180,7 @@ class RunConfig:
                                       "secrets, as a share of its neighbourhood (always more than half)", "privacy",
                                       lo=0, hi=1, lo_open=True)
     secagg_neighbours: int = setting(0, "SecAgg neighbours", "secagg+: each client's neighbours k (n - 1 or more = "
-                                     "plain SecAgg)", "privacy", lo=0, hi=10_000, note="0 = about 2 log2 n")
+                                     "plain SecAgg)", "privacy", lo=0, hi=10_000, note="0 = 6 log2 n")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -61,6 +61,17 @@ class SocketTransport:
             observer(event, data)
 
 
+def _progress(raw: Any) -> dict[str, int]:
+    """A training client's batches done of its total in a round (advisory, for the dashboard), or {}."""
+    if not isinstance(raw, dict):
+        return {}
+    values = {k: raw.get(k) for k in ("round", "done", "total")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**12 for v in values.values()) \
+            or values["total"] == 0:
+        return {}
+    return {**values, "done": min(values["done"], values["total"])}
+
+
 class FlNamespace(Namespace):
     """/fl: clients register (connect), report their status, and leave. Thin: decode, check, hand over to the
     registry and the runs."""
@@ -130,7 +141,8 @@ class FlNamespace(Namespace):
                 for p in mesh["peers"][:256] if isinstance(p, dict)]}
         else:
             mesh = {}
-        changes: dict[str, Any] = {"resources": resources, "mesh": mesh, **({"state": state} if state else {})}
+        changes: dict[str, Any] = {"resources": resources, "mesh": mesh, **({"state": state} if state else {}),
+                                   "progress": _progress(data.get("progress")) if state == TRAINING else {}}
         privacy = data.get("privacy")
         if isinstance(privacy, dict):  # a client whose budget is spent says so: it is asked no more
             epsilon = privacy.get("epsilon")

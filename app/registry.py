@@ -22,6 +22,7 @@ class Session:
     resources: dict[str, float] = field(default_factory=dict)  # cpu_percent, memory_mb from the client
     mesh: dict[str, Any] = field(default_factory=dict)         # {mode, peers: [{id, mode}]} (mesh clients)
     privacy: dict[str, Any] = field(default_factory=dict)      # {epsilon, exhausted} (dp 'sample' / 'local')
+    progress: dict[str, int] = field(default_factory=dict)     # {round, done, total}: batches, while training
 
 
 class Registry:

@@ -105,6 +105,7 @@ class Meshfed:
             s = online.get(row["id"])
             row["status"] = s.state if s else "mesh" if row["id"] in in_mesh else "offline"
             row["resources"] = s.resources if s else {}
+            row["progress"] = s.progress if s and s.state == "training" else {}
             row["mesh_peers"] = [p["id"] for p in s.mesh.get("peers", [])] if s else []
         return rows
 

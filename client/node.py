@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import psutil
@@ -41,6 +41,7 @@ log = logging.getLogger("meshfed.client")
 # so the client keeps retrying, saying why.
 FATAL_REFUSALS = ("bad_registration", "protocol_version", "key_mismatch", "bad_public_key")
 TOKEN_RETRY_SECONDS = 10.0
+PROGRESS_SECONDS = 2.0  # how often a training client reports its batches done (the dashboard table's beat)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ class Node:
             log.warning("connection refused: %s", message)
 
     def _on_welcome(self, data: dict[str, Any]) -> None:
-        log.info("registered as %s (%s), run %s", data.get("client_id"), data.get("fingerprint"), data.get("run_id"))
+        log.info("registered as %s (%s), %s", data.get("client_id"), data.get("fingerprint"),
+                 f"run {data['run_id']}" if data.get("run_id") else "no run started yet")
 
     def _on_train(self, data: dict[str, Any]) -> None:
         request = TrainRequest.from_dict(data)
@@ -279,6 +281,8 @@ class Node:
             epochs, batch_size = c.local_epochs or request.local_epochs, c.batch_size or request.batch_size
             max_batches = partial_batches(self.trainer.num_examples, batch_size, epochs, b.slowdown,
                                           request.max_batches)
+            batches = epochs * -(-self.trainer.num_examples // batch_size)  # what training will do (expected,
+            batches = min(batches, max_batches) if max_batches else batches  # with DP-SGD's Poisson batches)
             if self.mesh is not None:  # mesh steps train like the server's last round asked
                 self.mesh.lr, self.mesh.batch_size = c.lr or request.lr, batch_size
                 self.mesh.momentum = request.momentum
@@ -294,7 +298,7 @@ class Node:
                     global_weights, epochs, c.lr or request.lr, batch_size, max_batches, seed=request.round,
                     proximal_mu=request.proximal_mu, momentum=request.momentum,
                     dp_sgd=(request.noise_multiplier, request.max_grad_norm) if request.dp == "sample" else None,
-                    cancel=lambda: self._stop.is_set() or (request.run_id, request.round) in self._cancelled)
+                    cancel=self._training_ticker(request, batches))
             epsilon = 0.0
             if private:  # spent once trained, recorded before the update leaves
                 if request.dp == "local":
@@ -460,6 +464,20 @@ class Node:
         """This process's CPU % since the previous call, and its resident memory."""
         return {"cpu_percent": self._process.cpu_percent(interval=None),
                 "memory_mb": self._process.memory_info().rss / 2**20}
+
+    def _training_ticker(self, request: TrainRequest, total: int) -> Callable[[], bool]:
+        """What training calls before each batch: counts it, reports progress (batches done of `total`) with the
+        status at most every PROGRESS_SECONDS, and says whether to stop (SIGTERM, or the round ended without us)."""
+        done, last = 0, time.monotonic()
+
+        def tick() -> bool:
+            nonlocal done, last
+            if time.monotonic() - last >= PROGRESS_SECONDS:
+                last = time.monotonic()
+                self._emit_status("training", progress={"round": request.round, "done": done, "total": total})
+            done += 1
+            return self._stop.is_set() or (request.run_id, request.round) in self._cancelled
+        return tick
 
     def _emit_status(self, state: str, **extra: Any) -> None:
         self._state = state

@@ -303,4 +303,46 @@ def test_the_privacy_tab_shows_each_secure_rounds_stages_live(cluster):
         assert first.nth(2).text_content() == "0" and "KiB" in first.nth(5).text_content()
         assert "Updates arrive masked" in page.text_content("#secure-mode")
         page.screenshot(path=str(ARTIFACTS / "dashboard-secure.png"), full_page=True)
+        # Rollback asks first: dismissed, nothing happens; accepted, a new version is the current one
+        page.wait_for_function("() => document.getElementById('state').textContent === 'finished'", timeout=30_000)
+        page.click("button[data-bs-target='#tab-models']")
+        before = cluster.api("GET", "/api/models").json()["current"]
+        asked: list[str] = []
+        page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+        page.locator("#models-body button", has_text="Rollback").last.click()
+        page.wait_for_timeout(1000)
+        assert asked and "Roll the global model back" in asked[0]
+        assert cluster.api("GET", "/api/models").json()["current"] == before
+        page.once("dialog", lambda d: d.accept())
+        page.locator("#models-body button", has_text="Rollback").last.click()
+        cluster.wait_until(lambda: cluster.api("GET", "/api/models").json()["current"] != before, 10,
+                           "the rollback, once confirmed")
     assert errors == [], errors
+
+
+def test_the_clients_table_shows_each_training_clients_progress(cluster):
+    from playwright.sync_api import sync_playwright
+
+    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
+    cluster.start_server(*synthetic, "--num-rounds", "1", "--min-clients", "1", "--round-timeout", "600", "--start")
+    cluster.start_client("c0", *synthetic, "--local-epochs", "5000", "--max-samples", "1000")  # minutes of it
+    cluster.wait_ready()
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(f"{cluster.url}/?token={cluster.admin_token}")
+            page.click("button[data-bs-target='#tab-clients']")
+            page.wait_for_function("() => document.querySelector('#clients-body progress')?.value > 0",
+                                   timeout=60_000)
+            first = page.eval_on_selector("#clients-body progress", "e => [e.value, e.max, e.title]")
+            page.wait_for_function(f"() => document.querySelector('#clients-body progress')?.value > {first[0]}",
+                                   timeout=30_000)  # it moves, live
+            assert first[1] == 5000 * 25 and first[2].startswith("round 1: ")
+            page.screenshot(path=str(ARTIFACTS / "dashboard-progress.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == [], errors
+    assert cluster.api("POST", "/api/stop", admin=True).ok

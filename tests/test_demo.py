@@ -49,10 +49,13 @@ def test_demo_writes_report_and_plot_and_stops_everything(tmp_path):
     assert work.parent == tmp_path and f"removed {work}" in out and not work.exists()  # no leftovers
     assert "dashboard: http://127.0.0.1:" in out
     assert "round   1/2" in out and "round   2/2" in out
+    assert "  round 1: " in out  # a progress line while round 1 runs
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["dataset"] == "synthetic" and report["num_clients"] == 2
     assert [r["round"] for r in report["rounds"]] == [1, 2]
-    assert set(report["rounds"][0]) == {"round", "accuracy", "loss", "num_clients", "seconds"}
+    assert set(report["rounds"][0]) == {"round", "accuracy", "loss", "num_clients", "num_selected", "seconds"}
+    assert report["settings"]["num_rounds"] == 2 and report["run_id"] and report["started"] <= report["finished"]
+    assert all(len(repr(r["seconds"]).split(".")[1]) <= 3 for r in report["rounds"])
     assert (tmp_path / "report" / "accuracy_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert processes_in(work) == []
 

@@ -290,7 +290,14 @@ def test_sigterm_and_the_dashboards_stop_end_local_training_within_a_batch(clust
     clients = [cluster.start_client(f"c{i}", *synthetic, *minutes, "--client-index", str(i)) for i in range(2)]
     cluster.wait_until(lambda: len((cluster.status()["open_round"] or {}).get("selected", [])) == 2, 120,
                        "a round asking both clients")
-    time.sleep(2)  # both are deep in local training now
+    def progress() -> dict[str, dict]:
+        return {c["id"]: c["progress"] for c in cluster.api("GET", "/api/clients").json()["clients"]}
+    first = cluster.wait_until(lambda: (p := progress()) and all(p.values()) and p, 30, "both to report progress")
+    time.sleep(3)  # both are deep in local training now, reporting batches done every 2 s
+    later = progress()
+    for cid in ("c0", "c1"):  # 800 training examples each (1000, 20% held out), batches of 32, 5000 epochs
+        assert first[cid]["round"] == 1 and later[cid]["total"] == 5000 * 25
+        assert 0 < first[cid]["done"] < later[cid]["done"] < later[cid]["total"]
     started = time.monotonic()
     cluster.kill(clients[0], signal.SIGTERM)  # waits for it to exit
     assert time.monotonic() - started < 5 and clients[0].returncode == 0

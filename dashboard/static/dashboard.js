@@ -137,7 +137,16 @@ function drawClients(clients) {
     const badge = document.createElement("span");
     badge.className = `badge text-bg-${STATUS_BADGE[c.status] || "secondary"} client-status`;
     badge.textContent = c.status;
-    row.insertCell().append(badge);
+    const status = row.insertCell();
+    status.append(badge);
+    if (c.progress && c.progress.total) {  // a training client's batches done this round (its status, every second)
+      const bar = document.createElement("progress");
+      bar.className = "client-progress d-block";
+      bar.max = c.progress.total;
+      bar.value = c.progress.done;
+      bar.title = `round ${c.progress.round}: ${c.progress.done} of ${c.progress.total} batches`;
+      status.append(bar);
+    }
     cell(row, since(c.last_seen));
     cell(row, c.num_examples ?? "–");
     cell(row, c.last_round ?? "–");
@@ -216,8 +225,11 @@ function drawModels(data) {
     rollback.className = "btn btn-sm btn-outline-warning";
     rollback.textContent = "Rollback";
     rollback.disabled = v.version === data.current || (state.status && state.status.active);
-    rollback.onclick = () => socket.emit("rollback_model", { version: v.version }, (ack) =>
-      say("models-message", ack.ok ? `rolled back: new version ${ack.model_version}` : ack.error, ack.ok));
+    rollback.onclick = () => {  // it replaces the global model every client trains from next: ask first
+      if (!confirm(`Roll the global model back to version ${v.version}? Clients train from it next round.`)) return;
+      socket.emit("rollback_model", { version: v.version }, (ack) =>
+        say("models-message", ack.ok ? `rolled back: new version ${ack.model_version}` : ack.error, ack.ok));
+    };
     actions.append(link, rollback);
   }
 }
