@@ -151,12 +151,13 @@ def wait_for_round(cluster: Cluster, round_no: int, args: argparse.Namespace) ->
     """The rounds from `round_no` on once there are any; meanwhile a line of progress, when it changes (at most
     every PROGRESS_SECONDS): clients coming online, then their batches done this round."""
     deadline, said, last = time.monotonic() + args.round_timeout * 2, "", 0.0
+    seen: dict[str, dict[str, int]] = {}  # each client's latest progress this round
     while time.monotonic() < deadline:
         try:
             rows = [r for r in cluster.rounds() if r["round"] >= round_no]
             if rows:
                 return rows
-            line = progress_line(cluster, round_no, args.num_clients)
+            line = progress_line(cluster, round_no, args.num_clients, seen)
         except requests.RequestException:
             line = said  # the server is busy or restarting: say nothing new
         if cluster.server is not None and cluster.server.poll() is not None:
@@ -168,14 +169,20 @@ def wait_for_round(cluster: Cluster, round_no: int, args: argparse.Namespace) ->
     raise TimeoutError(f"timed out after {args.round_timeout * 2:.0f}s waiting for round {round_no}")
 
 
-def progress_line(cluster: Cluster, round_no: int, num_clients: int) -> str:
+def progress_line(cluster: Cluster, round_no: int, num_clients: int, seen: dict[str, dict[str, int]]) -> str:
+    """The round's state and clients online, or how many clients train and the share of the round's batches
+    done (a client that stopped reporting has finished its batches)."""
     status = cluster.status()
-    training = [c["progress"] for c in cluster.api("GET", "/api/clients").json()["clients"]
-                if c.get("progress") and c["progress"]["round"] == round_no]
-    if not training:
+    training = {c["id"]: c["progress"] for c in cluster.api("GET", "/api/clients").json()["clients"]
+                if c.get("progress") and c["progress"]["round"] == round_no}
+    for cid in seen.keys() - training.keys():
+        seen[cid] = {**seen[cid], "done": seen[cid]["total"]}
+    seen.update(training)
+    if not seen:
         return f"  round {round_no}: {status['state']}, clients online {status['clients_online']}/{num_clients}"
-    done, total = sum(p["done"] for p in training), sum(p["total"] for p in training)
-    return f"  round {round_no}: {len(training)} clients training, {100 * done / total:.0f}% of their batches done"
+    done, total = sum(p["done"] for p in seen.values()), sum(p["total"] for p in seen.values())
+    return (f"  round {round_no}: {len(training)} of {len(seen)} client{'s' * (len(seen) != 1)} training, "
+            f"{100 * done / total:.0f}% of the round's batches done")
 
 
 def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
