@@ -80,7 +80,7 @@ class MeshfedCollector:
                                   value=sum(s.get("recovered") or 0 for s in secure))
         yield CounterMetricFamily("meshfed_secure_rounds_abandoned", "Secure rounds abandoned (too few clients at "
                                   "a stage) and played again, since the server started",
-                                  value=self.meshfed.rounds.secure.totals["abandoned"])
+                                  value=self.meshfed.rounds.secure.abandoned)
         traffic = self.meshfed.traffic
         yield CounterMetricFamily("meshfed_http_received_bytes", "Update bytes received", value=traffic.bytes_in)
         yield CounterMetricFamily("meshfed_http_sent_bytes", "Model bytes sent", value=traffic.bytes_out)

@@ -26,6 +26,7 @@ rule that nothing unsigned steers the model.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -88,7 +89,7 @@ class SecureAggregation:
         self.public_key_of, self.send = public_key_of, send
         self._cond = threading.Condition()
         self._round: SecureRound | None = None
-        self.totals = {"rounds": 0, "abandoned": 0, "recovered": 0}  # /metrics
+        self.abandoned = 0  # secure rounds abandoned since the server started (/metrics)
 
     # --- what clients send ---------------------------------------------------------------------------------
 
@@ -154,7 +155,6 @@ class SecureAggregation:
                         cfg.secagg_neighbours, started, cfg.round_timeout)
         with self._cond:
             self._round = r
-        self.totals["rounds"] += 1
         return r
 
     def setup(self, r: SecureRound, stop: threading.Event,
@@ -231,11 +231,10 @@ class SecureAggregation:
         except secagg.SecAggError as exc:
             self._abandon(r, str(exc))
         r.stats["seconds"]["unmask"] = time.monotonic() - t
+        r.stats["unmask_cpu_seconds"] = time.thread_time() - cpu
         secagg.audit(f"{r.run_id}-{r.round}.sum", lambda: secagg.flatten(total, {n: (total[n].shape, "<u4")
                                                                                   for n in sorted(total)}))
-        r.stats["unmask_cpu_seconds"] = time.thread_time() - cpu
         r.stats["recovered"] = len(r.dropped)
-        self.totals["recovered"] += len(r.dropped)
         survivors_weight = sum(r.weights[c] for c in r.survivors)
         share = survivors_weight / sum(r.weights[c] for c in r.graph)
         with self._cond:
@@ -275,7 +274,7 @@ class SecureAggregation:
     def _send(self, r: SecureRound, cid: str, stage: str, data: dict[str, Any]) -> None:
         payload = {"stage": stage, "run_id": r.run_id, "round": r.round, **data}
         if self.send(cid, payload):
-            r.count(f"{stage}_sent", len(str(payload)))
+            r.count(f"{stage}_sent", len(json.dumps(payload)))  # as Socket.IO sends it
 
     def _wait(self, done: Callable[[], bool], deadline: float, stop: threading.Event) -> None:
         with self._cond:
@@ -286,7 +285,7 @@ class SecureAggregation:
         with self._cond:
             if self._round is r:
                 self._round = None
-        self.totals["abandoned"] += 1
+        self.abandoned += 1
         raise Abandoned(f"secure aggregation abandoned the round: {why}")
 
     def close(self) -> None:
