@@ -242,8 +242,9 @@ s.on("connect_error", (e) => {{ window.outcome = "refused: " + e.message; }});
 
 
 @contextlib.contextmanager
-def _privacy_tab(cluster, errors: list[str]):
-    """A headless Chromium logged in to the idle dashboard, on its Privacy tab; console errors go to `errors`."""
+def _dashboard_tab(cluster, errors: list[str], tab: str, idle: bool = True):
+    """A headless Chromium logged in to the dashboard (once the server is idle, if `idle`), on tab `tab`
+    ('privacy', 'clients', ...); console errors go to `errors`."""
     from playwright.sync_api import sync_playwright
 
     cluster.wait_ready()
@@ -253,8 +254,10 @@ def _privacy_tab(cluster, errors: list[str]):
             page = browser.new_page(viewport={"width": 1440, "height": 900})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(f"{cluster.url}/?token={cluster.admin_token}")
-            page.wait_for_function("() => document.getElementById('state').textContent === 'idle'", timeout=20_000)
-            page.click("#privacy-tab")
+            if idle:
+                page.wait_for_function("() => document.getElementById('state').textContent === 'idle'",
+                                       timeout=20_000)
+            page.click(f"button[data-bs-target='#tab-{tab}']")
             yield page
         finally:
             browser.close()
@@ -265,7 +268,7 @@ def test_the_privacy_tab_shows_epsilon_growing_live(cluster):
                          "--dp", "client", "--noise-multiplier", "4.0", "--target-epsilon", "3", "--eval-limit", "200",
                          "--max-batches", "3")
     errors: list[str] = []
-    with _privacy_tab(cluster, errors) as page:
+    with _dashboard_tab(cluster, errors, "privacy") as page:
         for i in range(2):
             cluster.start_client(f"c{i}", "--dataset", "synthetic", "--model", "mlp", "--partition", "iid",
                                  "--num-clients", "2", "--client-index", str(i), "--max-samples", "200")
@@ -292,7 +295,7 @@ def test_the_privacy_tab_shows_each_secure_rounds_stages_live(cluster):
     cluster.start_server(*synthetic, "--num-rounds", "2", "--min-clients", "3", "--secure-aggregation", "secagg+",
                          "--eval-limit", "200", "--max-batches", "3")
     errors: list[str] = []
-    with _privacy_tab(cluster, errors) as page:
+    with _dashboard_tab(cluster, errors, "privacy") as page:
         assert "in the clear" in page.text_content("#secure-mode")
         cluster.start_clients("c", 3, *synthetic, "--partition", "iid", "--num-clients", "3", "--max-samples", "200")
         cluster.wait_until(lambda: cluster.status()["clients_online"] == 3, 60, "three clients")
@@ -321,28 +324,16 @@ def test_the_privacy_tab_shows_each_secure_rounds_stages_live(cluster):
 
 
 def test_the_clients_table_shows_each_training_clients_progress(cluster):
-    from playwright.sync_api import sync_playwright
-
     synthetic = ["--dataset", "synthetic", "--model", "mlp"]
     cluster.start_server(*synthetic, "--num-rounds", "1", "--min-clients", "1", "--round-timeout", "600", "--start")
     cluster.start_client("c0", *synthetic, "--local-epochs", "5000", "--max-samples", "1000")  # minutes of it
-    cluster.wait_ready()
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(f"{cluster.url}/?token={cluster.admin_token}")
-            page.click("button[data-bs-target='#tab-clients']")
-            page.wait_for_function("() => document.querySelector('#clients-body progress')?.value > 0",
-                                   timeout=60_000)
-            first = page.eval_on_selector("#clients-body progress", "e => [e.value, e.max, e.title]")
-            page.wait_for_function(f"() => document.querySelector('#clients-body progress')?.value > {first[0]}",
-                                   timeout=30_000)  # it moves, live
-            assert first[1] == 5000 * 25 and first[2].startswith("round 1: ")
-            page.screenshot(path=str(ARTIFACTS / "dashboard-progress.png"), full_page=True)
-        finally:
-            browser.close()
+    with _dashboard_tab(cluster, errors, "clients", idle=False) as page:
+        page.wait_for_function("() => document.querySelector('#clients-body progress')?.value > 0", timeout=60_000)
+        first = page.eval_on_selector("#clients-body progress", "e => [e.value, e.max, e.title]")
+        page.wait_for_function(f"() => document.querySelector('#clients-body progress')?.value > {first[0]}",
+                               timeout=30_000)  # it moves, live
+        assert first[1] == 5000 * 25 and first[2].startswith("round 1: ")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-progress.png"), full_page=True)
     assert errors == [], errors
     assert cluster.api("POST", "/api/stop", admin=True).ok
