@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import hashlib
 import importlib
@@ -17,28 +16,30 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from client.behaviour import Behaviour
-from client.node import Node, NodeConfig
-from client.trainer import DataConfig, LocalTrainer, drop_preloaded, preload_split
+from client.config import DataConfig, NodeConfig
 from app.config import RunConfig
 from mesh.config import MeshConfig, trust_path
 from shared import crypto
+from shared.cluster import die_with_parent
 from shared.errors import DatasetNotFound
+from shared.cli import HelpFormatter
 from shared.fileio import read_secret
 from shared.log import redact, setup_logging
 from shared.partition import PARTITION_NAMES
 
 
+# torch, the trainer and the node are imported once the flags are parsed: --help and a mistyped flag answer at
+# once (tests/test_entry_points.py checks that they load no torch)
 D, B, M = DataConfig(), Behaviour(), MeshConfig()  # the defaults are the dataclasses' own
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, with its help and default (--help); checks that span flags are in parse_args."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--client-id", default=os.environ.get("MESHFED_CLIENT_ID") or socket.gethostname(),
                    help="default $MESHFED_CLIENT_ID, else the host name (one per container)")
-    p.add_argument("--server-address", default="http://127.0.0.1:5000")
+    p.add_argument("--server-address", default="http://127.0.0.1:5000", help="the server (or nginx in front of it)")
     p.add_argument("--dataset", default=D.dataset, help="mnist | fashion-mnist | cifar10 | synthetic, or a plug-in's")
     p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
     p.add_argument("--model", default=RunConfig.model, help="cnn | mlp, or a plug-in's (must match the server's)")
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="import a module that registers models (as the server does); repeatable")
     p.add_argument("--dataset-module", action="append", default=[], metavar="MODULE",
                    help="import a module that registers datasets (as the server does); repeatable")
-    p.add_argument("--partition", default=D.partition, choices=list(PARTITION_NAMES))
+    p.add_argument("--partition", default=D.partition, choices=list(PARTITION_NAMES), help="how the dataset is cut")
     p.add_argument("--alpha", type=float, default=D.alpha, help="Dirichlet concentration")
     p.add_argument("--num-clients", type=int, default=D.num_clients, help="number of partitions")
     p.add_argument("--client-index", type=int, default=D.client_index,
@@ -75,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and one decoding of the training split: "
                         "ids <client-id>-0..N-1, partitions client-index..client-index+N-1, log files "
                         "<log-file stem>-k, mesh ports mesh-port+k")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-file", default=None)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-file", default=None, help="also log to this file")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     p.add_argument("--enable-mesh", action="store_true",
                    help="when the server is unreachable, keep training in a zeroconf-discovered P2P mesh")
@@ -93,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print this client's key fingerprint as a QR code (also <key-dir>/<id>-qr/) and exit")
     p.add_argument("--confirm-peer", default=None, metavar="FINGERPRINT",
                    help="trust a mesh peer that is not on the server's roster, after comparing its QR code; exit")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.local_clients < 1:
         p.error("--local-clients must be at least 1")
@@ -156,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
     redact(args.enrollment_token or "")
     if args.show_fingerprint or args.confirm_peer:
         return operator_command(args)
+    import torch
+
+    from client.node import Node
+    from client.trainer import LocalTrainer
     torch.set_num_threads(args.torch_threads)
     if args.client_index < 0:  # replicas of one compose service share their flags: spread them by id
         args.client_index = int(hashlib.sha256(args.client_id.encode()).hexdigest(), 16) % args.num_clients
@@ -197,10 +207,7 @@ def local_client_args(args: argparse.Namespace, k: int) -> argparse.Namespace:
 
 def _local_client(args: argparse.Namespace, parent: int) -> None:
     """A forked client: dies with its launcher (Linux), then runs like `run_client.py` would."""
-    try:  # PR_SET_PDEATHSIG: SIGTERM us when the launcher dies, even by SIGKILL
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: a launcher killed by SIGKILL leaves its clients running
+    die_with_parent()  # not Linux: a launcher killed by SIGKILL leaves its clients running
     if os.getppid() != parent:  # the launcher died before prctl took effect
         sys.exit(0)
     sys.exit(run(args))
@@ -215,6 +222,7 @@ def run_local_clients(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_file, args.log_format)  # the clients log to <stem>-k
     log = logging.getLogger("meshfed.launcher")
     children = [local_client_args(args, k) for k in range(args.local_clients)]  # validates before forking
+    from client.trainer import drop_preloaded, preload_split
     try:  # decoded once here, not once per client; each client keeps only its partition of it
         preload_split(args.dataset, args.data_dir)
     except DatasetNotFound as exc:

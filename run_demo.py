@@ -169,6 +169,13 @@ def wait_for_round(cluster: Cluster, round_no: int, args: argparse.Namespace) ->
     raise TimeoutError(f"timed out after {args.round_timeout * 2:.0f}s waiting for round {round_no}")
 
 
+def round_line(r: dict[str, Any], num_rounds: int) -> str:
+    """One round's line; a partial round says who did not deliver and why (e.g. a missed deadline)."""
+    why = "".join(f", {cid} {reason}" for cid, reason in r.get("why_dropped", {}).items())
+    return (f"round {r['round']:>3}/{num_rounds}  accuracy {100 * r['accuracy']:6.2f}%  loss {r['loss']:.4f}  "
+            f"{r['seconds']:6.2f}s  clients {r['num_clients']}/{r['num_selected']}{':' + why[1:] if why else ''}")
+
+
 def progress_line(cluster: Cluster, round_no: int, num_clients: int, seen: dict[str, dict[str, int]]) -> str:
     """The round's state and clients online, or how many clients train and the share of the round's batches
     done (a client that stopped reporting has finished its batches)."""
@@ -216,9 +223,7 @@ def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
             while len(printed) < args.num_rounds:
                 rows = wait_for_round(cluster, len(printed) + 1, args)
                 for r in rows:
-                    print(f"round {r['round']:>3}/{args.num_rounds}  accuracy {100 * r['accuracy']:6.2f}%  "
-                          f"loss {r['loss']:.4f}  clients {r['num_clients']}/{r['num_selected']}  "
-                          f"{r['seconds']:6.2f}s", flush=True)
+                    print(round_line(r, args.num_rounds), flush=True)
                 printed.extend(rows)
                 if cluster.status()["state"] == "finished":
                     break

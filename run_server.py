@@ -7,20 +7,21 @@ import json
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-from flask import Flask
-from gunicorn import glogging
-from gunicorn.app.base import BaseApplication
-from werkzeug.serving import WSGIRequestHandler, run_simple
-
-from app import create_app
 from app.config import SETTINGS, RunConfig, ServerConfig, Setting, update_run_config
 from app.ratelimit import DEFAULT_RULES, parse_rules
 from app.tokens import load_or_create
 from shared.errors import ConfigError
+from shared.cli import HelpFormatter
 from shared.fileio import read_secret
-from shared.log import JsonFormatter, redact, setup_logging
+from shared.log import redact, setup_logging
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+# Flask, gunicorn and torch are imported where they are used, after the flags are parsed: --help and a
+# mistyped flag answer at once (tests/test_entry_points.py checks that they load no torch).
 
 
 def run_flags() -> list[tuple[str, str, str, Setting]]:
@@ -29,10 +30,11 @@ def run_flags() -> list[tuple[str, str, str, Setting]]:
             for name, (kind, setting) in SETTINGS.items()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, with its help and default (--help); checks that span flags are in parse_args."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=5000, help="port for clients, dashboards and the API")
     p.add_argument("--state-dir", default="state", help="SQLite + checkpoints; restart on it to resume")
     p.add_argument("--data-dir", default=None, help="dataset root (default $MESHFED_DATA_DIR or ./data)")
     p.add_argument("--admin-token-file", default=None,
@@ -61,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-resume", action="store_true", help="do not resume a run that was active at a crash")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="PyTorch threads for evaluation (0 = one per core: the round's training is over by then)")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-file", default=None)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-file", default=None, help="also log to this file")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     p.add_argument("--role", default="leader", choices=["leader", "follower"],
                    help="leader: runs the round loop and serves clients; follower: serves dashboards only")
@@ -82,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="werkzeug: development server; gunicorn: production (1 worker, --threads threads)")
     p.add_argument("--threads", type=int, default=100,
                    help="gunicorn threads; each connected client or browser holds one")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.torch_threads < 0:
         p.error("--torch-threads must be 0 (one per core) or a number of threads")
@@ -132,6 +139,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 def build_app(args: argparse.Namespace, config: ServerConfig) -> Flask:
     """The app with its background work started: feed, and a resumed or started run (leader)."""
+    from app import create_app
     try:
         app = create_app(config)
     except RuntimeError as exc:  # e.g. another leader holds the lock
@@ -143,47 +151,6 @@ def build_app(args: argparse.Namespace, config: ServerConfig) -> Flask:
         if args.start and not resumed:
             meshfed.runs.start()
     return app
-
-
-class JsonGunicornLogger(glogging.Logger):
-    """gunicorn's own lines (starting, booting and stopping the worker) as JSON, for --log-format json."""
-
-    def setup(self, cfg: object) -> None:
-        super().setup(cfg)
-        for handler in self.error_log.handlers:
-            handler.setFormatter(JsonFormatter())
-
-
-class Gunicorn(BaseApplication):
-    """gunicorn in-process (its documented custom-application API), configured from our flags.
-
-    One worker with many threads: Flask-SocketIO's threading mode holds a thread per websocket, and
-    the round loop must live in exactly one process. load() runs in the worker, after the fork, so
-    the loop's threads start there.
-    """
-
-    def __init__(self, args: argparse.Namespace, config: ServerConfig):
-        self.args, self.config = args, config
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in {"bind": f"{self.config.host}:{self.config.port}", "workers": 1,
-                           "worker_class": "gthread", "threads": self.args.threads, "graceful_timeout": 5,
-                           "timeout": 120, "control_socket_disable": True, "accesslog": None,
-                           "on_exit": self.on_exit}.items():
-            self.cfg.set(key, value)
-        if self.args.log_format == "json":
-            self.cfg.set("logger_class", JsonGunicornLogger)
-
-    def load(self) -> Flask:
-        return build_app(self.args, self.config)
-
-    def on_exit(self, arbiter: object) -> None:
-        """In the master, once the worker is gone: free the leader lock it held. The worker's own exit
-        handlers do not get to run: threads holding websockets keep it alive until the master kills it."""
-        if self.config.message_queue and self.config.role == "leader":
-            from app.leader import leader_identity, release_if_held
-            release_if_held(self.config.message_queue, leader_identity(self.config.port))
 
 
 def announce(args: argparse.Namespace, config: ServerConfig) -> None:
@@ -208,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_file, args.log_format)
     if args.torch_threads > 0:  # else PyTorch's default, a thread per core
+        import torch
         torch.set_num_threads(args.torch_threads)
     try:
         config = build_config(args)
@@ -216,22 +184,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"meshfed server: {exc}")
     redact(config.admin_token, config.enrollment_token)
     announce(args, config)
+    from app import wsgi
     if args.wsgi == "gunicorn":
-        Gunicorn(args, config).run()
+        wsgi.Gunicorn(lambda: build_app(args, config), config, args.threads, args.log_format == "json").run()
         return
     app = build_app(args, config)
     # SIGTERM (docker stop, kill) exits like Ctrl-C, so exit handlers run (the leader lock is released)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # What socketio.run() starts in threading mode (the app already wraps the Socket.IO middleware),
-    # without Flask's plain-text banner, so a --log-format json log stays JSON throughout
-    run_simple(config.host, config.port, app, threaded=True, request_handler=QuietRequestHandler)
-
-
-class QuietRequestHandler(WSGIRequestHandler):
-    """werkzeug's handler without versions (of werkzeug and Python) in the Server header."""
-
-    def version_string(self) -> str:
-        return "meshfed"
+    wsgi.run_werkzeug(app, config.host, config.port)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,12 @@ def metrics() -> Any:
     runs = _runs()
     run_id = request.args.get("run_id", runs.run_id)
     rounds = runs.store.rounds(run_id) if run_id else []
-    return jsonify({"run_id": run_id, "rounds": rounds})
+    return jsonify({"run_id": run_id, "current": runs.run_id, "rounds": rounds})
+
+
+@bp.get("/runs")
+def runs_list() -> Any:
+    return jsonify({"runs": _runs().store.runs()})
 
 
 @bp.get("/privacy")

@@ -63,13 +63,19 @@ class Collection:
         self._arrivals: dict[str, Arrival] = {}
         self._adding: set[str] = set()  # verified and checked, their deltas going into the accumulator
         self._gone: set[str] = set()
+        self._why: dict[str, str] = {}  # why an asked client will not deliver (disconnected, refused...)
         self._refusals = 0  # verified refusals of the open round (its telemetry)
+        self._deadline_at: float | None = None  # the open round's deadline, wall clock (time.time())
         self._secure_weights: dict[str, int] = {}  # a secure round's roster: who may send input, weighing what
 
-    def open(self, open_round: OpenRound, accumulator: Accumulator, step: dict[str, np.ndarray]) -> None:
+    def open(self, open_round: OpenRound, accumulator: Accumulator, step: dict[str, np.ndarray],
+             deadline_at: float | None = None) -> None:
+        """Take updates for `open_round` into `accumulator`; `deadline_at` (wall clock) is shown to dashboards."""
         with self._cond:
+            self._deadline_at = deadline_at
             self._round, self._accumulator, self._step = open_round, accumulator, step
             self._arrivals, self._gone, self._refusals, self._secure_weights = {}, set(), 0, {}
+            self._why = {}
 
     def offer(self, update: Verified, merge_stragglers: bool) -> str:
         """Add a verified update to the open round ('accepted'), or take it as a straggler of a closed round;
@@ -122,13 +128,15 @@ class Collection:
                 self._secure_weights = dict(weights)
             self._cond.notify_all()
 
-    def gone(self, client_ids: set[str]) -> None:
-        """These asked clients will not deliver (disconnected, or never reached): stop waiting for them."""
+    def gone(self, client_ids: set[str], why: str) -> None:
+        """These asked clients will not deliver (`why`: disconnected, never reached...): stop waiting for them."""
         with self._cond:
             self._gone |= client_ids
+            for cid in client_ids:
+                self._why.setdefault(cid, why)
             self._cond.notify_all()
 
-    def refused(self, round_no: int | None, client_id: str) -> None:
+    def refused(self, round_no: int | None, client_id: str, reason: str = "refused") -> None:
         """A verified update for `round_no` was refused. If it was an asked client's for the open round, it will
         not deliver one (clients do not resend): stop waiting for it, as for a client that left, rather than
         hold the round until its deadline."""
@@ -137,6 +145,7 @@ class Collection:
                 self._refusals += 1
                 if client_id in self._round.selected - self._arrivals.keys() - self._adding:
                     self._gone.add(client_id)
+                    self._why.setdefault(client_id, f"its update was refused ({reason})")
                     self._cond.notify_all()
 
     def wake(self) -> None:
@@ -152,6 +161,11 @@ class Collection:
                 if not pending or enough or time.monotonic() >= deadline:
                     return
                 self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def why(self) -> dict[str, str]:
+        """Why asked clients of the open (or last closed) round stopped being waited for, as far as known."""
+        with self._cond:
+            return dict(self._why)
 
     def close(self, max_staleness: int) -> tuple[list[Arrival], Accumulator, int]:
         """Stop taking updates for the open round (later ones are stragglers): its arrivals in client id order,
@@ -169,4 +183,7 @@ class Collection:
         with self._cond:
             r = self._round
             return None if r is None else {"round": r.round, "selected": sorted(r.selected),
-                                           "delivered": sorted(self._arrivals)}
+                                           "delivered": sorted(self._arrivals), "deadline_at": self._deadline_at,
+                                           "deadline_in": None if self._deadline_at is None else
+                                           max(0.0, self._deadline_at - time.time()),
+                                           "gone": dict(self._why)}

@@ -45,6 +45,7 @@ class RoundRow:
     flagged: dict[str, Any] = field(default_factory=dict)  # anomalous updates, with their z-scores
     privacy: dict[str, Any] = field(default_factory=dict)  # epsilon per client; the run's step (app/privacy.py)
     secure: dict[str, Any] = field(default_factory=dict)   # a secure round's stages (app/secagg.secure_row)
+    why_dropped: dict[str, str] = field(default_factory=dict)  # each dropped client: why it did not deliver
     accuracy: float | None = None
     loss: float | None = None
     eval_seconds: float | None = None

@@ -96,7 +96,9 @@ class RunConfig:
                                    hi=10_000, note="0 = no cap", flag="--max-clients")
     quorum: float = setting(0.5, "Quorum", "at the deadline, aggregate if this share of the asked replied",
                             "rounds", lo=0, hi=1, lo_open=True)
-    round_timeout: float = setting(120.0, "Round timeout (s)", "seconds from asking to the deadline", "rounds",
+    round_timeout: float = setting(300.0, "Round timeout (s)", "seconds from asking to the deadline (the "
+                                   "default leaves room for 10 clients, each training a whole Fashion-MNIST "
+                                   "partition with the CNN, on 2 shared cores: about 26 s per client)", "rounds",
                                    lo=1, hi=86_400)
     min_updates: int = setting(0, "Close a round at N updates", "close the round as soon as this many updates "
                                "arrived (asynchronous rounds: set it below the asked count)", "rounds", lo=0,

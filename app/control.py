@@ -8,6 +8,7 @@ raise the same errors (ConfigError with field errors, MeshfedError with a messag
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
 
@@ -25,9 +26,12 @@ class LocalControl:
     def status(self) -> dict[str, Any]:
         return self.meshfed.runs.status()
 
-    def history(self) -> dict[str, Any]:
+    def history(self, run_id: str | None = None) -> dict[str, Any]:
+        """A run's rounds (the current run's by default) and the list of runs to browse."""
         runs = self.meshfed.runs
-        return {"run_id": runs.run_id, "rounds": runs.store.rounds(runs.run_id) if runs.run_id else []}
+        run_id = run_id or runs.run_id
+        return {"run_id": run_id, "current": runs.run_id, "rounds": runs.store.rounds(run_id) if run_id else [],
+                "runs": runs.store.runs()}
 
     def clients(self) -> list[dict[str, Any]]:
         return self.meshfed.clients_view()
@@ -51,8 +55,10 @@ class LocalControl:
         return {"run_id": runs.run_id, **privacy_view(rounds, runs.run_config),
                 "audit": runs.store.latest_audit(runs.run_id)}
 
-    def start(self, new_run: bool) -> str:
-        return self.meshfed.runs.start(new_run=new_run)
+    def start(self, new_run: bool) -> dict[str, Any]:
+        """{run_id, began}: the run and how it began (resumed, continued from the current model, or fresh)."""
+        runs = self.meshfed.runs
+        return {"run_id": runs.start(new_run=new_run), "began": runs.run.began}
 
     def stop(self) -> None:
         self.meshfed.runs.stop()
@@ -95,8 +101,9 @@ class RemoteControl:
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/api/status")
 
-    def history(self) -> dict[str, Any]:
-        return self._call("GET", "/api/metrics")
+    def history(self, run_id: str | None = None) -> dict[str, Any]:
+        query = f"?{urlencode({'run_id': run_id})}" if run_id else ""
+        return {**self._call("GET", "/api/metrics" + query), "runs": self._call("GET", "/api/runs")["runs"]}
 
     def clients(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/clients")["clients"]
@@ -116,8 +123,9 @@ class RemoteControl:
     def privacy(self) -> dict[str, Any]:
         return self._call("GET", "/api/privacy")
 
-    def start(self, new_run: bool) -> str:
-        return self._call("POST", "/api/start", {"new_run": new_run})["run_id"]
+    def start(self, new_run: bool) -> dict[str, Any]:
+        reply = self._call("POST", "/api/start", {"new_run": new_run})
+        return {"run_id": reply["run_id"], "began": reply.get("status", {}).get("began", {})}
 
     def stop(self) -> None:
         self._call("POST", "/api/stop")

@@ -123,7 +123,7 @@ class FlNamespace(Namespace):
         client_id = self.registry.disconnect(request.sid)
         if client_id is not None:
             log.info("client %s disconnected", client_id)
-            self.runs.rounds.collection.gone({client_id})
+            self.runs.rounds.collection.gone({client_id}, "disconnected")
 
     def on_client_status(self, data: Any = None) -> None:  # EV_CLIENT_STATUS
         """What a connected client reports: state, resources, its mesh view, and (after re-partitioning)
@@ -150,7 +150,7 @@ class FlNamespace(Namespace):
                                   "epsilon": float(epsilon) if isinstance(epsilon, (int, float)) and
                                   math.isfinite(epsilon) and 0 <= epsilon <= 1e6 else 0.0}
             if changes["privacy"]["exhausted"]:
-                self.runs.rounds.collection.gone({client_id})
+                self.runs.rounds.collection.gone({client_id}, "its privacy budget is spent")
         examples = data.get("num_examples")
         session = self.registry.get(client_id)
         if isinstance(examples, int) and not isinstance(examples, bool) and 0 < examples <= MAX_EXAMPLES and \

@@ -53,11 +53,22 @@ SCHEMAS: dict[str, Any] = {
                               "model_version": {"type": ["integer", "null"]},
                               "clients_online": {"type": "integer"},
                               "open_round": {"type": ["object", "null"]},
-                              "secure_round": {"type": ["object", "null"]}, "config": {"type": "object"}}},
+                              "secure_round": {"type": ["object", "null"]}, "config": {"type": "object"},
+                              "began": {"type": "object", "properties": {
+                                  "how": {"type": "string", "enum": ["resumed", "continued", "fresh"]},
+                                  "from_version": {"type": ["integer", "null"]}, "why": {"type": "string"}}}}},
     "Round": {"type": "object", "required": ["round", "model_version", "accuracy", "loss", "clients"],
               "properties": {"round": {"type": "integer"}, "model_version": {"type": "integer"},
                              "accuracy": {"type": ["number", "null"]}, "loss": {"type": ["number", "null"]},
-                             "clients": {"type": "array", "items": {"type": "string"}}}},
+                             "clients": {"type": "array", "items": {"type": "string"}},
+                             "dropped": {"type": "array", "items": {"type": "string"}},
+                             "why_dropped": {"type": "object", "additionalProperties": {"type": "string"}}}},
+    "Run": {"type": "object", "required": ["id", "status", "completed_round", "created"],
+            "properties": {"id": {"type": "string"}, "status": {"type": "string"},
+                           "stop_reason": {"type": ["string", "null"]}, "completed_round": {"type": "integer"},
+                           "created": {"type": "number"}, "from_version": {"type": ["integer", "null"]},
+                           "dataset": {"type": ["string", "null"]}, "model": {"type": ["string", "null"]},
+                           "num_rounds": {"type": ["integer", "null"]}}},
     "Version": {"type": "object", "required": ["version", "sha256", "source"],
                 "properties": {"version": {"type": "integer"}, "sha256": {"type": "string"},
                                "source": {"type": "string"}, "round": {"type": ["integer", "null"]},
@@ -87,7 +98,9 @@ def _operations() -> dict[str, dict[str, Any]]:
                                                   "choices, default, help and group (the dashboard's form is made "
                                                   "from it)", "responses": ok(obj, "a JSON Schema")}},
         "/api/start": {"post": {
-            "summary": "Resume the stored run if it has rounds left, else start a new one", "security": admin,
+            "summary": "Resume the stored run if it stopped with rounds left; else start a new run, which continues "
+                       "from the current model when it can (new_run: from a fresh model); `began` says which and "
+                       "why", "security": admin,
             "requestBody": {"required": False, "content": {JSON: {"schema": {
                 "type": "object", "additionalProperties": False, "properties": {"new_run": {"type": "boolean"}}}}}},
             "responses": {**ok({"type": "object", "required": ["run_id"],
@@ -107,8 +120,12 @@ def _operations() -> dict[str, dict[str, Any]]:
             "summary": "Every evaluated round of a run (default: the current one)",
             "parameters": [{"name": "run_id", "in": "query", "required": False, "schema": {"type": "string"}}],
             "responses": ok({"type": "object", "required": ["rounds"], "properties": {
-                "run_id": {"type": ["string", "null"]}, "rounds": {"type": "array", "items": _ref("Round")}}},
+                "run_id": {"type": ["string", "null"]}, "current": {"type": ["string", "null"]},
+                "rounds": {"type": "array", "items": _ref("Round")}}},
                 "the rounds")}},
+        "/api/runs": {"get": {"summary": "Every run, newest first (their rounds: /api/metrics?run_id=)",
+                              "responses": ok({"type": "object", "required": ["runs"], "properties": {
+                                  "runs": {"type": "array", "items": _ref("Run")}}}, "the runs")}},
         "/api/privacy": {"get": {"summary": "The privacy the run spent, round by round: the run's epsilon (dp "
                                             "client), each client's (dp sample, local), the budget's share",
                                  "responses": ok({"type": "object", "required": ["mode", "run", "clients", "latest"]},

@@ -57,6 +57,11 @@ class Phase(StrEnum):
     STOPPED, FINISHED = "stopped", "finished"
 
 
+def dropped_words(why_dropped: dict[str, str]) -> str:
+    """': c2 missed the 300 s deadline, c3 disconnected' for a partial round's log line ('' when none dropped)."""
+    return ": " + ", ".join(f"{cid} {why}" for cid, why in why_dropped.items()) if why_dropped else ""
+
+
 class RoundLoop:
     def __init__(self, store: Store, registry: Registry, transport: Transport,
                  evaluator_for: Callable[[RunConfig], Evaluator], max_update_bytes: int):
@@ -81,23 +86,27 @@ class RoundLoop:
         selected = select_clients(eligible, cfg, run.id, round_no)                      # S_t
         if finished := self.privacy.refuses(cfg, len(selected), len(online), len(eligible)):
             return finished
-        report(run, Phase.TRAINING, round_no)
         secure = self.secure.open(run.id, round_no, self._weights(selected), cfg, started) \
             if cfg.secure_aggregation != "none" else None
-        now = self._ask(run.id, round_no, selected, cfg)                                # w_t to each k in S_t
+        deadline_at = time.time() + cfg.round_timeout  # wall clock, for the dashboards' countdown
+        now = self._ask(run.id, round_no, selected, cfg, deadline_at)                   # w_t to each k in S_t
         dispatched = time.monotonic() - started
+        report(run, Phase.TRAINING, round_no)  # with the open round and its deadline
         if secure is not None:                                                          # keys, shares: app/secagg.py
             try:  # those who shared keys may send input from here on (Collection.admit)
                 secure = self.secure.setup(secure, run.stop, self.collection.admit)
             except Abandoned as exc:
                 return self._lost(run, report, round_no, selected, str(exc), cfg)
+            self.collection.gone(set(selected) - set(secure.u2), "did not share its secure-aggregation keys in time")
         self.collection.wait(started + cfg.round_timeout, cfg.min_updates, run.stop)    # their deltas d_k
         arrivals, accumulator, refusals = self.collection.close(cfg.max_staleness)
-        for cid in sorted(set(selected) - {a.client_id for a in arrivals}):
+        why_dropped = self._why_dropped(selected, arrivals, started, cfg, run.stop)
+        for cid in why_dropped:
             self.transport.send_cancel(cid, run.id, round_no)
         if run.stop.is_set() or len(arrivals) < math.ceil(cfg.quorum * len(selected)):
             self.secure.close()
-            return self._again(run, report, round_no, f"{len(arrivals)} of {len(selected)} replied")
+            return self._again(run, report, round_no, f"{len(arrivals)} of {len(selected)} replied"
+                               + "".join(f"; {cid} {why}" for cid, why in why_dropped.items()))
         report(run, Phase.AGGREGATING, round_no)
         t_aggregate = time.monotonic()
         if secure is not None:                                                          # reveal, unmask
@@ -120,11 +129,11 @@ class RoundLoop:
             self.merges.give_back(taken)
             return self._again(run, report, round_no, str(exc))
         row = RoundRow(round_no, [a.client_id for a in arrivals], len(selected), refusals, time.monotonic() - started,
-                       max(a.metrics.get("train_seconds", 0.0) for a in arrivals),
-                       sorted(set(selected) - {a.client_id for a in arrivals}), taken.stragglers,
-                       sorted(taken.contributions), timings(arrivals, started, dispatched, t_aggregate),
+                       max(a.metrics.get("train_seconds", 0.0) for a in arrivals), sorted(why_dropped),
+                       taken.stragglers, sorted(taken.contributions),
+                       timings(arrivals, started, dispatched, t_aggregate),
                        privacy=self.privacy.account(cfg, accumulator, len(selected), len(eligible), arrivals),
-                       secure=secure_row(secure) if secure else {})
+                       secure=secure_row(secure) if secure else {}, why_dropped=why_dropped)
         finished = "max_rounds" if round_no >= cfg.num_rounds else None
         committed = self.committer.submit(run.id, row, weights, state, [] if secure else arrivals,
                                           update_norm(now.step),
@@ -133,6 +142,19 @@ class RoundLoop:
         finished = self._evaluate(run.id, row, weights, committed, finished, started, cfg)
         report(run, Phase.AGGREGATING, None, round_no)
         return finished
+
+    def _why_dropped(self, selected: list[str], arrivals: list[Any], started: float, cfg: RunConfig,
+                     stop: threading.Event) -> dict[str, str]:
+        """Each asked client that did not deliver, and why: what the collection knows (disconnected, refused...),
+        else the deadline it missed, the run stopping, or min_updates arriving first."""
+        known, missing = self.collection.why(), sorted(set(selected) - {a.client_id for a in arrivals})
+        if stop.is_set():
+            default = "the run stopped"
+        elif time.monotonic() >= started + cfg.round_timeout:
+            default = f"missed the {cfg.round_timeout:g} s deadline"
+        else:
+            default = f"not waited for: min_updates ({cfg.min_updates}) arrived first"
+        return {cid: known.get(cid, default) for cid in missing}
 
     def _wait_for_clients(self, needed: int, stop: threading.Event) -> list[Any] | None:
         while not stop.is_set():
@@ -143,7 +165,7 @@ class RoundLoop:
                 self._cond.wait(timeout=0.5)
         return None
 
-    def _ask(self, run_id: str, round_no: int, selected: list[str], cfg: RunConfig) -> Any:
+    def _ask(self, run_id: str, round_no: int, selected: list[str], cfg: RunConfig, deadline_at: float) -> Any:
         """Open the round and ask each selected client to train (the model itself travels over HTTP); returns the
         global model the round starts from."""
         now = self.model.now()
@@ -151,7 +173,8 @@ class RoundLoop:
         self.collection.open(OpenRound(run_id, round_no, now.version, frozenset() if secure else frozenset(selected),
                                        weight_spec(now.weights), self.merges.max_bytes,
                                        SECURE if secure else cfg.compression),
-                             RingSum() if secure else self.privacy.accumulator(cfg, len(selected)), now.step)
+                             RingSum() if secure else self.privacy.accumulator(cfg, len(selected)), now.step,
+                             deadline_at)
         request = TrainRequest(run_id=run_id, round=round_no, model_version=now.version, model_sha256=now.sha256,
                                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout, partition=cfg.partition,
@@ -159,7 +182,8 @@ class RoundLoop:
                                compression=cfg.compression, momentum=cfg.momentum,
                                secure_aggregation=cfg.secure_aggregation,
                                **({k: getattr(cfg, k) for k in PRIVATE} if cfg.dp in ("sample", "local") else {}))
-        self.collection.gone({cid for cid in selected if not self.transport.send_train(cid, request)})
+        self.collection.gone({cid for cid in selected if not self.transport.send_train(cid, request)},
+                             "not reached (it had just disconnected)")
         return now
 
     def _weights(self, selected: list[str]) -> dict[str, int]:
@@ -196,9 +220,10 @@ class RoundLoop:
         if finished is None and cfg.target_accuracy and row.accuracy >= cfg.target_accuracy:
             finished = "target_accuracy"
         self.store.record_evaluation(run_id, row.round, done.version, row.to_dict(), finished)
-        log.info("round %d/%d  accuracy %.4f  loss %.4f  clients %d/%d  %.2fs", row.round, cfg.num_rounds,
-                 row.accuracy, row.loss, len(row.clients), row.num_selected, row.seconds)
-        self.transport.publish("metrics_update", row.to_dict())
+        log.info("round %d/%d  accuracy %.4f  loss %.4f  clients %d/%d%s  %.2fs", row.round, cfg.num_rounds,
+                 row.accuracy, row.loss, len(row.clients), row.num_selected, dropped_words(row.why_dropped),
+                 row.seconds)
+        self.transport.publish("metrics_update", {**row.to_dict(), "run_id": run_id})
         if row.offline_merged:
             self.transport.publish("mesh_update", self.merges.view())
         return finished
@@ -225,7 +250,7 @@ class RoundLoop:
     def count_refusal(self, refusal: Refusal) -> None:
         """Count a refusal (app/refusals.py: charged to a client only if its signature verified)."""
         if refusal.verified:
-            self.collection.refused(refusal.round, refusal.client_id)
+            self.collection.refused(refusal.round, refusal.client_id, refusal.reason)
             log.warning("refused update from %s: %s: %s", refusal.client_id, refusal.reason, refusal.message)
             self.transport.publish("update_refused", {"client_id": refusal.client_id, "round": refusal.round,
                                                       "reason": refusal.reason, "message": refusal.message})

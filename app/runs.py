@@ -15,6 +15,7 @@ from app.config import RunConfig, update_run_config
 from app.privacy import check_model, delta_problem
 from app.rounds import Phase, RoundLoop
 from shared.errors import ConfigError, MeshfedError
+from shared.models import weight_spec
 from shared.protocol import encode_weights
 
 log = logging.getLogger("meshfed.runs")
@@ -37,6 +38,7 @@ class Run:
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str = "stopped by operator"
     thread: threading.Thread | None = None
+    began: dict[str, Any] = field(default_factory=dict)  # how Start began it: resumed, continued or fresh, and why
 
 
 def _thread(fn: Callable[[], None]) -> threading.Thread:
@@ -69,8 +71,9 @@ class Runs:
             return self.run.config
 
     def start(self, new_run: bool = False) -> str:
-        """Resume the stored run if it has rounds left and the same dataset and model (unless new_run), else
-        begin a new one from a fresh initial model."""
+        """Resume the stored run if it stopped with rounds left (unless new_run); else begin a new run, which
+        continues from the current global model when it can (see _continuing) or starts from a fresh one. The
+        run's `began` says which, and why."""
         with self._lock:
             if self.run.active:
                 raise Conflict("a run is already active; stop it before starting another")
@@ -82,21 +85,44 @@ class Runs:
             if not new_run and stored and stored["status"] in ("running", "stopped") and \
                     stored["completed_round"] < cfg.num_rounds and \
                     (stored["config"]["dataset"], stored["config"]["model"]) == (cfg.dataset, cfg.model):
-                run = Run(cfg, stored["id"], completed=stored["completed_round"])
+                run = Run(cfg, stored["id"], completed=stored["completed_round"],
+                          began={"how": "resumed", "from_version": self.model.version,
+                                 "why": f"run {stored['id']} stopped after round {stored['completed_round']}"})
                 self.store.set_run_status(run.id, "running", config=cfg.to_dict())
                 log.info("resuming run %s after round %d", run.id, run.completed)
             else:
                 run = Run(cfg, uuid.uuid4().hex[:12])
-                self.store.create_run(run.id, cfg.to_dict())
-                data = encode_weights(self.rounds.evaluator_for(cfg).initial_weights(cfg.seed))
-                self.model.adopt(self.store.add_version(data, "init", run_id=run.id), data)
-                log.info("new run %s, initial model version %d", run.id, self.model.version)
+                initial = self.rounds.evaluator_for(cfg).initial_weights(cfg.seed)
+                why = "a new run was asked for" if new_run else self._continuing(cfg, stored, initial)
+                if why is None:  # the current model, its version and the strategy's state, carry on
+                    run.began = {"how": "continued", "from_version": self.model.version,
+                                 "why": f"the current model (version {self.model.version}) trains on"}
+                    self.store.create_run(run.id, cfg.to_dict(), from_version=self.model.version)
+                    log.info("new run %s continues from model version %d", run.id, self.model.version)
+                else:
+                    self.store.create_run(run.id, cfg.to_dict())
+                    data = encode_weights(initial)
+                    self.model.adopt(self.store.add_version(data, "init", run_id=run.id), data)
+                    run.began = {"how": "fresh", "from_version": self.model.version, "why": why}
+                    log.info("new run %s, initial model version %d (%s)", run.id, self.model.version, why)
             run.active, run.phase, self.run = True, Phase.WAITING, run
             self.rounds.merges.reset()
             self.rounds.privacy.start(run.id, cfg)
-        self.rounds.transport.publish("training_started", {"run_id": run.id, "round": run.completed})
+        self.rounds.transport.publish("training_started", {"run_id": run.id, "round": run.completed, **run.began})
         run.thread = self._spawn(lambda: self._play(run))
         return run.id
+
+    def _continuing(self, cfg: RunConfig, stored: dict[str, Any] | None, initial: dict[str, Any]) -> str | None:
+        """None if a new run may continue from the current global model; else why it starts from a fresh one."""
+        if stored is None or self.model.version is None:
+            return "there is no model yet"
+        if (stored["config"]["dataset"], stored["config"]["model"]) != (cfg.dataset, cfg.model):
+            return f"the dataset or model changed (was {stored['config']['dataset']}, {stored['config']['model']})"
+        if weight_spec(self.model.weights) != weight_spec(initial):
+            return "the current model does not fit the configured model"
+        if cfg.dp != "none":  # the current model's training is not in a new run's accountant
+            return "a private run (dp) starts from a fresh model: its accountant counts all of that model's training"
+        return None
 
     def _play(self, run: Run) -> None:
         """The run's thread: play rounds until the run finishes or stops."""
@@ -173,7 +199,7 @@ class Runs:
                     "round": run.playing or run.completed, "completed_round": run.completed,
                     "num_rounds": run.config.num_rounds, "model_version": self.model.version,
                     "clients_online": len(self.rounds.registry.online()), "open_round": self.rounds.collection.view(),
-                    "secure_round": self.rounds.secure.view(),
+                    "secure_round": self.rounds.secure.view(), "began": run.began,
                     "config": asdict(run.config)}
 
     def wait_inactive(self, seconds: float) -> bool:

@@ -105,6 +105,8 @@ class Meshfed:
             s = online.get(row["id"])
             row["status"] = s.state if s else "mesh" if row["id"] in in_mesh else "offline"
             row["resources"] = s.resources if s else {}
+            if s:  # a connected client was last seen at its last status report, not its last stored round
+                row["last_seen"] = max(row["last_seen"] or 0.0, s.last_seen)
             row["progress"] = s.progress if s and s.state == "training" else {}
             row["mesh_peers"] = [p["id"] for p in s.mesh.get("peers", [])] if s else []
         return rows

@@ -35,7 +35,7 @@ class Checkpoint:
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL, stop_reason TEXT,
-    completed_round INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+    completed_round INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, from_version INTEGER);
 CREATE TABLE IF NOT EXISTS model_versions (
     version INTEGER PRIMARY KEY, run_id TEXT, round INTEGER, source TEXT NOT NULL, parent INTEGER,
     sha256 TEXT NOT NULL, path TEXT NOT NULL, accuracy REAL, loss REAL, created REAL NOT NULL,
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_version INTEGER NOT NULL,
     accuracy REAL, loss REAL, num_clients INTEGER, num_selected INTEGER, num_refused INTEGER,
     seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT, flagged TEXT,
-    stragglers TEXT, privacy TEXT, secure TEXT, PRIMARY KEY (run_id, round));
+    stragglers TEXT, privacy TEXT, secure TEXT, dropped TEXT, PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
     last_seen REAL, num_examples INTEGER, last_round INTEGER, accepted INTEGER NOT NULL DEFAULT 0,
@@ -85,8 +85,10 @@ class Store:
         self._db.executescript(SCHEMA)
         if "address" not in {r["name"] for r in self._db.execute("PRAGMA table_info(refusals)")}:
             self._db.execute("ALTER TABLE refusals ADD COLUMN address TEXT")  # a state dir from meshfed/2
+        if "from_version" not in {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}:
+            self._db.execute("ALTER TABLE runs ADD COLUMN from_version INTEGER")  # a state dir from an older meshfed
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)")}
-        for column in ("privacy", "secure"):  # a state dir from an older meshfed
+        for column in ("privacy", "secure", "dropped"):  # a state dir from an older meshfed
             if column not in columns:
                 self._db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
 
@@ -112,9 +114,10 @@ class Store:
 
     # --- runs ------------------------------------------------------------------------------------
 
-    def create_run(self, run_id: str, config: dict[str, Any]) -> None:
-        self._execute(("INSERT INTO runs (id, config, status, created) VALUES (?, ?, 'running', ?)",
-                       (run_id, jsonio.dumps(config), time.time())))
+    def create_run(self, run_id: str, config: dict[str, Any], from_version: int | None = None) -> None:
+        """A new run; `from_version`: the model it continues from (None: its own initial model)."""
+        self._execute(("INSERT INTO runs (id, config, status, created, from_version) VALUES (?, ?, 'running', ?, ?)",
+                       (run_id, jsonio.dumps(config), time.time(), from_version)))
 
     def set_run_status(self, run_id: str, status: str, reason: str | None = None,
                        config: dict[str, Any] | None = None) -> None:
@@ -130,6 +133,15 @@ class Store:
             return None
         rows[0]["config"] = json.loads(rows[0]["config"])
         return rows[0]
+
+    def runs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest runs first, for browsing their history: id, status, why it ended, rounds, when, what."""
+        rows = self._query("SELECT id, config, status, stop_reason, completed_round, created, from_version FROM runs "
+                           "ORDER BY created DESC, rowid DESC LIMIT ?", (limit,))
+        for row in rows:
+            config = json.loads(row.pop("config"))
+            row.update(dataset=config.get("dataset"), model=config.get("model"), num_rounds=config.get("num_rounds"))
+        return rows
 
     # --- model versions --------------------------------------------------------------------------
 
@@ -177,12 +189,12 @@ class Store:
               checkpoint.state_path)),
             ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
              "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings, flagged, "
-             "stragglers, privacy, secure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             "stragglers, privacy, secure, dropped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
               row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
               jsonio.dumps(row["clients"]), jsonio.dumps(row.get("timings", {})), jsonio.dumps(row.get("flagged", {})),
               jsonio.dumps(row.get("stragglers", {})), jsonio.dumps(row.get("privacy", {})),
-              jsonio.dumps(row.get("secure", {})))),
+              jsonio.dumps(row.get("secure", {})), jsonio.dumps(row.get("why_dropped", {})))),
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
         # per-client outcomes in the round's own transaction (one fsync per round, not one per update)
@@ -261,6 +273,8 @@ class Store:
             r["stragglers"] = json.loads(r["stragglers"] or "{}")
             r["privacy"] = json.loads(r["privacy"] or "{}")  # epsilon per client (and the run's, dp 'client')
             r["secure"] = json.loads(r["secure"] or "{}")    # a secure round's stages (app/secagg.py)
+            r["why_dropped"] = json.loads(r.pop("dropped") or "{}")  # asked, not delivered: client id -> why
+            r["dropped"] = sorted(r["why_dropped"])
         return rows
 
     # --- clients ---------------------------------------------------------------------------------

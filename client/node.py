@@ -11,7 +11,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,10 +21,11 @@ import socketio
 import urllib3
 
 from client.behaviour import Behaviour, partial_batches, poison
+from client.config import NodeConfig
 from client.privacy import BudgetExhausted, ClientPrivacy, privatize
 from client.secagg import SecureSession
 from client.trainer import LocalTrainer
-from mesh.config import MeshConfig, trust_path
+from mesh.config import trust_path
 from shared import crypto
 from shared.compression import COMPRESSIONS, compress
 from shared.errors import SyncRefused
@@ -36,26 +36,24 @@ from shared.secagg import SecAggError
 from shared.training import Cancelled
 
 log = logging.getLogger("meshfed.client")
+
+
+class _EngineIONoise(logging.Filter):
+    """python-engineio's client logs a lost connection as an ERROR ('packet queue is empty, aborting'); the node
+    says it in words ('disconnected from the server; reconnecting'), so that line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "packet queue is empty, aborting"
+
+
+logging.getLogger("engineio.client").addFilter(_EngineIONoise())
 # Registration refusals that retrying cannot fix (app/enrollment.py): the client exits with a message. A refused
 # enrollment token is not one: the operator may fix the server's (restarting it with the token its clients have),
 # so the client keeps retrying, saying why.
 FATAL_REFUSALS = ("bad_registration", "protocol_version", "key_mismatch", "bad_public_key")
 TOKEN_RETRY_SECONDS = 10.0
+UNREACHABLE_LOG_SECONDS = 60.0  # "server not reachable" is logged once a minute, while the client retries
 PROGRESS_SECONDS = 2.0  # how often a training client reports its batches done (the dashboard table's beat)
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    client_id: str
-    server_address: str            # http://host:port of the server (or of nginx in front of it)
-    enrollment_token: str
-    key_dir: str = "keys"          # where <client_id>.pem lives (created 0600 on first run)
-    local_epochs: int | None = None  # None = use the server's value; set to override for this client
-    lr: float | None = None
-    batch_size: int | None = None
-    http_timeout: float = 60.0     # seconds for one model download or update upload
-    ca_cert: str | None = None     # CA bundle to verify the server's TLS certificate (https://, wss://)
-    mesh: MeshConfig | None = None  # --enable-mesh: fall back to a P2P mesh when the server is away
 
 
 def signed_update(key: Any, request: TrainRequest, client_id: str, num_examples: int, delta: dict,
@@ -94,6 +92,7 @@ class Node:
         self.fatal: str | None = None
         self._stop = threading.Event()  # run()'s: set by SIGTERM/SIGINT (run_client.py); training checks it
         self._token_refused = False  # the last connection was refused for its enrollment token: retry slowly
+        self._unreachable_said: float | None = None  # when "server not reachable" was last logged (monotonic)
         self.stats = {"accepted": 0, "refused": 0}
         self.sio.on("connect", self._on_connect, namespace=NAMESPACE)
         self.sio.on("disconnect", self._on_disconnect, namespace=NAMESPACE)
@@ -123,6 +122,7 @@ class Node:
 
     def _on_connect(self) -> None:
         self._token_refused = False
+        self._unreachable_said = None
         log.info("connected to %s", self.config.server_address)
 
     def _on_disconnect(self, *_: Any) -> None:
@@ -137,6 +137,11 @@ class Node:
             log.warning("the server refused our enrollment token; retrying every %.0f s until it takes it (give "
                         "this client the server's token: --enrollment-token-file or MESHFED_ENROLLMENT_TOKEN)",
                         TOKEN_RETRY_SECONDS)
+        elif message == "Connection error":  # python-socketio's word for "nothing answered"
+            said = self._unreachable_said
+            if said is None or time.monotonic() - said >= UNREACHABLE_LOG_SECONDS:  # said once a minute, not
+                log.warning("server %s not reachable; still trying", self.config.server_address)  # every retry
+                self._unreachable_said = time.monotonic()
         else:
             log.warning("connection refused: %s", message)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -12,7 +11,8 @@ import torch
 from shared.aggregate import subtract
 from shared.datasets import Split, load_split, to_tensors
 from shared.models import build_model, set_weights
-from shared.partition import HOLDOUT_FRACTION, partition, train_holdout
+from client.config import DataConfig
+from shared.partition import partition, train_holdout
 from shared.training import evaluate, train
 
 Weights = dict[str, np.ndarray]
@@ -31,20 +31,6 @@ def preload_split(dataset: str, data_dir: str | None) -> None:
 
 def drop_preloaded() -> None:
     _preloaded.clear()
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    partition: str = "dirichlet"   # iid | dirichlet | shards
-    alpha: float = 0.5             # Dirichlet concentration (smaller = more label skew)
-    num_clients: int = 1           # how many partitions the dataset is cut into
-    client_index: int = 0          # which partition is ours
-    seed: int = 0                  # the same seed on every client gives disjoint partitions
-    max_samples: int = 0           # keep at most this many of our samples (0 = all); for quick runs
-    holdout: float = HOLDOUT_FRACTION  # share of our samples kept out of training for local evaluation
-    flip_labels: bool = False      # train on labels 9 - y (the label_flip attack, client/behaviour.py)
 
 
 class LocalTrainer:

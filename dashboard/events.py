@@ -1,11 +1,11 @@
 """The /dashboard Socket.IO namespace: live updates to browsers and their control events.
 
 server -> browser: config_schema (the run configuration's JSON Schema: the form is made from it),
-  status_update, metrics_update (one round), metrics_history (all rounds of the run),
+  status_update, metrics_update (one round), metrics_history (all rounds of a run, and the list of runs),
   training_started, training_stopped, clients_update, models_update, system_update, alert,
   update_refused, mesh_update (offline contributions and gossip edges), privacy_update (GET /api/privacy)
 browser -> server (each answers through the Socket.IO acknowledgement):
-  request_status, request_metrics, start_training {new_run}, stop_training,
+  request_status, request_metrics [{run_id}], start_training {new_run}, stop_training,
   update_config {field: value}, rollback_model {version}
 """
 from __future__ import annotations
@@ -71,14 +71,16 @@ class DashboardNamespace(Namespace):
         return {}
 
     @admin_only
-    def on_request_metrics(self) -> dict[str, Any]:
-        emit("metrics_history", self.control.history())
+    def on_request_metrics(self, data: Any = None) -> dict[str, Any]:
+        """The current run's rounds, or those of {run_id} (an earlier run, browsed), with the list of runs."""
+        run_id = data.get("run_id") if isinstance(data, dict) else None
+        emit("metrics_history", self.control.history(run_id if isinstance(run_id, str) and run_id else None))
         return {}
 
     @admin_only
     def on_start_training(self, data: Any = None) -> dict[str, Any]:
         new_run = bool(data.get("new_run")) if isinstance(data, dict) else False
-        return {"run_id": self.control.start(new_run)}
+        return self.control.start(new_run)
 
     @admin_only
     def on_stop_training(self, *_: Any) -> dict[str, Any]:

@@ -31,12 +31,15 @@ class Monitor:
         self._refusals: collections.Counter[str] = collections.Counter()
         self._raised: set[str] = set()
         self._process = psutil.Process()
-        psutil.cpu_percent(interval=None)  # the first call only primes the counter
+        psutil.cpu_percent(interval=None)  # the first calls only prime the counters
+        self._process.cpu_percent(interval=None)
+        self._cores = psutil.cpu_count() or 1
 
     def sample(self) -> dict[str, float]:
         vm = psutil.virtual_memory()
         net = psutil.net_io_counters()
-        s = {"time": time.time(), "cpu_percent": psutil.cpu_percent(interval=None),
+        s = {"time": time.time(), "cpu_percent": psutil.cpu_percent(interval=None),  # the host's, all cores
+             "process_cpu_percent": self._process.cpu_percent(interval=None) / self._cores,  # this server's share
              "memory_percent": vm.percent, "process_memory_mb": self._process.memory_info().rss / 2**20,
              "net_sent_mb": net.bytes_sent / 2**20, "net_recv_mb": net.bytes_recv / 2**20}
         with self._lock:

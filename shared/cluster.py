@@ -3,6 +3,7 @@ run_client.py on 127.0.0.1, each stopped by PID. The demo (run_demo.py), the tes
 meshfed through it. It imports nothing of meshfed: it talks to the processes as a user would (HTTP)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -16,6 +17,24 @@ from typing import Any, Callable
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: where run_server.py and run_client.py are
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()  # looked up here, not in a forked child (where loading a library could deadlock)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when the thread that started it ends, even by SIGKILL: a launcher
+    (the demo, a test, run_client.py --local-clients) that dies takes its processes with it. Elsewhere a no-op."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -60,14 +79,16 @@ class Cluster:
 
     def _spawn(self, script: str, args: list[str], log_name: str, prefix: list[str] | None = None) -> subprocess.Popen:
         """Start one of our scripts; `prefix` runs it elsewhere (tests: `ip netns exec <ns>`). The tokens
-        travel in the environment, not on the command line, where `ps` would show them."""
+        travel in the environment, not on the command line, where `ps` would show them. It dies with the thread
+        that started it (die_with_parent): start processes from a thread that outlives them."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
                "MESHFED_ADMIN_TOKEN": self.admin_token, "MESHFED_ENROLLMENT_TOKEN": self.enrollment_token}
         out = open(self.workdir / log_name, "ab") if self.log_to_files else subprocess.DEVNULL
         if self.log_to_files:
             self._logs.append(out)
         return subprocess.Popen([*(prefix or []), sys.executable, str(ROOT / script), *args], cwd=self.workdir,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent)
 
     def start_server(self, *args: str, state_dir: str = "state") -> subprocess.Popen:
         self.server = self._spawn("run_server.py", ["--port", str(self.port), "--state-dir", state_dir, *args],

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 COMPRESSIONS = ("none", "fp16", "int8")
 SCALE_PREFIX = "__scale__/"  # no state_dict name starts with "__"
@@ -41,6 +40,7 @@ def compress(delta: dict[str, np.ndarray], scheme: str, rng: np.random.Generator
     check_scheme(scheme)
     if scheme == "none":
         return delta
+    import torch  # here, not at the top: the config checks import this module, and --help should not load torch
     out: dict[str, np.ndarray] = {}
     for name, x in delta.items():
         if not _is_float(x.dtype.str):
@@ -59,6 +59,7 @@ def quantize_int8(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, 
     draws (8 values per draw), and the float passes run in torch: about half the CPU of numpy's
     per-value byte draws and float passes, which matters when ten clients quantise on two cores.
     """
+    import torch
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     lo, hi = (float(v) for v in torch.aminmax(t)) if t.numel() else (0.0, 0.0)  # one pass, no |x| copy
     peak = max(-lo, hi)
@@ -95,6 +96,7 @@ def decompress(arrays: dict[str, np.ndarray], scheme: str, spec: Spec) -> dict[s
     check_scheme(scheme)
     if scheme == "none":
         return arrays
+    import torch
     out: dict[str, np.ndarray] = {}
     for name, (_, dtype) in spec.items():
         a = arrays[name]

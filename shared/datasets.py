@@ -19,12 +19,14 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from shared.errors import DatasetNotFound
+
+if TYPE_CHECKING:  # torch loads for to_tensors, not when the registry is imported (--help, config checks)
+    import torch
 
 Loader = Callable[[bool, "str | None", bool], "Split"]  # (train, data_dir, download) -> split
 DATASETS: dict[str, Loader] = {}  # name -> loader; plug-ins add theirs with register_dataset
@@ -85,6 +87,7 @@ def load_split(name: str, train: bool, data_dir: str | None = None, download: bo
 def to_tensors(split: Split, indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Standardised float images ((x / 255 - mean) / std per channel) and long labels, for the given
     indices (all if None)."""
+    import torch
     images = split.images if indices is None else split.images[indices]
     labels = split.labels if indices is None else split.labels[indices]
     mean = torch.tensor(split.mean).view(1, -1, 1, 1)

@@ -11,13 +11,14 @@ Every conv and linear layer starts Glorot-uniform with zero biases (glorot_init)
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-from torch import nn
 
-ModelFactory = Callable[[tuple[int, ...], int], nn.Module]  # (input shape, classes) -> model
+if TYPE_CHECKING:  # torch loads when a model is built, not when this registry is imported (--help, config checks)
+    from torch import nn
+
+ModelFactory = Callable[[tuple[int, ...], int], "nn.Module"]  # (input shape, classes) -> model
 MODELS: dict[str, ModelFactory] = {}
 
 
@@ -28,60 +29,15 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return add
 
 
-class McMahanCNN(nn.Module):
-    """The CNN of McMahan et al. 2017 for 1x28x28 inputs (1,663,370 parameters)."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 5, padding=2)   # 32x28x28 -> pool -> 32x14x14
-        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)  # 64x14x14 -> pool -> 64x7x7
-        self.fc1 = nn.Linear(64 * 7 * 7, 512)
-        self.fc2 = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-class CifarCNN(nn.Module):
-    """A small CNN for 3x32x32 inputs (the TensorFlow-tutorial shape McMahan et al. used for CIFAR-10)."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 5, padding=2)   # 32x32x32 -> pool -> 32x16x16
-        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)  # 64x16x16 -> pool -> 64x8x8
-        self.fc1 = nn.Linear(64 * 8 * 8, 384)
-        self.fc2 = nn.Linear(384, 192)
-        self.fc3 = nn.Linear(192, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        x = torch.relu(self.fc1(x.flatten(1)))
-        return self.fc3(torch.relu(self.fc2(x)))
-
-
-class MLP(nn.Module):
-    """McMahan's '2NN': two hidden layers of 200 units, for any input shape."""
-
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int = 10, hidden: int = 200):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(int(np.prod(input_shape)), hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 @register_model("mlp")
 def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    from shared.nets import MLP
     return MLP(input_shape, num_classes)
 
 
 @register_model("cnn")
 def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    from shared.nets import CifarCNN, McMahanCNN
     if tuple(input_shape) == (1, 28, 28):
         return McMahanCNN(num_classes)
     if tuple(input_shape) == (3, 32, 32):
@@ -95,6 +51,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} (or add one with "
                          "--model-module)")
+    import torch
     torch.manual_seed(seed)
     return glorot_init(MODELS[name](tuple(input_shape), num_classes))
 
@@ -103,6 +60,7 @@ def glorot_init(model: nn.Module) -> nn.Module:
     """Glorot-uniform weights and zero biases in every conv and linear layer: TensorFlow's defaults, so
     the initialisation McMahan et al.'s TensorFlow models had. PyTorch's own (Kaiming-uniform, a=sqrt(5))
     learns more slowly here: bench/RESULTS.md, Learning quality."""
+    from torch import nn
     for layer in model.modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(layer.weight)
@@ -118,6 +76,7 @@ def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
 
 def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     """Load name -> array weights into the model (names and shapes must match)."""
+    import torch
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, strict=True)
 
 

@@ -172,6 +172,18 @@ def test_dashboard_in_chromium_live_rounds_start_stop_and_screenshots(cluster):
             page.wait_for_timeout(300)
             assert page.evaluate("document.documentElement.scrollWidth") <= 390
             page.screenshot(path=str(ARTIFACTS / "dashboard-390.png"), full_page=True)
+            # On a phone the page never scrolls sideways: the tables do, inside their cards, and the tab bar does
+            page.click("button[data-bs-target='#tab-clients']")
+            assert page.eval_on_selector("#clients-body td", "e => getComputedStyle(e).whiteSpace") == "nowrap"
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            page.click("button[data-bs-target='#tab-models']")
+            rollback = page.locator("#models-body button", has_text="Rollback").first
+            rollback.scroll_into_view_if_needed()
+            box = rollback.bounding_box()
+            assert rollback.is_visible() and 0 <= box["x"] and box["x"] + box["width"] <= 390, box
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            page.click("button[data-bs-target='#tab-system']")  # past the right edge: the tab bar scrolls to it
+            page.wait_for_selector("#tab-system.show.active")
         finally:
             browser.close()
     assert errors == [], errors
@@ -324,16 +336,104 @@ def test_the_privacy_tab_shows_each_secure_rounds_stages_live(cluster):
 
 
 def test_the_clients_table_shows_each_training_clients_progress(cluster):
-    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
-    cluster.start_server(*synthetic, "--num-rounds", "1", "--min-clients", "1", "--round-timeout", "600", "--start")
-    cluster.start_client("c0", *synthetic, "--local-epochs", "5000", "--max-samples", "1000")  # minutes of it
+    synthetic = ["--dataset", "synthetic", "--model", "cnn"]  # the CNN: tens of seconds of batches
+    cluster.start_server(*synthetic, "--num-rounds", "1", "--min-clients", "2", "--round-timeout", "600", "--start")
+    for i, epochs in enumerate((40, 60)):
+        cluster.start_client(f"c{i}", *synthetic, "--local-epochs", str(epochs), "--max-samples", "1000",
+                             "--partition", "iid", "--num-clients", "2", "--client-index", str(i))
     errors: list[str] = []
     with _dashboard_tab(cluster, errors, "clients", idle=False) as page:
         page.wait_for_function("() => document.querySelector('#clients-body progress')?.value > 0", timeout=60_000)
         first = page.eval_on_selector("#clients-body progress", "e => [e.value, e.max, e.title]")
         page.wait_for_function(f"() => document.querySelector('#clients-body progress')?.value > {first[0]}",
                                timeout=30_000)  # it moves, live
-        assert first[1] == 5000 * 25 and first[2].startswith("round 1: ")
+        assert first[1] in (40 * 25, 60 * 25) and first[2].startswith("round 1: ")  # 800 to train on, batch 32
+        page.wait_for_function("() => [...document.querySelectorAll('#clients-body progress')].length === 2 && "
+                               "[...document.querySelectorAll('#clients-body progress')].every("
+                               "(e) => e.value > 0.25 * e.max)", timeout=60_000)
+        assert re.fullmatch(r"· deadline in \d+ s \(600 s a round\)", page.text_content("#deadline"))
         page.screenshot(path=str(ARTIFACTS / "dashboard-progress.png"), full_page=True)
     assert errors == [], errors
     assert cluster.api("POST", "/api/stop", admin=True).ok
+
+
+def test_charts_the_rounds_deadline_and_why_a_round_was_partial(cluster):
+    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
+    cluster.start_server(*synthetic, "--num-rounds", "1", "--min-clients", "2", "--round-timeout", "15",
+                         "--quorum", "0.5", "--eval-limit", "200", "--max-batches", "3")
+    errors: list[str] = []
+    with _dashboard_tab(cluster, errors, "overview") as page:
+        # Empty charts: the loss axis starts at 0 (not -1), the participation axis counts whole clients
+        assert page.evaluate("() => window.meshfed.charts.loss.scales.y.min") == 0
+        cluster.start_client("c0", *synthetic, "--partition", "iid", "--num-clients", "2", "--client-index", "0",
+                             "--max-samples", "200")
+        cluster.start_client("c1", *synthetic, "--partition", "iid", "--num-clients", "2", "--client-index", "1",
+                             "--max-samples", "200", "--delay", "60")  # trains, then waits past the deadline
+        cluster.wait_until(lambda: cluster.status()["clients_online"] == 2, 60, "two clients")
+        cluster.api("POST", "/api/start", admin=True).raise_for_status()
+        page.wait_for_function("() => /deadline in \\d+ s/.test(document.getElementById('deadline').textContent)",
+                               timeout=30_000)
+        status = cluster.status()
+        assert status["open_round"]["deadline_in"] <= 15 and status["open_round"]["deadline_at"] > 0
+        page.wait_for_function("() => window.meshfed.charts.accuracy.data.labels.length === 1", timeout=60_000)
+        assert page.text_content("#round-note") == "round 1: clients 1/2: c1 missed the 15 s deadline"
+        page.wait_for_function("() => document.getElementById('deadline').textContent === ''",
+                               timeout=10_000)  # no round open any more
+        charts = page.evaluate("""() => {
+            const c = window.meshfed.charts, acc = c.accuracy.getDatasetMeta(0).data[0];
+            return {x: acc.x, left: c.accuracy.chartArea.left, right: c.accuracy.chartArea.right,
+                    ticks: c.clients.scales.y.ticks.map((t) => t.value),
+                    titles: ["accuracy", "loss", "duration", "clients"].map((k) => c[k].options.scales.x.title.text),
+                    system: c.system.data.datasets.map((d) => d.label)}; }""")
+        assert charts["x"] > charts["left"] + 0.25 * (charts["right"] - charts["left"]), charts  # not on the y-axis
+        assert all(float(t).is_integer() for t in charts["ticks"]), charts["ticks"]
+        assert charts["titles"] == ["round"] * 4
+        assert charts["system"] == ["host CPU %", "server process CPU % (of the host)", "host memory %"]
+    assert errors == [], errors
+    (row,) = cluster.rounds()
+    assert row["why_dropped"] == {"c1": "missed the 15 s deadline"} and row["dropped"] == ["c1"]
+    assert "clients 1/2: c1 missed the 15 s deadline" in (cluster.workdir / "server.log").read_text()
+
+
+def test_start_after_a_finished_run_continues_and_earlier_runs_stay_browsable(cluster):
+    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
+    cluster.start_server(*synthetic, "--num-rounds", "2", "--min-clients", "1", "--eval-limit", "200",
+                         "--max-batches", "3", "--start")
+    cluster.start_client("c0", *synthetic, "--max-samples", "200")
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 90, "the first run to finish")
+    first, finished_at = cluster.status()["run_id"], cluster.status()["model_version"]
+    errors: list[str] = []
+    with _dashboard_tab(cluster, errors, "control", idle=False) as page:
+        page.wait_for_function("() => document.getElementById('state').textContent === 'finished'", timeout=20_000)
+        page.fill("#cfg-num_rounds", "3")
+        page.click("#btn-save")
+        page.wait_for_function("() => document.getElementById('config-message').textContent === 'saved'")
+        page.click("#btn-start")  # "fresh model" unticked: the finished run's model trains on in a new run
+        page.wait_for_function("() => /continued: the current model/.test("
+                               "document.getElementById('control-message').textContent)", timeout=20_000)
+        assert page.text_content("#config-message") == ""  # no stale "saved" once the run started
+        page.wait_for_function("() => document.getElementById('state').textContent === 'finished'", timeout=90_000)
+        second = cluster.status()
+        assert second["run_id"] != first and second["began"] == {
+            "how": "continued", "from_version": finished_at,
+            "why": f"the current model (version {finished_at}) trains on"}
+        versions = cluster.api("GET", "/api/models").json()["versions"]
+        assert [v["source"] for v in versions].count("init") == 1  # no fresh model was made
+        assert min(v["version"] for v in versions if v["run_id"] == second["run_id"]) == finished_at + 1
+
+        # The earlier run stays browsable: pick it, its two rounds come back; the current run's three after it
+        page.click("button[data-bs-target='#tab-overview']")
+        page.wait_for_function("() => window.meshfed.charts.accuracy.data.labels.length === 3", timeout=20_000)
+        options = page.eval_on_selector_all("#run-select option", "els => els.map((e) => e.value)")
+        assert options == [second["run_id"], first]
+        page.select_option("#run-select", first)
+        page.wait_for_function("() => window.meshfed.charts.accuracy.data.labels.length === 2", timeout=10_000)
+        page.select_option("#run-select", second["run_id"])
+        page.wait_for_function("() => window.meshfed.charts.accuracy.data.labels.length === 3", timeout=10_000)
+    assert errors == [], errors
+    runs = cluster.api("GET", "/api/runs").json()["runs"]
+    assert [(r["id"], r["status"], r["completed_round"], r["from_version"]) for r in runs] == [
+        (second["run_id"], "finished", 3, finished_at), (first, "finished", 2, None)]
+    assert len(cluster.api("GET", f"/api/metrics?run_id={first}").json()["rounds"]) == 2
+    fresh = cluster.api("POST", "/api/start", admin=True, json={"new_run": True}).json()["status"]["began"]
+    assert fresh["how"] == "fresh" and fresh["why"] == "a new run was asked for"

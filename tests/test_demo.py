@@ -72,6 +72,18 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
     wait_until(lambda: processes_in(tmp_path / "work") == [], 10, "every process of the demo to end")
 
 
+def test_a_demo_killed_with_sigkill_takes_every_process_with_it(tmp_path):
+    proc = demo(tmp_path, "--num-rounds", "50")
+    try:
+        wait_until(lambda: len(processes_in(tmp_path / "work")) >= 4, 120, "the demo's four processes", every=0.5)
+        started = processes_in(tmp_path / "work")
+        proc.kill()  # no handler runs: the kernel tells its children (PR_SET_PDEATHSIG), and theirs
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    wait_until(lambda: processes_in(tmp_path / "work") == [], 15, f"the demo's processes {started} to end")
+
+
 @pytest.mark.parametrize("args,says", [(["--num-clients", "0"], "--num-clients must be at least 1"),
                                        (["--num-rounds", "-1"], "--num-rounds must be at least 1"),
                                        (["--dataset", "nosuch"], "--dataset: invalid choice: 'nosuch'"),
@@ -100,3 +112,11 @@ def test_a_missing_dataset_is_one_line_and_a_taken_port_is_replaced(tmp_path):
     assert "dataset 'mnist' not found offline" in error and "--data-dir" in error
     work = Path(re.search(r"\(logs in (\S+)\)$", error).group(1))
     assert work.exists() and processes_in(work) == []  # kept, to read; every process stopped
+
+
+def test_a_partial_rounds_line_says_who_did_not_deliver_and_why():
+    import run_demo
+    row = {"round": 3, "accuracy": 0.8812, "loss": 0.33, "num_clients": 2, "num_selected": 3, "seconds": 41.2}
+    assert run_demo.round_line({**row, "why_dropped": {}}, 5).endswith("41.20s  clients 2/3")
+    assert run_demo.round_line({**row, "why_dropped": {"c2": "missed the 300 s deadline", "c1": "disconnected"}},
+                               5).endswith("clients 2/3: c2 missed the 300 s deadline, c1 disconnected")

@@ -5,23 +5,31 @@
 
 const $ = (id) => document.getElementById(id);
 const socket = io("/dashboard", { transports: ["websocket"] });
-const state = { rounds: [], status: null, system: [], clients: [], mesh: { contributions: [], edges: [] } };
+const state = { rounds: [], runs: [], viewing: null, status: null, system: [], clients: [], mesh: { contributions: [], edges: [] } };
 window.meshfed = state;  // handy in the browser console and for the browser tests
 
 // --- charts -----------------------------------------------------------------------------------
+// Every per-round chart has a titled "round" axis whose points sit in the middle of their slot (offset), so a
+// run's first round is not drawn on the y-axis.
+const ROUND_AXIS = { offset: true, title: { display: true, text: "round" } };
 function lineChart(id, datasets, yOptions = {}) {
   return new Chart($(id), {
     type: "line",
     data: { labels: [], datasets: datasets.map((d) => ({ data: [], tension: 0.2, pointRadius: 3, ...d })) },
-    options: { animation: false, maintainAspectRatio: false, scales: { x: { title: { display: true, text: "round" } }, y: yOptions } },
+    options: { animation: false, maintainAspectRatio: false, scales: { x: ROUND_AXIS, y: yOptions } },
   });
+}
+// The clients chart's tooltip says who was asked and did not deliver, and why (the round's why_dropped).
+function droppedLines(items) {
+  const row = state.rounds[items[0].dataIndex] || {};
+  return Object.entries(row.why_dropped || {}).map(([cid, why]) => `${cid}: ${why}`);
 }
 const charts = {
   accuracy: lineChart("chart-accuracy", [{ label: "accuracy %", borderColor: "#0d6efd" }], { suggestedMin: 0, suggestedMax: 100 }),
-  loss: lineChart("chart-loss", [{ label: "loss", borderColor: "#dc3545" }], { suggestedMin: 0 }),
+  loss: lineChart("chart-loss", [{ label: "loss", borderColor: "#dc3545" }], { min: 0, suggestedMax: 1 }),
   duration: new Chart($("chart-duration"), {
     type: "bar", data: { labels: [], datasets: [{ label: "seconds", data: [], backgroundColor: "#6c757d" }] },
-    options: { animation: false, maintainAspectRatio: false },
+    options: { animation: false, maintainAspectRatio: false, scales: { x: ROUND_AXIS, y: { beginAtZero: true } } },
   }),
   clients: new Chart($("chart-clients"), {
     type: "bar",
@@ -29,14 +37,17 @@ const charts = {
       { label: "participating", data: [], backgroundColor: "#198754" },
       { label: "refused updates", data: [], backgroundColor: "#dc3545" },
       { label: "flagged as anomalous", data: [], backgroundColor: "#ffc107" }] },
-    options: { animation: false, maintainAspectRatio: false, scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } } },
+    options: { animation: false, maintainAspectRatio: false,
+      plugins: { tooltip: { callbacks: { afterBody: droppedLines } } },
+      scales: { x: { ...ROUND_AXIS, stacked: true }, y: { stacked: true, beginAtZero: true, suggestedMax: 1, ticks: { precision: 0 } } } },
   }),
   privacy: lineChart("chart-privacy", [], { beginAtZero: true }),
   system: new Chart($("chart-system"), {
     type: "line",
     data: { labels: [], datasets: [
-      { label: "CPU %", data: [], borderColor: "#fd7e14", pointRadius: 0 },
-      { label: "memory %", data: [], borderColor: "#6f42c1", pointRadius: 0 }] },
+      { label: "host CPU %", data: [], borderColor: "#fd7e14", pointRadius: 0 },
+      { label: "server process CPU % (of the host)", data: [], borderColor: "#0dcaf0", pointRadius: 0 },
+      { label: "host memory %", data: [], borderColor: "#6f42c1", pointRadius: 0 }] },
     options: { animation: false, maintainAspectRatio: false, scales: { y: { min: 0, max: 100 } } },
   }),
 };
@@ -56,6 +67,9 @@ function drawRounds() {
   const last = r[r.length - 1];
   $("stat-accuracy").textContent = last ? (100 * last.accuracy).toFixed(2) + "%" : "–";
   $("stat-loss").textContent = last ? last.loss.toFixed(4) : "–";
+  const partial = [...r].reverse().find((x) => Object.keys(x.why_dropped || {}).length);
+  $("round-note").textContent = partial ? `round ${partial.round}: clients ${partial.num_clients}/${partial.num_selected}: ` +
+    Object.entries(partial.why_dropped).map(([cid, why]) => `${cid} ${why}`).join(", ") : "";
   drawPrivacy();
   drawSecure();
 }
@@ -112,7 +126,8 @@ function drawSystem() {
   const s = state.system.slice(-150);
   charts.system.data.labels = s.map((x) => new Date(x.time * 1000).toLocaleTimeString());
   charts.system.data.datasets[0].data = s.map((x) => x.cpu_percent);
-  charts.system.data.datasets[1].data = s.map((x) => x.memory_percent);
+  charts.system.data.datasets[1].data = s.map((x) => x.process_cpu_percent ?? null);
+  charts.system.data.datasets[2].data = s.map((x) => x.memory_percent);
   charts.system.update();
 }
 
@@ -132,7 +147,7 @@ function drawClients(clients) {
   for (const c of clients) {
     const row = body.insertRow();
     row.dataset.client = c.id;
-    cell(row, c.id, "fw-semibold");
+    cell(row, c.id, "fw-semibold text-nowrap");  // an id never wraps mid-word (the table scrolls instead)
     cell(row, c.fingerprint.slice(0, 27) + "…", "mono");
     const badge = document.createElement("span");
     badge.className = `badge text-bg-${STATUS_BADGE[c.status] || "secondary"} client-status`;
@@ -284,6 +299,29 @@ function fillForm(config) {
     if (input && document.activeElement !== input) input.value = config[name];
   }
 }
+// --- runs: browse an earlier run's rounds (request_metrics {run_id}); live rounds are the current run's ------
+function drawRuns() {
+  const select = $("run-select");
+  select.replaceChildren(...state.runs.map((run) => new Option(
+    `${run.id === state.currentRun ? "current: " : ""}run ${run.id}, ${run.completed_round}/${run.num_rounds} rounds, ` +
+    `${run.status}${run.from_version ? `, continued from v${run.from_version}` : ""} ` +
+    `(${new Date(run.created * 1000).toLocaleString()})`, run.id)));
+  select.value = state.viewing || state.currentRun || "";
+}
+$("run-select").onchange = () => {
+  state.viewing = $("run-select").value === state.currentRun ? null : $("run-select").value;
+  socket.emit("request_metrics", state.viewing ? { run_id: state.viewing } : {});
+};
+
+// --- the open round's deadline, counted down here from what the last status said --------------------
+function drawDeadline() {
+  const s = state.status, open = s && s.open_round;
+  if (!open || open.deadline_in == null || s.state !== "training") { $("deadline").textContent = ""; return; }
+  const left = Math.max(0, Math.round(open.deadline_in - (Date.now() - state.statusAt) / 1000));
+  $("deadline").textContent = `· deadline in ${left} s (${s.config.round_timeout} s a round)`;
+}
+setInterval(drawDeadline, 1000);
+
 function say(id, text, ok) {
   $(id).textContent = text;
   $(id).className = `small ms-2 ${ok ? "text-success" : "text-danger"}`;
@@ -305,7 +343,10 @@ socket.on("config_schema", (schema) => {
   if (state.status) fillForm(state.status.config);
 });
 socket.on("status_update", (s) => {
+  if (state.status && state.status.active !== s.active) $("config-message").textContent = "";  // not stale after Start/Stop
   state.status = s;
+  state.statusAt = Date.now();
+  drawDeadline();
   $("state").textContent = s.state;
   $("state").className = `badge text-bg-${{ training: "primary", waiting: "info", aggregating: "primary", finished: "success", stopped: "warning" }[s.state] || "secondary"}`;
   $("round").textContent = s.round;
@@ -317,7 +358,13 @@ socket.on("status_update", (s) => {
   $("btn-save").disabled = s.active;
   fillForm(s.config);
 });
-socket.on("metrics_history", (m) => { state.rounds = m.rounds; drawRounds(); });
+socket.on("metrics_history", (m) => {
+  state.rounds = m.rounds;
+  state.currentRun = m.current;
+  state.runs = m.runs || [];
+  drawRuns();
+  drawRounds();
+});
 socket.on("privacy_update", (p) => {
   const a = p.audit;
   if (!a) return;
@@ -330,12 +377,22 @@ socket.on("privacy_update", (p) => {
   $("privacy-audit").textContent = `${rows.join("; ")} (${verdict})`;
 });
 socket.on("metrics_update", (row) => {
+  socket.emit("request_status");
+  const run = state.runs.find((x) => x.id === row.run_id);  // its menu entry's round count
+  if (run) { run.completed_round = row.round; drawRuns(); }
+  if (state.viewing) return;  // an earlier run is shown: its rounds do not change
   state.rounds = state.rounds.filter((r) => r.round !== row.round).concat([row]);
   drawRounds();
-  socket.emit("request_status");
 });
-socket.on("training_started", () => socket.emit("request_metrics"));
-socket.on("training_stopped", (d) => say("control-message", `run ${d.run_id} ended: ${d.reason}`, true));
+socket.on("training_started", () => {
+  state.viewing = null;
+  $("config-message").textContent = "";
+  socket.emit("request_metrics");
+});
+socket.on("training_stopped", (d) => {
+  say("control-message", `run ${d.run_id} ended: ${d.reason}`, true);
+  socket.emit("request_metrics", state.viewing ? { run_id: state.viewing } : {});  // the run's new status
+});
 socket.on("clients_update", (d) => { state.clients = d.clients; drawClients(d.clients); drawMesh(); });
 socket.on("mesh_update", (d) => { state.mesh = d; drawMesh(); });
 socket.on("models_update", drawModels);
@@ -344,7 +401,7 @@ socket.on("system_update", (s) => { state.system.push(s); drawSystem(); });
 socket.on("alert", addAlert);
 
 $("btn-start").onclick = () => socket.emit("start_training", { new_run: $("new-run").checked }, (ack) =>
-  say("control-message", ack.ok ? `started run ${ack.run_id}` : ack.error, ack.ok));
+  say("control-message", ack.ok ? `run ${ack.run_id} ${ack.began.how}: ${ack.began.why}` : ack.error, ack.ok));
 $("btn-stop").onclick = () => socket.emit("stop_training", (ack) =>
   say("control-message", ack.ok ? "stopping…" : ack.error, ack.ok));
 $("config-form").onsubmit = (event) => {
