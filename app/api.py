@@ -188,6 +188,22 @@ def model(version: str) -> Any:
         "Content-Disposition": f"attachment; filename=meshfed-model-v{number}.safetensors"})
 
 
+@bp.get("/model/<version>/delta")
+def model_delta(version: str) -> Any:
+    """The int8-coded step from version ?from= to `version` (download_compression int8), if the server kept it:
+    the client applies it and checks the result against X-Model-SHA256, the full model's; else 404."""
+    base = request.args.get("from", "")
+    numbers = version != "latest" and VERSION.fullmatch(version) and VERSION.fullmatch(base) and base != "latest"
+    kept = _rounds().downlink.step(int(version), int(base)) if numbers else None
+    row = _runs().store.get_version(int(version)) if kept is not None else None
+    if kept is None or row is None:
+        return error(404, "no_delta", f"no coded step from version {base[:20]!r} to {version[:20]!r}; "
+                                      f"GET /api/model/{version[:20]} for the whole model")
+    _meshfed().traffic.add(sent=len(kept), delta=True)
+    return Response(kept, mimetype="application/octet-stream", headers={
+        "X-Model-Version": version, "X-Model-SHA256": row["sha256"], "X-Delta-From": base})
+
+
 @bp.get("/system")
 def system() -> Any:
     """The server's resource samples and alerts (what the dashboard's system panel shows)."""

@@ -81,6 +81,7 @@ class Collection:
         """Add a verified update to the open round ('accepted'), or take it as a straggler of a closed round;
         UpdateRefused (nothing added) otherwise."""
         header = update.header
+        cpu = time.thread_time()  # this update's decoding, checks and accumulation (bench/compression.py)
         with self._cond:
             r, accumulator, step, delivered = self._round, self._accumulator, self._step, set(self._arrivals)
         late = self.merges.late_round(header, r.round if r else None)
@@ -88,7 +89,7 @@ class Collection:
             return self.merges.offer_straggler(update, late, merge_stragglers)
         check_examples(header.num_examples, update.registered_examples)
         check_round(header, r, delivered)
-        delta = check_arrays(update.payload, r.spec, r.max_bytes, r.compression)
+        delta = check_arrays(update.payload, r.spec, r.max_bytes, r.compression, r.topk_ratio)
         if r.compression == SECURE:  # masked: its norm is noise; its weight is the one the roster announced
             if header.num_examples != self._secure_weights.get(header.client_id):
                 raise UpdateRefused("bad_examples", f"a secure round weighs {header.client_id!r} by the "
@@ -109,7 +110,8 @@ class Collection:
             raise
         self._added(header.client_id, Arrival(
             header.client_id, header.num_examples, norm, alignment,
-            {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(update.payload)}, header.epsilon))
+            {**header.metrics, "arrived": time.monotonic(), "payload_bytes": len(update.payload),
+             "server_cpu_seconds": time.thread_time() - cpu}, header.epsilon))
         return "accepted"
 
     def _added(self, client_id: str, arrival: Arrival | None) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from app.collection import Arrival
+from app.downlink import Downlink
 from app.model import GlobalModel
 from app.store import Store
 from shared.aggregate import flag_anomalies, subtract
@@ -62,7 +63,12 @@ def timings(arrivals: list[Arrival], started: float, dispatched: float, t_aggreg
             **{f"client_{k}_max": max(a.metrics.get(f"{k}_seconds", 0.0) for a in arrivals)
                for k in ("fetch", "eval", "prepare", "total")},
             "prefetched": sum(int(a.metrics.get("prefetched", 0)) for a in arrivals),
-            "upload_bytes": sum(int(a.metrics["payload_bytes"]) for a in arrivals)}
+            "upload_bytes": sum(int(a.metrics["payload_bytes"]) for a in arrivals), "uploads": len(arrivals),
+            "download_bytes": sum(int(a.metrics.get("download_bytes", 0)) for a in arrivals),  # as clients say
+            "downloads": sum(1 for a in arrivals if "download_bytes" in a.metrics),
+            "delta_downloads": sum(int(a.metrics.get("delta_download", 0)) for a in arrivals),
+            "update_cpu_seconds": sum(a.metrics["server_cpu_seconds"] for a in arrivals) / len(arrivals),
+            "client_compress_max": max(a.metrics.get("compress_seconds", 0.0) for a in arrivals)}
 
 
 @dataclass(frozen=True)
@@ -73,20 +79,21 @@ class Committed:
 
 
 class Committer:
-    def __init__(self, store: Store, model: GlobalModel, announcer: Announcer):
-        self.store, self.model, self.announcer = store, model, announcer
+    def __init__(self, store: Store, model: GlobalModel, announcer: Announcer, downlink: Downlink | None = None):
+        self.store, self.model, self.announcer, self.downlink = store, model, announcer, downlink
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
 
     def submit(self, run_id: str, row: RoundRow, weights: Weights, state: Weights, arrivals: list[Arrival],
                step_norm: float, anomaly_z: float, finished: str | None, merged: dict[str, tuple[int, float]],
-               started: float) -> "Future[Committed]":
-        """Commit on the checkpoint thread; `arrivals` in id order, scored against the step of norm `step_norm`."""
+               started: float, coded: tuple[int, bytes] | None = None) -> "Future[Committed]":
+        """Commit on the checkpoint thread; `arrivals` in id order, scored against the step of norm `step_norm`;
+        `coded`: (base version, the coded step to `weights`) of a delta-coded download (app/downlink.py)."""
         return self._thread.submit(self._commit, run_id, RoundRow(**{**asdict(row), "timings": dict(row.timings)}),
-                                   weights, state, arrivals, step_norm, anomaly_z, finished, merged, started)
+                                   weights, state, arrivals, step_norm, anomaly_z, finished, merged, started, coded)
 
     def _commit(self, run_id: str, row: RoundRow, weights: Weights, state: Weights, arrivals: list[Arrival],
                 step_norm: float, anomaly_z: float, finished: str | None, merged: dict[str, tuple[int, float]],
-                started: float) -> Committed:
+                started: float, coded: tuple[int, bytes] | None) -> Committed:
         previous = self.model.now()
         data = encode_weights(weights)
         checkpoint = self.store.write_checkpoint(data, encode_weights(state) if state else None)
@@ -95,6 +102,8 @@ class Committer:
         version = self.store.commit_round(run_id, row.round, checkpoint, previous.version, row.to_dict(), finished,
                                           merged)
         self.model.adopt(version, data, weights, state, step=subtract(weights, previous.weights))
+        if coded is not None and self.downlink is not None:  # kept before clients hear of the version
+            self.downlink.keep(version, *coded)
         committed = time.monotonic() - started
         self.announcer.announce_model(version, checkpoint.sha256)
         return Committed(version, committed, row.flagged)

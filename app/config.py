@@ -122,6 +122,13 @@ class RunConfig:
                                hi=10_000_000, note="0 = no cap")
     compression: str = setting("none", "Update compression", "how clients encode updates "
                                "(shared/compression.py)", "training", choices=lambda: COMPRESSIONS)
+    topk_ratio: float = setting(0.01, "Top-k ratio", "topk: the share of each tensor's values a client sends",
+                                "training", lo=0, hi=1, lo_open=True)
+    download_compression: str = setting("none", "Download compression", "int8: each new model is the last one "
+                                        "plus an int8-coded step, and a client holding the last one downloads only "
+                                        "the step (app/downlink.py)", "training", choices=lambda: ("none", "int8"))
+    error_feedback: str = setting("on", "Error feedback", "topk: a client adds what it did not send to its next "
+                                  "update (off: dropped, for ablations)", "training", choices=lambda: ("on", "off"))
     # strategy
     strategy: str = setting("fedavg", "Strategy", "how the server combines updates (app/strategy.py, and "
                             "--strategy-module plug-ins)", "strategy", choices=_strategies)

@@ -20,7 +20,7 @@ from app.store import Store
 from app.verify import OpenRound, Verified, check_arrays, check_examples, check_round
 from shared.aggregate import cap_total, clip_to_norm, staleness_weight
 from shared.errors import UpdateRefused
-from shared.protocol import SyncHeader, UpdateHeader
+from shared.protocol import SyncHeader, UpdateHeader, encode_weights
 
 log = logging.getLogger("meshfed.merges")
 MAX_CONTRIBUTIONS_PER_BASE = 1
@@ -86,7 +86,7 @@ class PendingMerges:
         assert isinstance(header, UpdateHeader)
         check_examples(header.num_examples, update.registered_examples)
         check_round(header, late, set())  # run, version, asked: as in its own round
-        delta = check_arrays(update.payload, late.spec, late.max_bytes, late.compression)
+        delta = check_arrays(update.payload, late.spec, late.max_bytes, late.compression, late.topk_ratio)
         with self._lock:
             closed = self._closed.get(header.round)
             if closed is None or header.client_id in closed[1]:
@@ -119,8 +119,10 @@ class PendingMerges:
         if made >= MAX_CONTRIBUTIONS_PER_BASE:
             raise UpdateRefused("contribution_limit", f"{header.client_id!r} already made {made} contribution(s) "
                                                       f"from version {header.base_version}; train from a newer one")
-        check_arrays(contribution.payload, spec, self.max_bytes)
-        duplicate = not self.store.add_contribution(header, contribution.payload)
+        delta = check_arrays(contribution.payload, spec, self.max_bytes, header.compression)
+        # kept as float32 (its signed bytes were checked above): merging reads every contribution the same way
+        duplicate = not self.store.add_contribution(header, contribution.payload if header.compression == "none"
+                                                    else encode_weights(delta))
         if not duplicate:
             self.store.record_accepted(header.client_id)
             log.info("offline contribution %s from %s: base v%d, %d local steps, mixed with %s; merged with the "

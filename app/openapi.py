@@ -16,7 +16,8 @@ from shared.protocol import PROTOCOL_VERSION
 JSON = "application/json"
 REASONS = ["protocol_version", "unknown_client", "bad_signature", "payload_mismatch", "wrong_run", "no_open_round",
            "stale_round", "wrong_version", "not_selected", "replay", "bad_examples", "contribution_limit",
-           "too_large", "malformed", "shape_mismatch", "dtype_mismatch", "non_finite", "rate_limited"]
+           "too_large", "malformed", "shape_mismatch", "dtype_mismatch", "non_finite", "bad_indices",
+           "rate_limited"]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -157,6 +158,15 @@ def _operations() -> dict[str, dict[str, Any]]:
                             "schema": {"type": "string", "pattern": "^(latest|[0-9]{1,15})$"}}],
             "responses": {"200": {"description": "the checkpoint", "content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}}, **_errors(404)}}},
+        "/api/model/{version}/delta": {"get": {
+            "summary": "The int8-coded step from version ?from= to this one (download_compression int8), when the "
+                       "server kept it; X-Model-SHA256 is the whole model's, to check the rebuilt one against",
+            "parameters": [{"name": "version", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,15}$"}},
+                           {"name": "from", "in": "query", "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,15}$"}}],
+            "responses": {"200": {"description": "the coded step (safetensors)", "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}, **_errors(404)}}},
         "/api/system": {"get": {"summary": "The server's resource samples and alerts", "responses": ok(
             {"type": "object", "required": ["samples", "alerts"]}, "resources and alerts")}},
         "/api/mesh": {"get": {"summary": "Offline contributions and gossip edges", "responses": ok(

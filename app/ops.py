@@ -18,17 +18,19 @@ bp = Blueprint("ops", __name__)
 
 
 class Traffic:
-    """Bytes moved over HTTP: model downloads out, update uploads in."""
+    """Bytes moved over HTTP: model downloads out (whole models, or coded steps), update uploads in."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.delta_bytes_out = 0  # of bytes_out: coded steps (download_compression int8)
 
-    def add(self, received: int = 0, sent: int = 0) -> None:
+    def add(self, received: int = 0, sent: int = 0, delta: bool = False) -> None:
         with self._lock:
             self.bytes_in += received
             self.bytes_out += sent
+            self.delta_bytes_out += sent if delta else 0
 
 
 class MeshfedCollector:
@@ -84,6 +86,18 @@ class MeshfedCollector:
         traffic = self.meshfed.traffic
         yield CounterMetricFamily("meshfed_http_received_bytes", "Update bytes received", value=traffic.bytes_in)
         yield CounterMetricFamily("meshfed_http_sent_bytes", "Model bytes sent", value=traffic.bytes_out)
+        sent = CounterMetricFamily("meshfed_model_download_bytes", "Model bytes sent: whole models, or coded steps "
+                                   "(download_compression int8)", labels=["kind"])
+        sent.add_metric(["full"], traffic.bytes_out - traffic.delta_bytes_out)
+        sent.add_metric(["delta"], traffic.delta_bytes_out)
+        yield sent
+        last = rounds[-1]["timings"] if rounds else {}
+        ratio = GaugeMetricFamily("meshfed_compression_ratio", "The last round's float32 bytes over the bytes that "
+                                  "moved, per client (1 = uncompressed)", labels=["direction"])
+        for direction in ("upload", "download"):
+            if last.get(f"{direction}_bytes") and last.get("model_bytes"):
+                ratio.add_metric([direction], last["model_bytes"] * last[f"{direction}s"] / last[f"{direction}_bytes"])
+        yield ratio
 
 
 def rate_limit_metrics(limits: Any) -> Iterator[Any]:

@@ -20,6 +20,7 @@ from app import strategy
 from app.collection import Collection, select_clients
 from app.committer import Committer, RoundRow, timings
 from app.config import RunConfig
+from app.downlink import Downlink
 from app.evaluator import Evaluator
 from app.merges import PendingMerges
 from app.model import GlobalModel
@@ -68,7 +69,9 @@ class RoundLoop:
         self.store, self.registry, self.transport, self.evaluator_for = store, registry, transport, evaluator_for
         self.model, self.merges = GlobalModel(store), PendingMerges(store, max_update_bytes)
         self.collection = Collection(self.merges)
-        self.committer, self.refusals = Committer(store, self.model, transport), RefusalLedger(store)
+        self.downlink = Downlink()  # delta-coded downloads (download_compression 'int8')
+        self.committer = Committer(store, self.model, transport, self.downlink)
+        self.refusals = RefusalLedger(store)
         self.privacy = RunPrivacy(store)
         self.secure = SecureAggregation(lambda cid: (store.client(cid) or {}).get("public_key"),
                                         lambda cid, data: transport.send_secagg(cid, data))
@@ -128,16 +131,21 @@ class RoundLoop:
         except ValueError as exc:  # e.g. Krum with too few updates after dropouts
             self.merges.give_back(taken)
             return self._again(run, report, round_no, str(exc))
+        coded = None
+        if cfg.download_compression == "int8":  # the model committed is the last one plus an int8-coded step
+            weights, step = self.downlink.code(now.weights, weights)
+            coded = (now.version, step)
         row = RoundRow(round_no, [a.client_id for a in arrivals], len(selected), refusals, time.monotonic() - started,
                        max(a.metrics.get("train_seconds", 0.0) for a in arrivals), sorted(why_dropped),
                        taken.stragglers, sorted(taken.contributions),
                        timings(arrivals, started, dispatched, t_aggregate),
                        privacy=self.privacy.account(cfg, accumulator, len(selected), len(eligible), arrivals),
                        secure=secure_row(secure) if secure else {}, why_dropped=why_dropped)
+        row.timings["model_bytes"] = len(now.data)  # float32: what each transfer's bytes are compared with
         finished = "max_rounds" if round_no >= cfg.num_rounds else None
         committed = self.committer.submit(run.id, row, weights, state, [] if secure else arrivals,
                                           update_norm(now.step),
-                                          cfg.anomaly_z, finished, taken.contributions, started)
+                                          cfg.anomaly_z, finished, taken.contributions, started, coded)
         row.timings["closed"] = time.monotonic() - started
         finished = self._evaluate(run.id, row, weights, committed, finished, started, cfg)
         report(run, Phase.AGGREGATING, None, round_no)
@@ -172,14 +180,15 @@ class RoundLoop:
         secure = cfg.secure_aggregation != "none"  # nobody may send input before sharing keys (Collection.admit)
         self.collection.open(OpenRound(run_id, round_no, now.version, frozenset() if secure else frozenset(selected),
                                        weight_spec(now.weights), self.merges.max_bytes,
-                                       SECURE if secure else cfg.compression),
+                                       SECURE if secure else cfg.compression, cfg.topk_ratio),
                              RingSum() if secure else self.privacy.accumulator(cfg, len(selected)), now.step,
                              deadline_at)
         request = TrainRequest(run_id=run_id, round=round_no, model_version=now.version, model_sha256=now.sha256,
                                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout, partition=cfg.partition,
                                alpha=cfg.alpha, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-                               compression=cfg.compression, momentum=cfg.momentum,
+                               compression=cfg.compression, topk_ratio=cfg.topk_ratio,
+                               error_feedback=cfg.error_feedback == "on", momentum=cfg.momentum,
                                secure_aggregation=cfg.secure_aggregation,
                                **({k: getattr(cfg, k) for k in PRIVATE} if cfg.dp in ("sample", "local") else {}))
         self.collection.gone({cid for cid in selected if not self.transport.send_train(cid, request)},

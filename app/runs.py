@@ -107,6 +107,7 @@ class Runs:
                     log.info("new run %s, initial model version %d (%s)", run.id, self.model.version, why)
             run.active, run.phase, self.run = True, Phase.WAITING, run
             self.rounds.merges.reset()
+            self.rounds.downlink.reset()
             self.rounds.privacy.start(run.id, cfg)
         self.rounds.transport.publish("training_started", {"run_id": run.id, "round": run.completed, **run.began})
         run.thread = self._spawn(lambda: self._play(run))
@@ -184,6 +185,7 @@ class Runs:
             new = self.store.add_version(data, "rollback", run_id=self.run.id, parent=version,
                                          accuracy=row["accuracy"], loss=row["loss"])
             self.model.adopt(new, data)  # server-optimiser moments belong to the abandoned trajectory
+            self.rounds.downlink.reset()  # and so does the download coding's residual
         self.rounds.transport.publish("status_update", self.status())
         return new
 

@@ -17,6 +17,7 @@
   shape_mismatch    array names or shapes differ from the model's
   dtype_mismatch    array dtypes differ from what the run's compression sends (the model's for 'none')
   non_finite        NaN or infinity in the update
+  bad_indices       a top-k update's indices are out of range, unsorted, repeated or not as many as its values
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from shared import crypto
-from shared.compression import decompress, wire_spec
+from shared.compression import DEFAULT_RATIO, INDEX_PREFIX, VARINT_MAX, decompress, wire_spec
 from shared.errors import UpdateRefused
 from shared.protocol import MAX_EXAMPLES, PROTOCOL_VERSION, SyncHeader, UpdateHeader, decode_weights, sha256_hex
 
@@ -45,6 +46,7 @@ class OpenRound:
     spec: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype str) of the model
     max_bytes: int
     compression: str = "none"  # how updates are encoded (shared/compression.py), as the TrainRequest said
+    topk_ratio: float = DEFAULT_RATIO  # the share of values a top-k update carries (its k per tensor)
 
 
 @dataclass(frozen=True)
@@ -102,26 +104,32 @@ def check_examples(num_examples: int, registered: int) -> None:
 
 
 def check_arrays(payload: bytes, spec: dict[str, tuple[tuple[int, ...], str]], max_bytes: int,
-                 scheme: str = "none") -> dict[str, np.ndarray]:
+                 scheme: str = "none", ratio: float = DEFAULT_RATIO) -> dict[str, np.ndarray]:
     """Decode the delta and refuse unless names, shapes and dtypes match the model's `spec` as compression
     `scheme` sends it and every value is finite; returns float deltas in the model's order and dtypes (a secure
     round's masked inputs: uint32 arrays of the model's shapes, as they are)."""
     arrays = decode_weights(payload, max_bytes=max_bytes)
     expected = {name: (shape, "<u4") for name, (shape, _) in spec.items()} if scheme == SECURE \
-        else wire_spec(spec, scheme)
+        else wire_spec(spec, scheme, ratio)
     if set(arrays) != set(expected):
         raise UpdateRefused("shape_mismatch", f"arrays {sorted(arrays)[:4]}... do not match the model's names "
                                               f"(compression {scheme!r})")
     for name, (shape, dtype) in expected.items():
         array = arrays[name]
-        if tuple(array.shape) != shape:
+        if name.startswith(INDEX_PREFIX):  # a varint stream: one to VARINT_MAX bytes per index
+            if array.ndim != 1 or not shape[0] <= array.size <= VARINT_MAX * shape[0]:
+                raise UpdateRefused("bad_indices", f"{name} has {array.size} bytes for {shape[0]} indices")
+        elif tuple(array.shape) != shape:
             raise UpdateRefused("shape_mismatch", f"{name} has shape {tuple(array.shape)}, expected {shape}")
         if array.dtype.str != dtype:
             raise UpdateRefused("dtype_mismatch", f"{name} has dtype {array.dtype.str}, expected {dtype} "
                                                   f"(compression {scheme!r})")
     if scheme == SECURE:  # masked ring integers (app/secagg.py): any value is one
         return {name: arrays[name] for name in expected}
-    delta = decompress({name: arrays[name] for name in expected}, scheme, spec)
+    try:
+        delta = decompress({name: arrays[name] for name in expected}, scheme, spec)
+    except ValueError as exc:  # a top-k index stream that is not what its values need
+        raise UpdateRefused("bad_indices", str(exc)) from None
     for name, array in delta.items():
         if not np.isfinite(array).all():
             raise UpdateRefused("non_finite", f"{name} contains NaN or infinity")

@@ -27,8 +27,9 @@ from client.secagg import SecureSession
 from client.trainer import LocalTrainer
 from mesh.config import trust_path
 from shared import crypto
-from shared.compression import COMPRESSIONS, compress
-from shared.errors import SyncRefused
+from client.feedback import ErrorFeedback
+from shared.compression import COMPRESSIONS, DOWNLINK, SPARSE, apply_step, compress
+from shared.errors import SyncRefused, UpdateRefused
 from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_SECAGG, EV_TRAIN, EV_WELCOME, NAMESPACE,
                              TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex,
                              signed_registration)
@@ -57,14 +58,28 @@ PROGRESS_SECONDS = 2.0  # how often a training client reports its batches done (
 
 
 def signed_update(key: Any, request: TrainRequest, client_id: str, num_examples: int, delta: dict,
-                  metrics: dict[str, float] | None = None, epsilon: float = 0.0) -> tuple[UpdateHeader, bytes]:
-    """Compress the delta as the request says, encode, hash and sign: (header, payload) for pack_update.
-    `epsilon` is the privacy this client spent in the run (signed: the server relies on it)."""
-    payload = encode_weights(compress(delta, request.compression, np.random.default_rng()))
+                  metrics: dict[str, float] | None = None, epsilon: float = 0.0,
+                  feedback: ErrorFeedback | None = None) -> tuple[UpdateHeader, bytes]:
+    """Compress the delta as the request says (a top-k one with `feedback`'s residual, if it asks for error
+    feedback), encode, hash and sign: (header, payload) for pack_update. `epsilon` is the privacy this client
+    spent in the run (signed: the server relies on it)."""
+    rng, started = np.random.default_rng(), time.perf_counter()
+    if feedback is not None and request.compression in SPARSE and request.error_feedback:
+        arrays = feedback.compress(request.run_id, delta, request.compression, request.topk_ratio, rng)
+    else:
+        arrays = compress(delta, request.compression, rng, request.topk_ratio)
+    metrics = {**(metrics or {}), "compress_seconds": time.perf_counter() - started}  # advisory, not signed
+    payload = encode_weights(arrays)
     header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
                           client_id=client_id, num_examples=num_examples, payload_sha256=sha256_hex(payload),
                           epsilon=epsilon, metrics=metrics or {})
     return dataclasses.replace(header, signature=crypto.sign(key, header.canonical_bytes())), payload
+
+
+def sync_scheme(compression: str) -> str:
+    """How an offline contribution travels in a run that compresses updates with `compression`: the same dense
+    scheme, or int8 for a top-k run (an offline delta is sent once: it has no next round for a residual)."""
+    return "int8" if compression in SPARSE else compression if compression in ("fp16", "int8") else "none"
 
 
 class Node:
@@ -110,7 +125,9 @@ class Node:
         self._fetch_lock = threading.Lock()  # one download per version, whoever asks first
         self._evaluated: tuple[str, dict[str, float]] | None = None  # (model sha256, its held-out metrics)
         self.downloads = 0  # models fetched over HTTP (a prefetched one is not fetched again)
+        self.last_download: tuple[int, int, bool] = (-1, 0, False)  # (version, bytes, as a coded step)
         self.privacy = ClientPrivacy(Path(config.key_dir) / f"{config.client_id}.privacy.json")
+        self.feedback = ErrorFeedback(Path(config.key_dir) / f"{config.client_id}.residual.safetensors")
         if config.mesh is not None:  # zeroconf and the mesh load only when it is on
             from mesh.node import MeshNode
             self.mesh = MeshNode(config.mesh, config.client_id, self.key, trainer,
@@ -291,6 +308,7 @@ class Node:
             if self.mesh is not None:  # mesh steps train like the server's last round asked
                 self.mesh.lr, self.mesh.batch_size = c.lr or request.lr, batch_size
                 self.mesh.momentum = request.momentum
+                self.mesh.sync_compression = sync_scheme(request.compression)
             private = request.dp in ("sample", "local")
             if private:  # a round past the budget is not trained at all (BudgetExhausted, below)
                 self.privacy.plan(request, self.trainer.num_examples, epochs, batch_size, max_batches)
@@ -315,6 +333,9 @@ class Node:
             if b.delay:
                 time.sleep(b.delay)
             metrics.update(evaluated, **self._resources(), fetch_seconds=fetch_seconds, prefetched=float(prefetched))
+            if self.last_download[0] == request.model_version:  # the bytes this round's model took to download
+                metrics.update(download_bytes=float(self.last_download[1]),
+                               delta_download=float(self.last_download[2]))
             if secure is not None:
                 verdict = self.post_secure(request, secure, delta, metrics, received, epsilon)
             else:
@@ -390,28 +411,60 @@ class Node:
     def fetch_model(self, version: int, sha256: str = "") -> tuple[str, dict]:
         """(sha256, weights) of global model `version`, downloaded once; `sha256`, if known, must match,
         so a cached model with the same version number from a server reset onto a fresh state dir is
-        not trained from."""
+        not trained from. Holding an earlier version, the client first asks for the coded step to this one
+        (download_compression int8) and keeps the result only if it hashes to the model's sha256."""
         with self._fetch_lock:
             cached = self._model_cache
             if cached is None or cached[0] != version or (sha256 and cached[1] != sha256):
-                # stream=True and one raw read: Response.content would assemble the 6.65 MB from 10 KB
-                # chunks, three times the CPU of the whole download here
-                with self.http.get(f"{self.config.server_address}/api/model/{version}", stream=True,
-                                   timeout=self.config.http_timeout, verify=self._verify) as r:
-                    r.raise_for_status()
-                    try:
-                        body = r.raw.read(decode_content=True)
-                    except urllib3.exceptions.HTTPError as exc:  # the connection broke mid-body
-                        raise requests.ConnectionError(f"model version {version}: {exc}") from exc
-                digest = sha256_hex(body)
-                if digest != r.headers.get("X-Model-SHA256"):
-                    raise requests.RequestException(f"model version {version} arrived corrupted")
+                newer = cached is not None and cached[0] < version  # a step can lead only forwards from ours
+                weights = self._fetch_step(cached, version) if newer else None
+                if weights is None:
+                    body, digest = self._get(f"/api/model/{version}", version)
+                    weights, self.last_download = decode_weights(body), (version, len(body), False)
+                else:
+                    digest = sha256_hex(encode_weights(weights))
                 if sha256 and digest != sha256:
                     raise requests.RequestException(f"the server's model version {version} is not the one it "
                                                     "asked us to train (it changed meanwhile)")
-                cached = self._model_cache = (version, digest, decode_weights(body))
+                cached = self._model_cache = (version, digest, weights)
                 self.downloads += 1
             return cached[1], cached[2]
+
+    def _get(self, path: str, version: int) -> tuple[bytes, str]:
+        """The body of GET `path` and the sha256 the server says it has (X-Model-SHA256), checked for a whole model;
+        requests.HTTPError for a 4xx/5xx."""
+        # stream=True and one raw read: Response.content would assemble the 6.65 MB from 10 KB
+        # chunks, three times the CPU of the whole download here
+        with self.http.get(f"{self.config.server_address}{path}", stream=True, timeout=self.config.http_timeout,
+                           verify=self._verify) as r:
+            r.raise_for_status()
+            try:
+                body = r.raw.read(decode_content=True)
+            except urllib3.exceptions.HTTPError as exc:  # the connection broke mid-body
+                raise requests.ConnectionError(f"model version {version}: {exc}") from exc
+            expected = r.headers.get("X-Model-SHA256", "")
+        if "/delta" not in path and sha256_hex(body) != expected:
+            raise requests.RequestException(f"model version {version} arrived corrupted")
+        return body, expected
+
+    def _fetch_step(self, cached: tuple[int, str, dict[str, Any]], version: int) -> dict[str, Any] | None:
+        """The model `version` rebuilt from the cached one and the server's coded step, if the server has one and
+        the result is the model it names (its sha256); None otherwise: then the whole model is downloaded."""
+        try:
+            body, expected = self._get(f"/api/model/{version}/delta?from={cached[0]}", version)
+            weights = apply_step(cached[2], decode_weights(body), DOWNLINK)
+        except requests.RequestException:
+            return None  # no step kept (not delta-coded, or too old a base), or it failed: the whole model
+        except (ValueError, KeyError, UpdateRefused) as exc:  # a step that does not decode or fit
+            log.warning("model version %d: the coded step did not apply (%s); downloading the whole model",
+                        version, exc)
+            return None
+        if sha256_hex(encode_weights(weights)) != expected:
+            log.warning("model version %d: the coded step from version %d does not rebuild the model (sha256); "
+                        "downloading the whole model", version, cached[0])
+            return None
+        self.last_download = (version, len(body), True)
+        return weights
 
     def _latest_model(self) -> tuple[int, dict] | None:
         """(version, weights) of the newest global model we downloaded, for the mesh."""
@@ -440,16 +493,23 @@ class Node:
         the request came) the advisory metrics also get prepare_seconds and total_seconds."""
         started = time.perf_counter()
         header, payload = signed_update(self.key, request, self.config.client_id, self.trainer.num_examples,
-                                        delta, metrics, epsilon)
+                                        delta, metrics, epsilon, self.feedback)
         if received is not None:  # metrics are not signed (canonical_bytes leaves them out)
             now = time.perf_counter()
-            header = dataclasses.replace(header, metrics={**metrics, "prepare_seconds": now - started,
+            header = dataclasses.replace(header, metrics={**header.metrics, "prepare_seconds": now - started,
                                                           "total_seconds": now - received})
         return pack_update(header, payload)
 
     def post_update(self, request: TrainRequest, delta: dict, metrics: dict[str, float],
                     received: float | None = None, epsilon: float = 0.0) -> str:
-        return self._post(self.sign_update(request, delta, metrics, received, epsilon))
+        """Sign and post; a top-k update's residual (error feedback) is kept only once the server took it."""
+        try:
+            verdict = self._post(self.sign_update(request, delta, metrics, received, epsilon))
+        except BaseException:
+            self.feedback.discard()
+            raise
+        self.feedback.commit() if verdict == "accepted" or verdict.startswith("late") else self.feedback.discard()
+        return verdict
 
     def _post(self, body: bytes) -> str:
         r = self.http.post(f"{self.config.server_address}/api/update", data=body, timeout=self.config.http_timeout,

@@ -34,6 +34,7 @@ from mesh.wire import MeshRefused, ReplayGuard, open_message, seal
 from shared import crypto
 from shared.aggregate import apply_delta, subtract
 from shared.errors import SyncRefused
+from shared.compression import compress
 from shared.protocol import SyncHeader, encode_weights, pack_sync, sha256_hex
 
 log = logging.getLogger("meshfed.mesh")
@@ -48,6 +49,7 @@ class MeshNode:
         self.cfg, self.client_id, self.key, self.trainer = cfg, client_id, key, trainer
         self.train_lock, self.lr, self.batch_size = train_lock, lr, batch_size
         self.momentum = 0.0  # lr, batch size and momentum follow the server's last round (client/node.py)
+        self.sync_compression = "none"  # how an offline contribution's delta travels: the run's dense scheme
         self.fingerprint = crypto.fingerprint(crypto.public_pem(key))
         self.store = OfflineStore(directory)
         self.trust = Trust(trust_file)
@@ -226,10 +228,11 @@ class MeshNode:
             if c is not None:
                 self.store.mark_synced(c.id)  # nothing learned offline: nothing to send
             return
-        payload = encode_weights(subtract(c.current, c.base))
+        scheme = self.sync_compression  # dense: an offline delta has no next round to carry a residual to
+        payload = encode_weights(compress(subtract(c.current, c.base), scheme, np.random.default_rng()))
         header = SyncHeader(contribution_id=c.id, client_id=self.client_id, base_version=c.base_version,
                             local_steps=c.local_steps, num_examples=c.num_examples,
-                            payload_sha256=sha256_hex(payload), peers=sorted(c.peers))
+                            payload_sha256=sha256_hex(payload), peers=sorted(c.peers), compression=scheme)
         header = replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
         try:
             reply = upload(pack_sync(header, payload))  # unreachable: kept and retried (RequestException)
@@ -240,8 +243,9 @@ class MeshNode:
             self._done(c.id, synced=False)
             return
         self._done(c.id, synced=True)
-        log.info("synced offline contribution %s (%d steps from v%d, mixed with %s)%s", c.id[:8], c.local_steps,
-                 c.base_version, ", ".join(c.peers) or "nobody", " (already merged)" if reply.get("duplicate") else "")
+        log.info("synced offline contribution %s (%d steps from v%d, mixed with %s; %d bytes as %s)%s", c.id[:8],
+                 c.local_steps, c.base_version, ", ".join(c.peers) or "nobody", len(payload), scheme,
+                 " (already merged)" if reply.get("duplicate") else "")
 
     def _done(self, contribution_id: str, synced: bool) -> None:
         """The contribution left this client (synced, or refused for good): never sent again."""

@@ -6,12 +6,20 @@
         becomes infinity, which the server refuses as non_finite
   int8  per-tensor symmetric 8 bits with stochastic rounding (QSGD-style, Alistarh et al. 2017,
         with 127 levels each side): 4x fewer bytes; unbiased, error < one level (max|x| / 127)
+  topk  per tensor, the k = ceil(topk_ratio * size) largest values by magnitude (float32) and their
+        indices, sorted and delta-coded as LEB128 varints (1 byte for a gap below 128): at ratio 0.01
+        about 2.5% of the bytes. Lossy: the client keeps what it did not send and adds it to its next
+        delta (error feedback, client/feedback.py; Lin et al. 2018, "Deep Gradient Compression")
+  topk+int8  the same, with the k values quantised as int8 (about 2 bytes per kept value in all)
 
 Only floating-point arrays are compressed; any other array travels as it is. An int8 array `name`
-travels with its scale, a float32 array of one value named SCALE_PREFIX + name. The server knows the run's
+travels with its scale, a float32 array of one value named SCALE_PREFIX + name. A top-k array `name` holds
+the k values, and INDEX_PREFIX + name their index stream (uint8, k to 5k bytes). The server knows the run's
 scheme (it sends it in every TrainRequest), so wire_spec() says exactly which names, shapes and
 dtypes an update must have, and decompress() turns a checked update back into float32 deltas.
-The model the server sends stays float32: compression is for the upload, the many-to-one side.
+The model the server sends is float32. With `download_compression int8` the server makes each new global model
+the previous one plus an int8-coded step (app/downlink.py), so a client that holds the previous model gets the
+new one exactly from that step (apply_step), about 4x fewer bytes than the model.
 """
 from __future__ import annotations
 
@@ -19,8 +27,13 @@ import math
 
 import numpy as np
 
-COMPRESSIONS = ("none", "fp16", "int8")
+COMPRESSIONS = ("none", "fp16", "int8", "topk", "topk+int8")
+SPARSE = ("topk", "topk+int8")
 SCALE_PREFIX = "__scale__/"  # no state_dict name starts with "__"
+INDEX_PREFIX = "__index__/"
+DEFAULT_RATIO = 0.01
+DOWNLINK = "int8"           # how a delta-coded download's step is coded (app/downlink.py)
+VARINT_MAX = 5              # bytes of one LEB128 varint of a uint32 gap
 LEVELS = 127                 # int8 values used: -127..127 (symmetric, so -128 is never sent)
 
 Spec = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, numpy dtype str), as app/verify.py's
@@ -35,11 +48,20 @@ def check_scheme(scheme: str) -> None:
         raise ValueError(f"unknown compression {scheme!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
-def compress(delta: dict[str, np.ndarray], scheme: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The arrays to send for `delta` under `scheme` (names in delta's order, scales after their arrays)."""
+def topk_count(size: int, ratio: float) -> int:
+    """k of a tensor of `size` values at `ratio`: at least one value, at most all of them."""
+    return min(size, max(1, math.ceil(ratio * size)))
+
+
+def compress(delta: dict[str, np.ndarray], scheme: str, rng: np.random.Generator,
+             ratio: float = DEFAULT_RATIO) -> dict[str, np.ndarray]:
+    """The arrays to send for `delta` under `scheme` (names in delta's order, scales and index streams after
+    their arrays); `ratio` is topk's share of values sent."""
     check_scheme(scheme)
     if scheme == "none":
         return delta
+    if scheme in SPARSE:
+        return _compress_topk(delta, scheme, rng, ratio)
     import torch  # here, not at the top: the config checks import this module, and --help should not load torch
     out: dict[str, np.ndarray] = {}
     for name, x in delta.items():
@@ -74,8 +96,66 @@ def quantize_int8(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, 
     return q.numpy(), np.array([scale], dtype=np.float32)
 
 
-def wire_spec(spec: Spec, scheme: str) -> Spec:
-    """The names, shapes and dtypes an update compressed with `scheme` carries, for a model of `spec`."""
+def _compress_topk(delta: dict[str, np.ndarray], scheme: str, rng: np.random.Generator,
+                   ratio: float) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, x in delta.items():
+        if not _is_float(x.dtype.str):
+            out[name] = x
+            continue
+        flat = np.ascontiguousarray(x, dtype=np.float32).ravel()
+        k = topk_count(flat.size, ratio)
+        index = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:] if k < flat.size else np.arange(k)
+        index.sort()
+        values = flat[index]
+        if scheme == "topk+int8":
+            out[name], out[SCALE_PREFIX + name] = quantize_int8(values, rng)
+        else:
+            out[name] = values
+        out[INDEX_PREFIX + name] = encode_indices(index)
+    return out
+
+
+def encode_indices(index: np.ndarray) -> np.ndarray:
+    """Sorted, distinct indices as LEB128 varints of their gaps (the first gap is the first index): uint8."""
+    gaps = np.diff(index.astype(np.int64), prepend=0).astype(np.uint64)
+    size = np.ones(gaps.size, np.int64)
+    for shift in (7, 14, 21, 28):
+        size += gaps >= (1 << shift)
+    out = np.empty(int(size.sum()), np.uint8)
+    start = np.cumsum(size) - size
+    for j in range(VARINT_MAX):
+        has = size > j
+        more = (size[has] > j + 1).astype(np.uint64) << np.uint64(7)
+        out[start[has] + j] = ((gaps[has] >> np.uint64(7 * j)) & np.uint64(0x7F)) | more
+    return out
+
+
+def decode_indices(stream: np.ndarray, count: int, size: int) -> np.ndarray:
+    """The `count` indices of a varint stream, each in 0..size-1, strictly increasing; ValueError saying what is
+    wrong otherwise (a sender's stream is untrusted: the server refuses it with that reason)."""
+    stream = np.asarray(stream, np.uint8)
+    ends = np.flatnonzero(stream < 0x80)  # the last byte of each varint has no continuation bit
+    if ends.size != count or (stream.size and stream[-1] >= 0x80):
+        raise ValueError(f"the index stream holds {ends.size} indices, not the {count} values sent")
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if count and lengths.max() > VARINT_MAX:
+        raise ValueError("an index gap is longer than 5 bytes")
+    position = np.arange(stream.size) - np.repeat(starts, lengths)
+    parts = (stream & np.uint8(0x7F)).astype(np.uint64) << (np.uint64(7) * position.astype(np.uint64))
+    gaps = np.add.reduceat(parts, starts) if count else np.zeros(0, np.uint64)
+    if count and (gaps[1:] == 0).any():
+        raise ValueError("indices repeat (a gap of 0)")
+    index = np.cumsum(gaps, dtype=np.uint64)
+    if count and (gaps >= (1 << 32)).any() or (count and index[-1] >= size):
+        raise ValueError(f"an index is out of range 0..{size - 1}")
+    return index.astype(np.int64)
+
+
+def wire_spec(spec: Spec, scheme: str, ratio: float = DEFAULT_RATIO) -> Spec:
+    """The names, shapes and dtypes an update compressed with `scheme` carries, for a model of `spec`. A top-k
+    index stream's length varies (k to 5k bytes): its shape here is (k,), the least it can be."""
     check_scheme(scheme)
     if scheme == "none":
         return dict(spec)
@@ -83,6 +163,12 @@ def wire_spec(spec: Spec, scheme: str) -> Spec:
     for name, (shape, dtype) in spec.items():
         if not _is_float(dtype):
             out[name] = (shape, dtype)
+        elif scheme in SPARSE:
+            k = topk_count(math.prod(shape), ratio)
+            out[name] = ((k,), np.dtype(np.int8 if scheme == "topk+int8" else np.float32).str)
+            if scheme == "topk+int8":
+                out[SCALE_PREFIX + name] = ((1,), np.dtype(np.float32).str)
+            out[INDEX_PREFIX + name] = ((k,), np.dtype(np.uint8).str)
         elif scheme == "fp16":
             out[name] = (shape, np.dtype(np.float16).str)
         else:
@@ -92,10 +178,13 @@ def wire_spec(spec: Spec, scheme: str) -> Spec:
 
 
 def decompress(arrays: dict[str, np.ndarray], scheme: str, spec: Spec) -> dict[str, np.ndarray]:
-    """Float deltas in the model's dtypes and order from arrays that match wire_spec(spec, scheme)."""
+    """Float deltas in the model's dtypes and order from arrays that match wire_spec(spec, scheme); ValueError
+    for a top-k index stream that does not decode to its values' count of sorted, distinct, in-range indices."""
     check_scheme(scheme)
     if scheme == "none":
         return arrays
+    if scheme in SPARSE:
+        return _densify(arrays, scheme, spec)
     import torch
     out: dict[str, np.ndarray] = {}
     for name, (_, dtype) in spec.items():
@@ -107,3 +196,30 @@ def decompress(arrays: dict[str, np.ndarray], scheme: str, spec: Spec) -> dict[s
         else:
             out[name] = a.astype(dtype) * arrays[SCALE_PREFIX + name].astype(dtype)[0]
     return out
+
+
+def _densify(arrays: dict[str, np.ndarray], scheme: str, spec: Spec) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, (shape, dtype) in spec.items():
+        if not _is_float(dtype):
+            out[name] = arrays[name]
+            continue
+        values = arrays[name]
+        if scheme == "topk+int8":
+            values = values.astype(np.float32) * arrays[SCALE_PREFIX + name].astype(np.float32)[0]
+        size = math.prod(shape)
+        try:
+            index = decode_indices(arrays[INDEX_PREFIX + name], values.size, size)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        dense = np.zeros(size, np.float32)
+        dense[index] = values
+        out[name] = dense.reshape(shape).astype(dtype, copy=False)
+    return out
+
+
+def apply_step(base: dict[str, np.ndarray], arrays: dict[str, np.ndarray], scheme: str) -> dict[str, np.ndarray]:
+    """base + the delta `arrays` encode (as compress(..., scheme) made them), in base's order and dtypes. The server
+    makes a delta-coded model with this same function, so the client's result is bit for bit the server's."""
+    step = decompress(arrays, scheme, {k: (tuple(v.shape), v.dtype.str) for k, v in base.items()})
+    return {k: (v + step[k]).astype(v.dtype, copy=False) for k, v in base.items()}

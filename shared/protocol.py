@@ -29,8 +29,9 @@ from shared.errors import UpdateRefused
 from shared.frames import (BASE64, CLIENT_ID, PEM, SHA256, TOKEN_ID, VERSION, advisory, canonical_bytes, frame,
                            integer, local, number, strings, text, unframe, wire_dict)
 
-PROTOCOL_VERSION = "meshfed/3"  # 3: one codec; every header field signed but the advisory metrics; signed
-                                # registration over a challenge
+PROTOCOL_VERSION = "meshfed/4"  # 3: one codec; every header field signed but the advisory metrics; signed
+                                # registration over a challenge. 4: top-k updates; an offline contribution
+                                # says (signed) how its delta is compressed
 NAMESPACE = "/fl"
 
 # Socket.IO events on /fl.
@@ -65,7 +66,9 @@ class TrainRequest:
     partition: str = ""       # '' = keep the client's own partition; else re-partition this way
     alpha: float = 0.5        # Dirichlet concentration for partition 'dirichlet'
     proximal_mu: float = 0.0  # FedProx: > 0 adds mu/2 * ||w - w_global||^2 to the local loss
-    compression: str = "none" # how to encode the update: none | fp16 | int8 (shared/compression.py)
+    compression: str = "none" # how to encode the update: none | fp16 | int8 | topk | topk+int8 (shared/compression.py)
+    topk_ratio: float = 0.01  # topk: the share of each tensor's values sent
+    error_feedback: bool = True  # topk: keep what was not sent and add it to the next delta (client/feedback.py)
     momentum: float = 0.0     # local SGD momentum (0 = plain SGD), buffers started afresh each round
     # privacy (shared/privacy.py): 'sample' trains with DP-SGD, 'local' noises the update; the client keeps its
     # own accountant and refuses a round that would take it past target_epsilon (0 = no budget)
@@ -94,7 +97,8 @@ METRICS: dict[str, tuple[float, float]] = {
     "train_loss": (0.0, 1e9), "train_accuracy": (0.0, 1.0), "examples": (0.0, 1e12), "batches": (0.0, 1e12),
     "train_seconds": (0.0, DAY), "eval_loss": (0.0, 1e9), "eval_accuracy": (0.0, 1.0), "eval_seconds": (0.0, DAY),
     "cpu_percent": (0.0, 1e5), "memory_mb": (0.0, 1e8), "fetch_seconds": (0.0, DAY), "prefetched": (0.0, 1.0),
-    "prepare_seconds": (0.0, DAY), "total_seconds": (0.0, DAY)}
+    "prepare_seconds": (0.0, DAY), "total_seconds": (0.0, DAY), "download_bytes": (0.0, 1e11),
+    "delta_download": (0.0, 1.0), "compress_seconds": (0.0, DAY)}
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,7 @@ class SyncHeader:
     num_examples: int = field(metadata=integer(0))  # its bounds are the server's check (app/verify.py)
     payload_sha256: str = field(metadata=text(SHA256))
     peers: list[str] = field(default_factory=list, metadata=strings(CLIENT_ID, 256))  # whom it mixed with
+    compression: str = field(default="none", metadata=text(r"none|fp16|int8"))  # of the delta (shared/compression.py)
     protocol: str = field(default=PROTOCOL_VERSION, metadata=text(VERSION))
     signature: str = field(default="", metadata=text(BASE64, signed=False))
 

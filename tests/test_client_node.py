@@ -12,17 +12,31 @@ from client.node import Node, NodeConfig
 from shared.protocol import TrainRequest, encode_weights, sha256_hex
 
 
-def serve_models(models: dict[int, bytes]) -> ThreadingHTTPServer:
-    """A loopback HTTP server answering GET /api/model/<version> from `models` (changed by the test)."""
+def serve_models(models: dict[int, bytes], steps: dict[tuple[int, int], bytes] | None = None) -> ThreadingHTTPServer:
+    """A loopback HTTP server answering GET /api/model/<version> from `models`, and GET
+    /api/model/<version>/delta?from=<base> from `steps` (404 when it has none), as the real one does."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = models[int(self.path.rsplit("/", 1)[1])]
+            self.paths.append(self.path)
+            parts = self.path.split("/")
+            version = int(parts[3])
+            if len(parts) == 5:  # a coded step: the full model's sha256 in the header, as the server sends it
+                body = (steps or {}).get((int(parts[4].split("from=")[1]), version))
+                if body is None:
+                    self.send_error(404)
+                    return
+                digest = sha256_hex(models[version])
+            else:
+                body = models[version]
+                digest = sha256_hex(body)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("X-Model-SHA256", sha256_hex(body))
+            self.send_header("X-Model-SHA256", digest)
             self.end_headers()
             self.wfile.write(body)
+
+        paths: list[str] = []
 
         def log_message(self, *args) -> None:
             pass
@@ -119,5 +133,35 @@ def test_mesh_steps_train_with_the_momentum_of_the_last_round(tmp_path):
         assert node.mesh.contribution.local_steps == 1
     finally:
         node.mesh.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_coded_step_is_used_only_when_it_rebuilds_the_model_else_the_whole_model_is_fetched(tmp_path):
+    from shared.compression import DOWNLINK, apply_step, compress
+    rng = np.random.default_rng(0)
+    v1 = {"w": rng.normal(size=(40, 30)).astype(np.float32), "b": rng.normal(size=30).astype(np.float32)}
+    step = compress({k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in v1.items()}, DOWNLINK, rng)
+    v2 = apply_step(v1, step, DOWNLINK)  # what the server commits: v1 plus the coded step
+    wrong = compress({k: np.ones_like(v) for k, v in v1.items()}, DOWNLINK, rng)
+    models = {1: encode_weights(v1), 2: encode_weights(v2), 3: encode_weights(apply_step(v2, step, DOWNLINK))}
+    steps = {(1, 2): encode_weights(step), (2, 3): encode_weights(wrong)}  # the second does not rebuild v3
+    server = serve_models(models, steps)
+    handler_paths = server.RequestHandlerClass.paths
+    try:
+        node = Node(NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path)),
+                    trainer=None)
+        node.fetch_model(1, sha256_hex(models[1]))
+        assert node.last_download == (1, len(models[1]), False)  # nothing held yet: the whole model
+        digest, weights = node.fetch_model(2, sha256_hex(models[2]))
+        assert digest == sha256_hex(models[2]) and all((weights[k] == v2[k]).all() for k in v2)
+        assert node.last_download == (2, len(steps[(1, 2)]), True) and len(steps[(1, 2)]) < len(models[2]) / 3
+        digest, _ = node.fetch_model(3, sha256_hex(models[3]))  # a wrong step: its result fails the sha256
+        assert digest == sha256_hex(models[3]) and node.last_download == (3, len(models[3]), False)
+        assert handler_paths[-2:] == ["/api/model/3/delta?from=2", "/api/model/3"]
+        node._model_cache = None
+        node.fetch_model(3, sha256_hex(models[3]))  # nothing held: no step asked for
+        assert handler_paths[-1] == "/api/model/3"
+    finally:
         server.shutdown()
         server.server_close()

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from app.verify import check_arrays
-from shared.compression import SCALE_PREFIX, compress, quantize_int8, wire_spec
+from client.feedback import ErrorFeedback
+from shared.compression import (INDEX_PREFIX, SCALE_PREFIX, compress, decode_indices, decompress, encode_indices,
+                                quantize_int8, topk_count, wire_spec)
 from shared.errors import UpdateRefused
 from shared.models import weight_spec
 from shared.protocol import encode_weights
@@ -92,3 +94,95 @@ def test_wire_spec_lists_a_scale_per_float_array_only():
     assert spec["w"] == ((400, 300), "|i1") and spec[SCALE_PREFIX + "w"] == ((1,), "<f4") and spec["steps"] == SPEC["steps"]
     with pytest.raises(ValueError, match="unknown compression"):
         wire_spec(SPEC, "zip")
+
+
+# --- top-k with error feedback (issue 24) ------------------------------------------------------------------
+
+def test_topk_sends_the_largest_values_exactly_and_indices_decode_exactly():
+    for scheme, ratio in (("topk", 0.01), ("topk+int8", 0.01), ("topk", 1.0), ("topk+int8", 0.001)):
+        payload = encode_weights(compress(DELTA, scheme, np.random.default_rng(0), ratio))
+        got = check_arrays(payload, SPEC, 1 << 20, scheme, ratio)
+        assert got["steps"][0] == 7 and got["w"].shape == DELTA["w"].shape
+        for name in ("w", "b"):
+            x, k = DELTA[name].ravel(), topk_count(DELTA[name].size, ratio)
+            chosen = np.flatnonzero(got[name].ravel()) if scheme == "topk" else None
+            largest = np.sort(np.argsort(-np.abs(x), kind="stable")[:k])
+            if scheme == "topk":  # the k largest magnitudes, their values exact
+                assert (chosen == largest).all() and (got[name].ravel()[largest] == x[largest]).all()
+            else:  # int8 values: within a level of the largest magnitude kept
+                assert np.abs(got[name].ravel()[largest] - x[largest]).max() <= np.abs(x).max() / 127 + 1e-9
+    dense = len(encode_weights(DELTA))
+    sparse = len(encode_weights(compress(DELTA, "topk+int8", np.random.default_rng(0), 0.01)))
+    assert sparse < dense / 50  # about 2 bytes a kept value (plus the safetensors header) against 400 per 100
+
+
+def test_index_streams_round_trip_at_every_gap_size():
+    index = np.array([0, 1, 127, 128, 16_511, 16_512, 2**21 + 5, 2**28 + 9, 2**32 - 1], np.int64)
+    assert (decode_indices(encode_indices(index), index.size, 2**32) == index).all()
+    rng = np.random.default_rng(3)
+    for size, k in ((10, 10), (10_000, 1), (1_000_000, 1000)):
+        index = np.sort(rng.choice(size, k, replace=False))
+        assert (decode_indices(encode_indices(index), k, size) == index).all()
+
+
+def sparse_reason(arrays, scheme="topk", ratio=0.01):
+    with pytest.raises(UpdateRefused) as info:
+        check_arrays(encode_weights(arrays), SPEC, 1 << 20, scheme, ratio)
+    return info.value.reason, str(info.value)
+
+
+def varints(gaps):
+    """A varint stream of these gaps as they are (encode_indices takes the indices the gaps add up to)."""
+    return encode_indices(np.cumsum(np.asarray(gaps, np.int64)))
+
+
+def test_malformed_sparse_updates_are_refused_with_reasons():
+    good = compress(DELTA, "topk", np.random.default_rng(0), 0.01)
+    k, size = good["w"].size, DELTA["w"].size
+    gaps = np.diff(decode_indices(good[INDEX_PREFIX + "w"], k, size), prepend=0)
+    # Sent as gaps, indices cannot go down: an "unsorted" stream shows as a repeat (a 0 gap) or as a gap that
+    # runs past the tensor (what a 32-bit decoder would wrap around); both are refused, as is a wrong count
+    bad = {"repeated": varints([gaps[0], 0, *gaps[2:]]),
+           "out of range": varints([*gaps[:-1], size]),
+           "wrapping": varints([gaps[0], 2**32 - 1, *gaps[2:]]),
+           "too few": varints(gaps[:-1]),
+           "too many": varints([*gaps, 1]),
+           "a cut varint": np.concatenate([good[INDEX_PREFIX + "w"], [0x80]]).astype(np.uint8),
+           "a 6-byte varint": np.concatenate([[0x81] * 5 + [0x01], varints(gaps[1:])]).astype(np.uint8),
+           "too long a stream": np.zeros(6 * k, np.uint8)}
+    for why, stream in bad.items():
+        code, message = sparse_reason({**good, INDEX_PREFIX + "w": stream})
+        assert code == "bad_indices" and "w" in message, (why, code, message)
+    assert sparse_reason({**good, "w": good["w"][:-1]})[0] == "shape_mismatch"  # fewer values than k
+    assert sparse_reason({**good, INDEX_PREFIX + "w": good[INDEX_PREFIX + "w"].astype(np.int16)})[0] == \
+        "dtype_mismatch"
+    assert sparse_reason({**good, "b": np.full_like(good["b"], np.nan)})[0] == "non_finite"
+    forged = compress(DELTA, "topk+int8", np.random.default_rng(0), 0.01)
+    assert sparse_reason({**forged, SCALE_PREFIX + "w": np.array([np.inf], np.float32)}, "topk+int8")[0] == \
+        "non_finite"
+    assert sparse_reason(good, "topk", 0.02)[0] == "shape_mismatch"  # k follows the run's ratio
+
+
+def test_error_feedback_conserves_mass_and_survives_a_restart(tmp_path):
+    rng = np.random.default_rng(5)
+    deltas = [{"w": rng.normal(0, 1, (50, 40)).astype(np.float32), "n": np.array([1], np.int64)} for _ in range(6)]
+    spec = weight_spec(deltas[0])
+    path = tmp_path / "c0.residual.safetensors"
+    feedback, sent = ErrorFeedback(path), np.zeros((50, 40), np.float64)
+    for i, delta in enumerate(deltas):
+        if i == 3:  # a restart: the residual comes back from disk
+            feedback = ErrorFeedback(path)
+        arrays = feedback.compress("run-a", delta, "topk+int8", 0.05, rng)
+        feedback.commit()
+        sent += decompress(arrays, "topk+int8", spec)["w"]
+    total = sum(d["w"].astype(np.float64) for d in deltas)
+    assert np.allclose(sent + feedback.residual["w"], total, atol=1e-4)  # nothing lost, only delayed
+    assert np.abs(feedback.residual["w"]).sum() > 0
+    before = feedback.residual["w"].copy()  # a lost update leaves the residual as it was
+    feedback.compress("run-a", deltas[0], "topk", 0.05, rng)
+    feedback.discard()
+    assert (ErrorFeedback(path).residual["w"] == before).all() and (feedback.residual["w"] == before).all()
+    arrays = feedback.compress("run-b", deltas[0], "topk", 0.05, rng)  # a new run starts from zero
+    assert np.allclose(decompress(arrays, "topk", spec)["w"] + feedback._pending[1]["w"], deltas[0]["w"])
+    path.write_bytes(b"not safetensors")
+    assert ErrorFeedback(path).residual == {}  # unreadable: from zero, with a warning

@@ -389,6 +389,8 @@ def test_charts_the_rounds_deadline_and_why_a_round_was_partial(cluster):
         assert all(float(t).is_integer() for t in charts["ticks"]), charts["ticks"]
         assert charts["titles"] == ["round"] * 4
         assert charts["system"] == ["host CPU %", "server process CPU % (of the host)", "host memory %"]
+        assert re.fullmatch(r"last round, float32 \(\d+ KiB\) over bytes per client: upload 1\.0x, download 1\.0x "
+                            r"\(0 downloads as coded steps\)", page.text_content("#bandwidth-note"))
     assert errors == [], errors
     (row,) = cluster.rounds()
     assert row["why_dropped"] == {"c1": "missed the 15 s deadline"} and row["dropped"] == ["c1"]

@@ -4,6 +4,7 @@ better on their held-out splits; a stranger is refused until an operator confirm
 while offline keeps what it learned; the server comes back and merges every contribution once."""
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def test_mesh_keeps_learning_while_the_server_is_down_and_syncs_once(cluster, fm
 
     # rounds take >= 0.5 s (--delay), so the run is still going when the server dies
     cluster.start_server("--dataset", "fashion-mnist", "--model", "mlp", "--num-rounds", "12", "--min-clients", "3",
-                         "--eval-limit", "2000", "--max-batches", "20", "--start")
+                         "--eval-limit", "2000", "--max-batches", "20", "--compression", "int8", "--start")
     cluster.wait_ready()
     for cid in ports:
         start(cid)
@@ -114,6 +115,9 @@ def test_mesh_keeps_learning_while_the_server_is_down_and_syncs_once(cluster, fm
     assert sorted(c["client_id"] for c in got) == ["c0", "c1", "c2"]  # once each
     assert {c["client_id"]: c["id"] for c in got}["c2"] == before["contribution_id"]
     assert all(status(c)["synced"] == [learned[c]["contribution_id"]] for c in ["c0", "c1"])
+    for cid in ("c0", "c1"):  # in the run's scheme (signed), 4x fewer bytes than float32 (c2 restarted offline: none)
+        assert re.search(r"synced offline contribution \w+ .*; \d+ bytes as int8\)",
+                         (cluster.workdir / f"{cid}.log").read_text()), cid
     by_version = {r["model_version"]: r for r in cluster.rounds()}
     merged_into = by_version[min(c["merged_version"] for c in got)]
     assert merged_into["accuracy"] >= pre_outage, (merged_into, pre_outage)

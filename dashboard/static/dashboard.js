@@ -41,6 +41,13 @@ const charts = {
       plugins: { tooltip: { callbacks: { afterBody: droppedLines } } },
       scales: { x: { ...ROUND_AXIS, stacked: true }, y: { stacked: true, beginAtZero: true, suggestedMax: 1, ticks: { precision: 0 } } } },
   }),
+  bytes: new Chart($("chart-bytes"), {
+    type: "bar",
+    data: { labels: [], datasets: [
+      { label: "upload", data: [], backgroundColor: "#0d6efd" },
+      { label: "download", data: [], backgroundColor: "#20c997" }] },
+    options: { animation: false, maintainAspectRatio: false, scales: { x: ROUND_AXIS, y: { beginAtZero: true } } },
+  }),
   privacy: lineChart("chart-privacy", [], { beginAtZero: true }),
   system: new Chart($("chart-system"), {
     type: "line",
@@ -63,7 +70,17 @@ function drawRounds() {
   charts.clients.data.datasets[0].data = r.map((x) => x.num_clients);
   charts.clients.data.datasets[1].data = r.map((x) => x.num_refused);
   charts.clients.data.datasets[2].data = r.map((x) => Object.keys(x.flagged || {}).length);
-  for (const c of [charts.accuracy, charts.loss, charts.duration, charts.clients]) c.update();
+  // Bandwidth (round timings): the mean bytes each client moved, and the ratio to float32 (the model's size)
+  const perClient = (x, way) => (x.timings?.[`${way}s`] ? x.timings[`${way}_bytes`] / x.timings[`${way}s`] : null);
+  charts.bytes.data.labels = labels;
+  charts.bytes.data.datasets[0].data = r.map((x) => perClient(x, "upload") && +(perClient(x, "upload") / 1024).toFixed(1));
+  charts.bytes.data.datasets[1].data = r.map((x) => perClient(x, "download") && +(perClient(x, "download") / 1024).toFixed(1));
+  for (const c of [charts.accuracy, charts.loss, charts.duration, charts.clients, charts.bytes]) c.update();
+  const t = r.length ? r[r.length - 1].timings || {} : {};
+  const ratio = (way) => (perClient(r[r.length - 1], way) ? `${(t.model_bytes / perClient(r[r.length - 1], way)).toFixed(1)}x` : "–");
+  $("bandwidth-note").textContent = t.model_bytes ? `last round, float32 (${(t.model_bytes / 1024).toFixed(0)} KiB) ` +
+    `over bytes per client: upload ${ratio("upload")}, download ${ratio("download")} ` +
+    `(${t.delta_downloads || 0} downloads as coded steps)` : "";
   const last = r[r.length - 1];
   $("stat-accuracy").textContent = last ? (100 * last.accuracy).toFixed(2) + "%" : "–";
   $("stat-loss").textContent = last ? last.loss.toFixed(4) : "–";
