@@ -41,9 +41,15 @@ class Arrival:
     epsilon: float = 0.0       # the privacy the client signed it had spent in the run (dp 'sample', 'local')
 
 
+def clients_to_wait_for(cfg: "RunConfig") -> int:
+    """A round starts once this many clients are connected: min_available_clients, and never fewer than it asks."""
+    return max(cfg.min_available_clients, cfg.min_fit_clients)
+
+
 def select_clients(online: list[str], cfg: "RunConfig", run_id: str, round_no: int) -> list[str]:
     """The clients asked in a round: fraction_fit of those online, at least min_fit_clients, at most
-    max_fit_clients, sampled with the run's seed."""
+    max_fit_clients, sampled uniformly with the run's seed (as Flower's min_available_clients, fraction_fit and
+    min_fit_clients: wait for 100, ask 10)."""
     k = max(cfg.min_fit_clients, math.ceil(cfg.fraction_fit * len(online)))
     if cfg.max_fit_clients:
         k = min(k, cfg.max_fit_clients)

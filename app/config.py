@@ -90,8 +90,12 @@ class RunConfig:
     num_rounds: int = setting(5, "Rounds", "stop after this many completed rounds", "rounds", lo=1, hi=100_000)
     fraction_fit: float = setting(1.0, "Fraction of clients per round", "share of connected clients asked to "
                                   "train each round", "rounds", lo=0, hi=1, lo_open=True)
-    min_fit_clients: int = setting(2, "Min clients", "a round starts only when this many clients are connected",
-                                   "rounds", lo=1, hi=10_000, flag="--min-clients")
+    min_fit_clients: int = setting(2, "Min clients", "a round asks at least this many clients (and waits until "
+                                   "that many are connected)", "rounds", lo=1, hi=10_000, flag="--min-clients")
+    min_available_clients: int = setting(0, "Min available", "a round starts only when this many clients are "
+                                         "connected; fraction_fit of them are asked (Flower's "
+                                         "min_available_clients)", "rounds", lo=0, hi=100_000,
+                                         note="0 = min_clients", flag="--min-available")
     max_fit_clients: int = setting(0, "Max clients per round", "cap on clients asked per round", "rounds", lo=0,
                                    hi=10_000, note="0 = no cap", flag="--max-clients")
     quorum: float = setting(0.5, "Quorum", "at the deadline, aggregate if this share of the asked replied",

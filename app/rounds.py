@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 
 from app import strategy
-from app.collection import Collection, select_clients
+from app.collection import Collection, clients_to_wait_for, select_clients
 from app.committer import Committer, RoundRow, timings
 from app.config import RunConfig
 from app.downlink import Downlink
@@ -82,7 +82,7 @@ class RoundLoop:
         `report(run, phase, playing, completed)` tells the run where the round is."""
         cfg = run.config
         report(run, Phase.WAITING)
-        online = self._wait_for_clients(cfg.min_fit_clients, run.stop)
+        online = self._wait_for_clients(clients_to_wait_for(cfg), run.stop)
         if online is None:
             return None
         started, eligible = time.monotonic(), self.privacy.eligible(online, cfg)        # budget left
@@ -188,7 +188,8 @@ class RoundLoop:
                                max_batches=cfg.max_batches, deadline_s=cfg.round_timeout, partition=cfg.partition,
                                alpha=cfg.alpha, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
                                compression=cfg.compression, topk_ratio=cfg.topk_ratio,
-                               error_feedback=cfg.error_feedback == "on", momentum=cfg.momentum,
+                               error_feedback=cfg.error_feedback == "on",
+                               download_compression=cfg.download_compression, momentum=cfg.momentum,
                                secure_aggregation=cfg.secure_aggregation,
                                **({k: getattr(cfg, k) for k in PRIVATE} if cfg.dp in ("sample", "local") else {}))
         self.collection.gone({cid for cid in selected if not self.transport.send_train(cid, request)},

@@ -12,6 +12,9 @@ Prints one JSON line per round and a summary; --out writes the JSON and a PNG be
 accuracy against upload bytes per client per round).
 
     python bench/compression.py --max-samples 2000 --out bench/results/compression.json
+    python bench/compression.py --max-samples 2000 --only "float32,0.01 EF on" \
+        --out bench/results/compression_headline.json
+    python bench/compression.py --replot bench/results/compression.json   (the PNG again, from the JSON)
 """
 from __future__ import annotations
 
@@ -86,11 +89,13 @@ def plot(results: dict[str, list[dict[str, Any]]], summary: list[dict[str, Any]]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, rounds in results.items():
         left.plot([r["round"] for r in rounds], [100 * r["accuracy"] for r in rounds], marker="o", ms=3,
                   label=name, linestyle="--" if "EF off" in name else "-")
     left.set(xlabel="round", ylabel="test accuracy %", title="accuracy per round")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.legend(fontsize=7)
     for feedback, marker in (("on", "o"), ("off", "x")):
         points = [s for s in summary if s.get("error_feedback") == feedback]
@@ -118,7 +123,12 @@ def main() -> None:
     p.add_argument("--only", default="", help="run only the configurations whose name contains one of these "
                                               "comma-separated words (e.g. 'float32,EF on')")
     p.add_argument("--out", default=None, help="also write the JSON (and a PNG beside it) here")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only draw the PNG of an earlier run's JSON")
     args = p.parse_args()
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        plot(report["rounds"], report["summary"], Path(args.replot).with_suffix(".png"), title(report))
+        return
     started = time.monotonic()
     wanted = args.only.split(",") if args.only else [""]
     configs = [c for c in configurations([float(r) for r in args.ratios.split(",")])
@@ -145,9 +155,12 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
-        plot(results, summary, out.with_suffix(".png"),
-             f"Fashion-MNIST, {args.num_clients} clients, Dir(0.5), McMahan CNN, {args.num_rounds} rounds"
-             + (f", {args.max_samples} samples per client" if args.max_samples else ""))
+        plot(results, summary, out.with_suffix(".png"), title(report))
+
+
+def title(report: dict[str, Any]) -> str:
+    return (f"Fashion-MNIST, {report['num_clients']} clients, Dir(0.5), McMahan CNN, {report['num_rounds']} rounds"
+            + (f", {report['max_samples_per_client']} samples per client" if report["max_samples_per_client"] else ""))
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from client.behaviour import Behaviour, partial_batches, poison
 from client.config import NodeConfig
 from client.privacy import BudgetExhausted, ClientPrivacy, privatize
 from client.secagg import SecureSession
+from client.feedback import ErrorFeedback
 from client.trainer import LocalTrainer
 from mesh.config import trust_path
 from shared import crypto
-from client.feedback import ErrorFeedback
-from shared.compression import COMPRESSIONS, DOWNLINK, SPARSE, apply_step, compress
+from shared.compression import COMPRESSIONS, DOWNLINK, SPARSE, apply_step, compress, inflate
 from shared.errors import SyncRefused, UpdateRefused
 from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_SECAGG, EV_TRAIN, EV_WELCOME, NAMESPACE,
                              TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex,
@@ -126,6 +126,7 @@ class Node:
         self._evaluated: tuple[str, dict[str, float]] | None = None  # (model sha256, its held-out metrics)
         self.downloads = 0  # models fetched over HTTP (a prefetched one is not fetched again)
         self.last_download: tuple[int, int, bool] = (-1, 0, False)  # (version, bytes, as a coded step)
+        self.delta_downloads = False  # the last train request said the run codes its downloads (app/downlink.py)
         self.privacy = ClientPrivacy(Path(config.key_dir) / f"{config.client_id}.privacy.json")
         self.feedback = ErrorFeedback(Path(config.key_dir) / f"{config.client_id}.residual.safetensors")
         if config.mesh is not None:  # zeroconf and the mesh load only when it is on
@@ -168,6 +169,7 @@ class Node:
 
     def _on_train(self, data: dict[str, Any]) -> None:
         request = TrainRequest.from_dict(data)
+        self.delta_downloads = request.download_compression != "none"  # from here on, new models too
         self._cancelled.discard((request.run_id, request.round))  # a round played again asks afresh
         self._requests.put(request)
         with self._secagg_cond:  # a secure round we wait in is over: the server has moved on
@@ -416,13 +418,14 @@ class Node:
         with self._fetch_lock:
             cached = self._model_cache
             if cached is None or cached[0] != version or (sha256 and cached[1] != sha256):
-                newer = cached is not None and cached[0] < version  # a step can lead only forwards from ours
-                weights = self._fetch_step(cached, version) if newer else None
-                if weights is None:
+                # a step leads only forwards from ours, and only in a run that codes its downloads
+                newer = cached is not None and cached[0] < version and self.delta_downloads
+                rebuilt = self._fetch_step(cached, version) if newer else None
+                if rebuilt is None:
                     body, digest = self._get(f"/api/model/{version}", version)
                     weights, self.last_download = decode_weights(body), (version, len(body), False)
                 else:
-                    digest = sha256_hex(encode_weights(weights))
+                    weights, digest = rebuilt
                 if sha256 and digest != sha256:
                     raise requests.RequestException(f"the server's model version {version} is not the one it "
                                                     "asked us to train (it changed meanwhile)")
@@ -447,24 +450,27 @@ class Node:
             raise requests.RequestException(f"model version {version} arrived corrupted")
         return body, expected
 
-    def _fetch_step(self, cached: tuple[int, str, dict[str, Any]], version: int) -> dict[str, Any] | None:
-        """The model `version` rebuilt from the cached one and the server's coded step, if the server has one and
-        the result is the model it names (its sha256); None otherwise: then the whole model is downloaded."""
+    def _fetch_step(self, cached: tuple[int, str, dict[str, Any]], version: int) -> tuple[dict[str, Any], str] | None:
+        """(weights, sha256) of model `version` rebuilt from the cached one and the server's coded step, if the
+        server has one and the result is the model it names (its sha256); None otherwise: then the whole model is
+        downloaded."""
         try:
             body, expected = self._get(f"/api/model/{version}/delta?from={cached[0]}", version)
-            weights = apply_step(cached[2], decode_weights(body), DOWNLINK)
+            limit = sum(v.nbytes for v in cached[2].values()) + (1 << 20)  # an int8 step is a quarter of that
+            weights = apply_step(cached[2], decode_weights(inflate(body, limit)), DOWNLINK)
         except requests.RequestException:
             return None  # no step kept (not delta-coded, or too old a base), or it failed: the whole model
         except (ValueError, KeyError, UpdateRefused) as exc:  # a step that does not decode or fit
             log.warning("model version %d: the coded step did not apply (%s); downloading the whole model",
                         version, exc)
             return None
-        if sha256_hex(encode_weights(weights)) != expected:
+        digest = sha256_hex(encode_weights(weights))
+        if digest != expected:
             log.warning("model version %d: the coded step from version %d does not rebuild the model (sha256); "
                         "downloading the whole model", version, cached[0])
             return None
         self.last_download = (version, len(body), True)
-        return weights
+        return weights, digest
 
     def _latest_model(self) -> tuple[int, dict] | None:
         """(version, weights) of the newest global model we downloaded, for the mesh."""

@@ -73,6 +73,11 @@ class MeshNode:
         self.discovery = Discovery(client_id, self.fingerprint, cfg.host, self.port,
                                    interfaces=list(cfg.interfaces) or None)
 
+    @property
+    def gossip_encoding(self) -> str:
+        """Models gossip as fp16 in a run that compresses (weights, not deltas: int8 would be too coarse)."""
+        return "float32" if self.sync_compression == "none" else "fp16"
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self, connected: Callable[[], bool], latest_model: Callable[[], tuple[int, dict] | None],
@@ -185,7 +190,8 @@ class MeshNode:
                  accuracy)
 
     def _exchange(self, peer: Peer, weights: dict, c: Contribution) -> tuple[dict, int, str] | None:
-        body = seal(self.key, self.client_id, weights, c.base_version, c.local_steps, c.num_examples)
+        body = seal(self.key, self.client_id, weights, c.base_version, c.local_steps, c.num_examples,
+                    self.gossip_encoding)
         try:
             r = self._http.post(f"{peer.address}/mesh/gossip", data=body, timeout=10,
                                 headers={"Content-Type": "application/octet-stream"})
@@ -213,7 +219,7 @@ class MeshNode:
             _check_like(theirs, c.current)
             self.inbox.append((theirs, header.num_examples, header.sender))
             current, steps = c.current, c.local_steps
-        return seal(self.key, self.client_id, current, c.base_version, steps, c.num_examples)
+        return seal(self.key, self.client_id, current, c.base_version, steps, c.num_examples, self.gossip_encoding)
 
     def _refused(self, exc: MeshRefused, sender: str) -> None:
         with self._lock:

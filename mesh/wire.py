@@ -1,6 +1,7 @@
 """Signed gossip messages between mesh peers.
 
-Frame: MFG1 | uint32 header length | header JSON | payload (weights as safetensors, shared.protocol).
+Frame: MFG1 | uint32 header length | header JSON | payload (weights as safetensors, shared.protocol; their floats
+as float32, or as fp16 when the header's signed `encoding` says so: 2x fewer bytes, in a run that compresses).
 The header carries the sender's public key, and an RSA-PSS/SHA-256 signature over the canonical
 bytes of every other header field, the payload's sha256 among them. open_message() checks, in
 order: frame, version, key matches fingerprint, sender trusted (mesh/trust.py), signature, payload
@@ -23,7 +24,7 @@ from shared.frames import (BASE64, CLIENT_ID, PEM, SHA256, VERSION, canonical_by
                            unframe)
 from shared.protocol import decode_weights, encode_weights, sha256_hex
 
-MESH_VERSION = "meshfed-mesh/2"  # 2: headers read and signed by shared/frames.py
+MESH_VERSION = "meshfed-mesh/3"  # 2: headers read and signed by shared/frames.py. 3: the payload's encoding
 MAGIC = b"MFG1"
 FINGERPRINT = r"SHA256:[0-9a-f]{4}(:[0-9a-f]{4}){15}"
 MAX_SKEW_SECONDS = 300.0  # a message older (or further in the future) than this is refused as stale
@@ -44,6 +45,7 @@ class GossipHeader:
     local_steps: int = field(metadata=integer(0))          # local training steps since base_version
     num_examples: int = field(metadata=integer(0))         # the sender's training examples: its weight in the mix
     payload_sha256: str = field(metadata=text(SHA256))
+    encoding: str = field(default="float32", metadata=text(r"float32|fp16"))  # of the payload's float arrays
     version: str = field(default=MESH_VERSION, metadata=text(VERSION))
     signature: str = field(default="", metadata=text(BASE64, signed=False))
 
@@ -52,13 +54,17 @@ class GossipHeader:
 
 
 def seal(key: Any, sender: str, weights: dict[str, np.ndarray], base_version: int, local_steps: int,
-         num_examples: int) -> bytes:
-    """A signed, framed message carrying `weights`."""
+         num_examples: int, encoding: str = "float32") -> bytes:
+    """A signed, framed message carrying `weights` (their floats in `encoding`: float32 or fp16); the signature
+    covers the bytes as sent."""
+    if encoding == "fp16":
+        weights = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in weights.items()}
     payload = encode_weights(weights)
     pem = crypto.public_pem(key)
     header = GossipHeader(sender=sender, fingerprint=crypto.fingerprint(pem), public_key=pem,
                           nonce=secrets.token_hex(16), sent_at=time.time(), base_version=base_version,
-                          local_steps=local_steps, num_examples=num_examples, payload_sha256=sha256_hex(payload))
+                          local_steps=local_steps, num_examples=num_examples, payload_sha256=sha256_hex(payload),
+                          encoding=encoding)
     return frame(MAGIC, replace(header, signature=crypto.sign(key, header.canonical_bytes())), payload)
 
 
@@ -118,6 +124,10 @@ def open_message(body: bytes, trust: Any, replay: ReplayGuard, max_bytes: int,
         weights = decode_weights(payload, max_bytes=max_bytes)
     except UpdateRefused as exc:
         raise MeshRefused(exc.reason, str(exc)) from exc
+    if header.encoding == "fp16":  # back to float32: peers mix in full precision
+        weights = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in weights.items()}
+    if any(a.dtype == np.float16 for a in weights.values()):
+        raise MeshRefused("malformed", "fp16 arrays in a message that says its encoding is float32")
     if not all(np.isfinite(a).all() for a in weights.values() if a.dtype.kind == "f"):
         raise MeshRefused("non_finite", "weights contain NaN or infinity")
     return header, weights

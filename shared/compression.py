@@ -24,6 +24,7 @@ new one exactly from that step (apply_step), about 4x fewer bytes than the model
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 
@@ -216,6 +217,19 @@ def _densify(arrays: dict[str, np.ndarray], scheme: str, spec: Spec) -> dict[str
         dense[index] = values
         out[name] = dense.reshape(shape).astype(dtype, copy=False)
     return out
+
+
+def inflate(body: bytes, limit: int) -> bytes:
+    """A delta-coded download's step (zlib) back to its safetensors bytes; ValueError past `limit` bytes (a zip
+    bomb) or for bytes that are not one whole zlib stream."""
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(body, limit)
+    except zlib.error as exc:
+        raise ValueError(f"the step is not zlib: {exc}") from None
+    if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+        raise ValueError(f"the step inflates past {limit} bytes, or is cut or followed by other bytes")
+    return data
 
 
 def apply_step(base: dict[str, np.ndarray], arrays: dict[str, np.ndarray], scheme: str) -> dict[str, np.ndarray]:

@@ -69,6 +69,7 @@ class TrainRequest:
     compression: str = "none" # how to encode the update: none | fp16 | int8 | topk | topk+int8 (shared/compression.py)
     topk_ratio: float = 0.01  # topk: the share of each tensor's values sent
     error_feedback: bool = True  # topk: keep what was not sent and add it to the next delta (client/feedback.py)
+    download_compression: str = "none"  # int8: a client holding the last model may download the coded step
     momentum: float = 0.0     # local SGD momentum (0 = plain SGD), buffers started afresh each round
     # privacy (shared/privacy.py): 'sample' trains with DP-SGD, 'local' noises the update; the client keeps its
     # own accountant and refuses a round that would take it past target_epsilon (0 = no budget)

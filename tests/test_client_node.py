@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -145,12 +146,14 @@ def test_a_coded_step_is_used_only_when_it_rebuilds_the_model_else_the_whole_mod
     v2 = apply_step(v1, step, DOWNLINK)  # what the server commits: v1 plus the coded step
     wrong = compress({k: np.ones_like(v) for k, v in v1.items()}, DOWNLINK, rng)
     models = {1: encode_weights(v1), 2: encode_weights(v2), 3: encode_weights(apply_step(v2, step, DOWNLINK))}
-    steps = {(1, 2): encode_weights(step), (2, 3): encode_weights(wrong)}  # the second does not rebuild v3
+    steps = {(1, 2): zlib.compress(encode_weights(step), 1),  # as app/downlink.py serves them
+             (2, 3): zlib.compress(encode_weights(wrong), 1)}  # the second does not rebuild v3
     server = serve_models(models, steps)
     handler_paths = server.RequestHandlerClass.paths
     try:
         node = Node(NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path)),
                     trainer=None)
+        node.delta_downloads = True  # as a train request with download_compression int8 sets it
         node.fetch_model(1, sha256_hex(models[1]))
         assert node.last_download == (1, len(models[1]), False)  # nothing held yet: the whole model
         digest, weights = node.fetch_model(2, sha256_hex(models[2]))
@@ -162,6 +165,10 @@ def test_a_coded_step_is_used_only_when_it_rebuilds_the_model_else_the_whole_mod
         node._model_cache = None
         node.fetch_model(3, sha256_hex(models[3]))  # nothing held: no step asked for
         assert handler_paths[-1] == "/api/model/3"
+        node._model_cache, node.delta_downloads, asked = None, False, len(handler_paths)
+        node.fetch_model(1, sha256_hex(models[1]))  # a run that does not code its downloads: no step asked for
+        node.fetch_model(2, sha256_hex(models[2]))  # (no 404 round trip before every download)
+        assert handler_paths[asked:] == ["/api/model/1", "/api/model/2"]
     finally:
         server.shutdown()
         server.server_close()

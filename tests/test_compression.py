@@ -186,3 +186,15 @@ def test_error_feedback_conserves_mass_and_survives_a_restart(tmp_path):
     assert np.allclose(decompress(arrays, "topk", spec)["w"] + feedback._pending[1]["w"], deltas[0]["w"])
     path.write_bytes(b"not safetensors")
     assert ErrorFeedback(path).residual == {}  # unreadable: from zero, with a warning
+
+
+def test_a_coded_steps_inflation_is_bounded_and_whole():
+    import zlib
+    from shared.compression import inflate
+    data = encode_weights(DELTA)
+    assert inflate(zlib.compress(data, 1), len(data)) == data
+    bad = {"a bomb, past the limit": zlib.compress(bytes(10_000_000), 1), "cut short": zlib.compress(data, 1)[:-10],
+           "trailing bytes": zlib.compress(data, 1) + b"x", "not zlib": b"not zlib at all"}
+    for why, body in bad.items():
+        with pytest.raises(ValueError):
+            inflate(body, len(data))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 
-from shared.compression import DOWNLINK, apply_step
+from shared.compression import DOWNLINK, apply_step, inflate
 from shared.protocol import decode_weights, encode_weights, sha256_hex
 
 FMNIST_MLP = ["--dataset", "fashion-mnist", "--model", "mlp"]
@@ -23,15 +23,16 @@ def test_topk_int8_uploads_and_delta_coded_downloads_between_real_processes(clus
         assert t["upload_bytes"] / t["uploads"] < t["model_bytes"] / 100, t  # 1% of the values, int8, varint gaps
         delta = r["round"] > 1  # round 1's model is the run's first: nobody holds an earlier one
         assert t["delta_downloads"] == (2 if delta else 0), t
-        assert (t["download_bytes"] / t["downloads"] < t["model_bytes"] / 3.5) == delta, t
+        assert (t["download_bytes"] / t["downloads"] < t["model_bytes"] / 4) == delta, t
     assert rounds[-1]["accuracy"] > 0.5, rounds  # it learns (10 classes: 0.1 by chance)
 
     # The committed model is exactly the last one plus the coded step the server hands out
     v = rounds[-1]["model_version"]
     before = cluster.api("GET", f"/api/model/{v - 1}").content
     step = cluster.api("GET", f"/api/model/{v}/delta?from={v - 1}")
-    assert step.ok and len(step.content) < len(before) / 3.5
-    rebuilt = encode_weights(apply_step(decode_weights(before), decode_weights(step.content), DOWNLINK))
+    assert step.ok and len(step.content) < len(before) / 4
+    rebuilt = encode_weights(apply_step(decode_weights(before), decode_weights(inflate(step.content, 1 << 24)),
+                                        DOWNLINK))
     whole = cluster.api("GET", f"/api/model/{v}").content
     assert sha256_hex(rebuilt) == step.headers["X-Model-SHA256"] == sha256_hex(whole)
     assert cluster.api("GET", f"/api/model/{v}/delta?from={v - 3}").status_code == 404  # no such step: the whole model
@@ -40,7 +41,7 @@ def test_topk_int8_uploads_and_delta_coded_downloads_between_real_processes(clus
     sent = {s.labels["kind"]: s.value for s in metrics["meshfed_model_download_bytes"].samples}
     assert sent["delta"] > 0 and sent["full"] > 0
     ratio = {s.labels["direction"]: s.value for s in metrics["meshfed_compression_ratio"].samples}
-    assert ratio["upload"] > 100 and 3.5 < ratio["download"] < 4.1, ratio
+    assert ratio["upload"] > 100 and ratio["download"] > 4, ratio
 
     run_id = cluster.status()["run_id"]  # each client's error-feedback residual, kept with its key, for this run
     for cid in ("c-0", "c-1"):

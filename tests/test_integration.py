@@ -345,3 +345,22 @@ def test_int8_compressed_updates_are_a_quarter_of_the_bytes_and_still_learn(clus
     acc = [r["accuracy"] for r in rounds]
     assert acc[0] > 0.3 and acc[2] > acc[0], acc
     assert all(c["refusals"] == {} and c["accepted"] == 3 for c in cluster.api("GET", "/api/clients").json()["clients"])
+
+
+def test_a_round_waits_for_min_available_clients_and_asks_fraction_fit_of_them(cluster):
+    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
+    cluster.start_server(*synthetic, "--num-rounds", "2", "--min-available", "4", "--min-clients", "1",
+                         "--fraction-fit", "0.5", "--eval-limit", "200", "--max-batches", "3", "--start")
+
+    def client(i: int) -> None:
+        cluster.start_client(f"c{i}", *synthetic, "--partition", "iid", "--num-clients", "4", "--client-index",
+                             str(i), "--max-samples", "200")
+    for i in range(3):
+        client(i)
+    cluster.wait_until(lambda: cluster.status()["clients_online"] == 3, 60, "three clients")
+    time.sleep(3)  # three of the four it waits for: no round starts, though it asks only two
+    assert cluster.status()["state"] == "waiting" and cluster.status()["open_round"] is None and not cluster.rounds()
+    client(3)
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 120, "two rounds")
+    rounds = cluster.rounds()
+    assert [r["num_selected"] for r in rounds] == [2, 2] and all(len(r["clients"]) == 2 for r in rounds)

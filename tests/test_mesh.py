@@ -227,3 +227,18 @@ def test_the_gossip_endpoint_answers_hostile_requests_with_a_json_4xx(tmp_path, 
     finally:
         node.server.shutdown()
         node.server.server_close()
+
+
+def test_gossip_in_fp16_halves_the_bytes_and_opens_to_float32_close_to_the_weights(keys, trust):
+    w = {"w": np.random.default_rng(0).normal(0, 0.05, (200, 100)).astype(np.float32), "n": np.array([4], np.int64)}
+    full = seal(keys["a"], "a", w, base_version=1, local_steps=3, num_examples=10)
+    half = seal(keys["a"], "a", w, base_version=1, local_steps=3, num_examples=10, encoding="fp16")
+    assert len(half) < 0.55 * len(full)
+    header, got = open_message(half, trust, ReplayGuard(), 1 << 26)
+    assert header.encoding == "fp16" and got["w"].dtype == np.float32 and got["n"].tolist() == [4]
+    assert np.abs(got["w"] - w["w"]).max() <= np.abs(w["w"]).max() * 2.0 ** -11
+    lying = seal(keys["a"], "a", {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in w.items()},
+                 base_version=1, local_steps=3, num_examples=10)  # fp16 arrays under a float32 header
+    with pytest.raises(MeshRefused) as info:
+        open_message(lying, trust, ReplayGuard(), 1 << 26)
+    assert info.value.reason == "malformed"
