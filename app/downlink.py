@@ -25,7 +25,8 @@ from shared.models import weight_spec
 from shared.protocol import encode_weights
 
 Weights = dict[str, np.ndarray]
-KEEP = 4  # coded steps kept: a client that missed more rounds than this downloads the whole model
+KEEP = 4  # coded steps kept, one hop each (v-1 -> v): a client holding the version just before the one it asks
+          # for gets the step, even a few versions late; one further behind downloads the whole model
 
 
 class Downlink:
