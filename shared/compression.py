@@ -8,9 +8,10 @@
         with 127 levels each side): 4x fewer bytes; unbiased, error < one level (max|x| / 127)
   topk  per tensor, the k = ceil(topk_ratio * size) largest values by magnitude (float32) and their
         indices, sorted and delta-coded as LEB128 varints (1 byte for a gap below 128): at ratio 0.01
-        about 2.5% of the bytes. Lossy: the client keeps what it did not send and adds it to its next
+        about 1.3% of the bytes. Lossy: the client keeps what it did not send and adds it to its next
         delta (error feedback, client/feedback.py; Lin et al. 2018, "Deep Gradient Compression")
-  topk+int8  the same, with the k values quantised as int8 (about 2 bytes per kept value in all)
+  topk+int8  the same, with the k values quantised as int8: about 2.3 bytes per kept value in all, 0.58% of
+        float32's bytes at ratio 0.01 for the McMahan CNN (bench/RESULTS.md, Communication)
 
 Only floating-point arrays are compressed; any other array travels as it is. An int8 array `name`
 travels with its scale, a float32 array of one value named SCALE_PREFIX + name. A top-k array `name` holds
@@ -19,7 +20,7 @@ scheme (it sends it in every TrainRequest), so wire_spec() says exactly which na
 dtypes an update must have, and decompress() turns a checked update back into float32 deltas.
 The model the server sends is float32. With `download_compression int8` the server makes each new global model
 the previous one plus an int8-coded step (app/downlink.py), so a client that holds the previous model gets the
-new one exactly from that step (apply_step), about 4x fewer bytes than the model.
+new one exactly from that step (apply_step), deflated: about 6x fewer bytes than the model.
 """
 from __future__ import annotations
 
