@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from shared.aggregate import subtract
-from shared.compression import DOWNLINK, apply_step, compress, decompress
+from shared.compression import DOWNLINK, add_step, compress, decompress
 from shared.models import weight_spec
 from shared.protocol import encode_weights
 
@@ -51,7 +51,7 @@ class Downlink:
             arrays = compress(step, DOWNLINK, self._rng)
             sent = decompress(arrays, DOWNLINK, weight_spec(step))
             self._residual = {k: step[k] - sent[k] for k in step if step[k].dtype.kind == "f"}
-        return apply_step(base, arrays, DOWNLINK), zlib.compress(encode_weights(arrays), 1)
+        return add_step(base, sent), zlib.compress(encode_weights(arrays), 1)  # what apply_step gives a client
 
     def keep(self, version: int, base_version: int, coded: bytes) -> None:
         with self._lock:

@@ -18,20 +18,20 @@ import numpy as np
 import psutil
 import requests
 import socketio
-import urllib3
 
 from client.behaviour import Behaviour, partial_batches, poison
 from client.config import NodeConfig
 from client.privacy import BudgetExhausted, ClientPrivacy, privatize
 from client.secagg import SecureSession
 from client.feedback import ErrorFeedback
+from client.downloads import ModelDownloads
 from client.trainer import LocalTrainer
 from mesh.config import trust_path
 from shared import crypto
-from shared.compression import COMPRESSIONS, DOWNLINK, SPARSE, apply_step, compress, inflate
-from shared.errors import SyncRefused, UpdateRefused
+from shared.compression import COMPRESSIONS, SPARSE, compress
+from shared.errors import SyncRefused
 from shared.protocol import (EV_CANCEL, EV_CLIENT_STATUS, EV_NEW_MODEL, EV_SECAGG, EV_TRAIN, EV_WELCOME, NAMESPACE,
-                             TrainRequest, UpdateHeader, decode_weights, encode_weights, pack_update, sha256_hex,
+                             TrainRequest, UpdateHeader, encode_weights, pack_update, sha256_hex,
                              signed_registration)
 from shared.secagg import SecAggError
 from shared.training import Cancelled
@@ -103,7 +103,6 @@ class Node:
                                    reconnection_delay_max=5.0, http_session=self.http)
         self._requests: queue.Queue[TrainRequest] = queue.Queue()
         self._cancelled: set[tuple[str, int]] = set()
-        self._model_cache: tuple[int, str, dict] | None = None  # (version, sha256, weights) of the last download
         self.fatal: str | None = None
         self._stop = threading.Event()  # run()'s: set by SIGTERM/SIGINT (run_client.py); training checks it
         self._token_refused = False  # the last connection was refused for its enrollment token: retry slowly
@@ -122,11 +121,8 @@ class Node:
         self.train_lock = threading.Lock()  # the trainer's model is shared by rounds and mesh steps
         self._state = "idle"
         self.mesh: Any = None  # mesh.node.MeshNode with --enable-mesh
-        self._fetch_lock = threading.Lock()  # one download per version, whoever asks first
         self._evaluated: tuple[str, dict[str, float]] | None = None  # (model sha256, its held-out metrics)
-        self.downloads = 0  # models fetched over HTTP (a prefetched one is not fetched again)
-        self.last_download: tuple[int, int, bool] = (-1, 0, False)  # (version, bytes, as a coded step)
-        self.delta_downloads = False  # the last train request said the run codes its downloads (app/downlink.py)
+        self.models = ModelDownloads(self.http, config.server_address, config.http_timeout, self._verify)
         self.privacy = ClientPrivacy(Path(config.key_dir) / f"{config.client_id}.privacy.json")
         self.feedback = ErrorFeedback(Path(config.key_dir) / f"{config.client_id}.residual.safetensors")
         if config.mesh is not None:  # zeroconf and the mesh load only when it is on
@@ -169,7 +165,7 @@ class Node:
 
     def _on_train(self, data: dict[str, Any]) -> None:
         request = TrainRequest.from_dict(data)
-        self.delta_downloads = request.download_compression != "none"  # from here on, new models too
+        self.models.coded = request.download_compression != "none"  # from here on, new models too
         self._cancelled.discard((request.run_id, request.round))  # a round played again asks afresh
         self._requests.put(request)
         with self._secagg_cond:  # a secure round we wait in is over: the server has moved on
@@ -252,7 +248,7 @@ class Node:
         """Serve train requests until stop is set; returns a process exit code."""
         stop = self._stop = stop or threading.Event()
         if self.mesh is not None:  # before connecting: a client restarted during an outage gossips on
-            self.mesh.start(connected=lambda: self.sio.connected, latest_model=self._latest_model,
+            self.mesh.start(connected=lambda: self.sio.connected, latest_model=self.models.latest,
                             upload=self.upload_sync, fetch_roster=self.fetch_roster,
                             report=lambda: self._emit_status(self._state), stop=stop)
         if not self.connect(stop):
@@ -298,9 +294,9 @@ class Node:
             if request.partition and self.trainer.repartition(request.partition, request.alpha):
                 log.info("re-partitioned as %s (alpha %s): %d training samples", request.partition, request.alpha,
                          self.trainer.num_examples)
-            downloads = self.downloads
+            downloads = self.models.downloads
             model_sha256, global_weights = self.fetch_model(request.model_version, request.model_sha256)
-            fetch_seconds, prefetched = time.perf_counter() - received, self.downloads == downloads
+            fetch_seconds, prefetched = time.perf_counter() - received, self.models.downloads == downloads
             c = self.config
             epochs, batch_size = c.local_epochs or request.local_epochs, c.batch_size or request.batch_size
             max_batches = partial_batches(self.trainer.num_examples, batch_size, epochs, b.slowdown,
@@ -335,9 +331,9 @@ class Node:
             if b.delay:
                 time.sleep(b.delay)
             metrics.update(evaluated, **self._resources(), fetch_seconds=fetch_seconds, prefetched=float(prefetched))
-            if self.last_download[0] == request.model_version:  # the bytes this round's model took to download
-                metrics.update(download_bytes=float(self.last_download[1]),
-                               delta_download=float(self.last_download[2]))
+            version, size, coded = self.models.last
+            if version == request.model_version:  # the bytes this round's model took to download
+                metrics.update(download_bytes=float(size), delta_download=float(coded))
             if secure is not None:
                 verdict = self.post_secure(request, secure, delta, metrics, received, epsilon)
             else:
@@ -411,71 +407,8 @@ class Node:
             return self._secagg_inbox.pop(key)
 
     def fetch_model(self, version: int, sha256: str = "") -> tuple[str, dict]:
-        """(sha256, weights) of global model `version`, downloaded once; `sha256`, if known, must match,
-        so a cached model with the same version number from a server reset onto a fresh state dir is
-        not trained from. Holding an earlier version, the client first asks for the coded step to this one
-        (download_compression int8) and keeps the result only if it hashes to the model's sha256."""
-        with self._fetch_lock:
-            cached = self._model_cache
-            if cached is None or cached[0] != version or (sha256 and cached[1] != sha256):
-                # a step leads only forwards from ours, and only in a run that codes its downloads
-                newer = cached is not None and cached[0] < version and self.delta_downloads
-                rebuilt = self._fetch_step(cached, version) if newer else None
-                if rebuilt is None:
-                    body, digest = self._get(f"/api/model/{version}", version)
-                    weights, self.last_download = decode_weights(body), (version, len(body), False)
-                else:
-                    weights, digest = rebuilt
-                if sha256 and digest != sha256:
-                    raise requests.RequestException(f"the server's model version {version} is not the one it "
-                                                    "asked us to train (it changed meanwhile)")
-                cached = self._model_cache = (version, digest, weights)
-                self.downloads += 1
-            return cached[1], cached[2]
-
-    def _get(self, path: str, version: int) -> tuple[bytes, str]:
-        """The body of GET `path` and the sha256 the server says it has (X-Model-SHA256), checked for a whole model;
-        requests.HTTPError for a 4xx/5xx."""
-        # stream=True and one raw read: Response.content would assemble the 6.65 MB from 10 KB
-        # chunks, three times the CPU of the whole download here
-        with self.http.get(f"{self.config.server_address}{path}", stream=True, timeout=self.config.http_timeout,
-                           verify=self._verify) as r:
-            r.raise_for_status()
-            try:
-                body = r.raw.read(decode_content=True)
-            except urllib3.exceptions.HTTPError as exc:  # the connection broke mid-body
-                raise requests.ConnectionError(f"model version {version}: {exc}") from exc
-            expected = r.headers.get("X-Model-SHA256", "")
-        if "/delta" not in path and sha256_hex(body) != expected:
-            raise requests.RequestException(f"model version {version} arrived corrupted")
-        return body, expected
-
-    def _fetch_step(self, cached: tuple[int, str, dict[str, Any]], version: int) -> tuple[dict[str, Any], str] | None:
-        """(weights, sha256) of model `version` rebuilt from the cached one and the server's coded step, if the
-        server has one and the result is the model it names (its sha256); None otherwise: then the whole model is
-        downloaded."""
-        try:
-            body, expected = self._get(f"/api/model/{version}/delta?from={cached[0]}", version)
-            limit = sum(v.nbytes for v in cached[2].values()) + (1 << 20)  # an int8 step is a quarter of that
-            weights = apply_step(cached[2], decode_weights(inflate(body, limit)), DOWNLINK)
-        except requests.RequestException:
-            return None  # no step kept (not delta-coded, or too old a base), or it failed: the whole model
-        except (ValueError, KeyError, UpdateRefused) as exc:  # a step that does not decode or fit
-            log.warning("model version %d: the coded step did not apply (%s); downloading the whole model",
-                        version, exc)
-            return None
-        digest = sha256_hex(encode_weights(weights))
-        if digest != expected:
-            log.warning("model version %d: the coded step from version %d does not rebuild the model (sha256); "
-                        "downloading the whole model", version, cached[0])
-            return None
-        self.last_download = (version, len(body), True)
-        return weights, digest
-
-    def _latest_model(self) -> tuple[int, dict] | None:
-        """(version, weights) of the newest global model we downloaded, for the mesh."""
-        cached = self._model_cache
-        return None if cached is None else (cached[0], cached[2])
+        """(sha256, weights) of global model `version` (client/downloads.py)."""
+        return self.models.fetch(version, sha256)
 
     def upload_sync(self, body: bytes) -> dict[str, Any]:
         """POST an offline contribution; returns the server's reply, or raises SyncRefused with its reason

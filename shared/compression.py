@@ -235,6 +235,10 @@ def inflate(body: bytes, limit: int) -> bytes:
 
 def apply_step(base: dict[str, np.ndarray], arrays: dict[str, np.ndarray], scheme: str) -> dict[str, np.ndarray]:
     """base + the delta `arrays` encode (as compress(..., scheme) made them), in base's order and dtypes. The server
-    makes a delta-coded model with this same function, so the client's result is bit for bit the server's."""
-    step = decompress(arrays, scheme, {k: (tuple(v.shape), v.dtype.str) for k, v in base.items()})
+    makes a delta-coded model with the same addition (add_step), so the client's result is bit for bit the server's."""
+    return add_step(base, decompress(arrays, scheme, {k: (tuple(v.shape), v.dtype.str) for k, v in base.items()}))
+
+
+def add_step(base: dict[str, np.ndarray], step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """base + a decoded step, in base's dtypes: the one addition both the server and its clients make."""
     return {k: (v + step[k]).astype(v.dtype, copy=False) for k, v in base.items()}

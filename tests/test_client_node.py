@@ -57,17 +57,17 @@ def test_a_cached_model_is_reused_only_while_its_sha256_matches(tmp_path):
         assert node.fetch_model(3, sha256_hex(old))[0] == sha256_hex(old)
         node.fetch_model(3, sha256_hex(old))
         node.fetch_model(3)  # no sha256 given (an older server): the version decides
-        assert node.downloads == 1
+        assert node.models.downloads == 1
 
         # The server was reset onto a fresh state dir: its version 3 is another model now.
         models[3] = new
         digest, weights = node.fetch_model(3, sha256_hex(new))
-        assert digest == sha256_hex(new) and node.downloads == 2 and weights["w"].tolist() == [1, 1, 1]
+        assert digest == sha256_hex(new) and node.models.downloads == 2 and weights["w"].tolist() == [1, 1, 1]
 
         # A server whose version 3 is not the model it asked us to train from: refused, not trained from.
         with pytest.raises(requests.RequestException, match="not the one"):
             node.fetch_model(3, sha256_hex(old))
-        assert node.fetch_model(3)[0] == sha256_hex(new) and node.downloads == 2  # kept the verified one
+        assert node.fetch_model(3)[0] == sha256_hex(new) and node.models.downloads == 2  # kept the verified one
     finally:
         server.shutdown()
         server.server_close()
@@ -80,7 +80,7 @@ def test_a_request_for_an_unknown_compression_is_skipped_before_any_download(tmp
         config = NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path))
         node = Node(config, trainer=None)
         node.handle(TrainRequest("run", 1, 1, 1, 0.05, 32, compression="zstd"))
-        assert node.downloads == 0 and "compression 'zstd'" in caplog.text
+        assert node.models.downloads == 0 and "compression 'zstd'" in caplog.text
     finally:
         server.shutdown()
         server.server_close()
@@ -102,7 +102,7 @@ def test_the_client_trains_with_the_momentum_the_server_asks_for(tmp_path):
         node = Node(NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path)),
                     trainer=trainer)
         node.handle(TrainRequest("run", 1, 1, 1, 0.05, 32, max_batches=2, momentum=0.9))
-        assert trainer.asked == 0.9 and node.downloads == 1
+        assert trainer.asked == 0.9 and node.models.downloads == 1
     finally:
         server.shutdown()
         server.server_close()
@@ -153,19 +153,19 @@ def test_a_coded_step_is_used_only_when_it_rebuilds_the_model_else_the_whole_mod
     try:
         node = Node(NodeConfig("c0", f"http://127.0.0.1:{server.server_port}", "token", key_dir=str(tmp_path)),
                     trainer=None)
-        node.delta_downloads = True  # as a train request with download_compression int8 sets it
+        node.models.coded = True  # as a train request with download_compression int8 sets it
         node.fetch_model(1, sha256_hex(models[1]))
-        assert node.last_download == (1, len(models[1]), False)  # nothing held yet: the whole model
+        assert node.models.last == (1, len(models[1]), False)  # nothing held yet: the whole model
         digest, weights = node.fetch_model(2, sha256_hex(models[2]))
         assert digest == sha256_hex(models[2]) and all((weights[k] == v2[k]).all() for k in v2)
-        assert node.last_download == (2, len(steps[(1, 2)]), True) and len(steps[(1, 2)]) < len(models[2]) / 3
+        assert node.models.last == (2, len(steps[(1, 2)]), True) and len(steps[(1, 2)]) < len(models[2]) / 3
         digest, _ = node.fetch_model(3, sha256_hex(models[3]))  # a wrong step: its result fails the sha256
-        assert digest == sha256_hex(models[3]) and node.last_download == (3, len(models[3]), False)
+        assert digest == sha256_hex(models[3]) and node.models.last == (3, len(models[3]), False)
         assert handler_paths[-2:] == ["/api/model/3/delta?from=2", "/api/model/3"]
-        node._model_cache = None
+        node.models.cache = None
         node.fetch_model(3, sha256_hex(models[3]))  # nothing held: no step asked for
         assert handler_paths[-1] == "/api/model/3"
-        node._model_cache, node.delta_downloads, asked = None, False, len(handler_paths)
+        node.models.cache, node.models.coded, asked = None, False, len(handler_paths)
         node.fetch_model(1, sha256_hex(models[1]))  # a run that does not code its downloads: no step asked for
         node.fetch_model(2, sha256_hex(models[2]))  # (no 404 round trip before every download)
         assert handler_paths[asked:] == ["/api/model/1", "/api/model/2"]
