@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=D.alpha, help="Dirichlet concentration")
     p.add_argument("--num-clients", type=int, default=D.num_clients, help="number of partitions")
     p.add_argument("--client-index", type=int, default=D.client_index,
-                   help="our partition, 0-based; -1 = derived from the client id (scaled containers)")
+                   help="our partition, 0-based; -1 = derived from the client id (scaled containers: a StatefulSet "
+                        "pod's ordinal, else a hash)")
     p.add_argument("--seed", type=int, default=D.seed, help="partition seed (same on every client)")
     p.add_argument("--max-samples", type=int, default=D.max_samples, help="use at most N of our samples (0 = all)")
     p.add_argument("--holdout", type=float, default=D.holdout, help="share of our samples held out for local eval")
@@ -156,6 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+def partition_index(client_id: str, num_clients: int) -> int:
+    """--client-index -1: a Kubernetes StatefulSet pod's ordinal (meshfed-client-3 -> 3: one partition each), else
+    a hash of the id (compose replicas, named by container id: two may share a partition)."""
+    ordinal = re.search(r"-(\d+)$", client_id)
+    if ordinal and int(ordinal.group(1)) < num_clients:
+        return int(ordinal.group(1))
+    return int(hashlib.sha256(client_id.encode()).hexdigest(), 16) % num_clients
+
+
 def run(args: argparse.Namespace) -> int:
     """One client, in this process, until SIGTERM/SIGINT."""
     setup_logging(args.log_level, args.log_file, args.log_format, tag=args.log_tag)
@@ -167,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
     from client.node import Node
     from client.trainer import LocalTrainer
     torch.set_num_threads(args.torch_threads)
-    if args.client_index < 0:  # replicas of one compose service share their flags: spread them by id
-        args.client_index = int(hashlib.sha256(args.client_id.encode()).hexdigest(), 16) % args.num_clients
+    if args.client_index < 0:  # replicas of one service share their flags: spread them by id
+        args.client_index = partition_index(args.client_id, args.num_clients)
     trainer = LocalTrainer(DataConfig(
         dataset=args.dataset, data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
         num_clients=args.num_clients, client_index=args.client_index, seed=args.seed,

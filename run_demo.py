@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rounds = [r for r in rounds if r["accuracy"] is not None]  # --eval-every skips rounds
     xs = [r["round"] for r in rounds]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(xs, [100 * r["accuracy"] for r in rounds], marker="o")
@@ -55,11 +57,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-rounds", type=int, default=5)
     p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", default="cnn", choices=["cnn", "mlp"],
+                   help="cnn: McMahan et al.'s CNN (a CIFAR CNN for 32x32 colour); mlp: their 2NN")
+    p.add_argument("--local-epochs", type=int, default=1, help="E, each client's passes over its data per round")
+    p.add_argument("--lr", type=float, default=0.05, help="client SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.0, help="client SGD momentum")
+    p.add_argument("--batch-size", type=int, default=32, help="B, each client's minibatch")
+    p.add_argument("--fraction-fit", type=float, default=1.0,
+                   help="C, the share of connected clients asked each round (at least one)")
+    p.add_argument("--min-available", type=int, default=0,
+                   help="a round starts only when this many clients are connected (0 = every demo client)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the partition, the initial model and the selection")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of each client's samples kept for its local evaluation (0 for a paper's setting)")
     p.add_argument("--max-samples", type=int, default=0, help="samples per client (0 = whole partition)")
     p.add_argument("--eval-limit", type=int, default=0, help="server test samples (0 = whole test split)")
+    p.add_argument("--eval-every", type=int, default=1, help="the server evaluates every K rounds and the last")
+    p.add_argument("--evaluation", default="inline", choices=["inline", "background"],
+                   help="background: the server evaluates each model while the next round trains")
     p.add_argument("--port", type=int, default=5000, help="server port on 127.0.0.1 (0 = any free port)")
     p.add_argument("--report-dir", default="demo-report")
     p.add_argument("--work-dir", default=None, help="state, keys and logs (default: a fresh temp dir)")
@@ -81,10 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "at least 1"), "--local-epochs": (args.local_epochs >= 1, "at least 1"),
              "--batch-size": (args.batch_size >= 1, "at least 1"), "--lr": (args.lr > 0, "above 0"),
              "--alpha": (args.alpha > 0, "above 0"), "--max-samples": (args.max_samples >= 0, "0 or more"),
-             "--eval-limit": (args.eval_limit >= 0, "0 or more"), "--round-timeout": (args.round_timeout >= 1,
+             "--eval-limit": (args.eval_limit >= 0, "0 or more"), "--eval-every": (args.eval_every >= 1,
+             "at least 1"), "--round-timeout": (args.round_timeout >= 1,
              "at least 1 (seconds)"), "--port": (0 <= args.port <= 65535, "from 0 to 65535"),
              "--target-epsilon": (args.target_epsilon >= 0, "0 (no budget) or more"),
              "--noise-multiplier": (args.noise_multiplier > 0, "above 0"),
+             "--momentum": (0 <= args.momentum < 1, "from 0 to below 1"),
+             "--fraction-fit": (0 < args.fraction_fit <= 1, "above 0 and at most 1"),
+             "--min-available": (0 <= args.min_available <= args.num_clients,
+                                 f"from 0 to --num-clients ({args.num_clients})"),
+             "--holdout": (0 <= args.holdout < 1, "from 0 to below 1"),
              "--malicious": (0 <= args.malicious <= args.num_clients, f"from 0 to --num-clients ({args.num_clients})")}
     for flag, (ok, what) in rules.items():
         if not ok:
@@ -172,7 +193,9 @@ def wait_for_round(cluster: Cluster, round_no: int, args: argparse.Namespace) ->
 def round_line(r: dict[str, Any], num_rounds: int) -> str:
     """One round's line; a partial round says who did not deliver and why (e.g. a missed deadline)."""
     why = "".join(f", {cid} {reason}" for cid, reason in r.get("why_dropped", {}).items())
-    return (f"round {r['round']:>3}/{num_rounds}  accuracy {100 * r['accuracy']:6.2f}%  loss {r['loss']:.4f}  "
+    quality = f"accuracy {100 * r['accuracy']:6.2f}%  loss {r['loss']:.4f}" if r["accuracy"] is not None \
+        else "(not evaluated this round)"
+    return (f"round {r['round']:>3}/{num_rounds}  {quality}  "
             f"{r['seconds']:6.2f}s  clients {r['num_clients']}/{r['num_selected']}{':' + why[1:] if why else ''}")
 
 
@@ -196,10 +219,14 @@ def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
     # the processes run in the work dir: a relative default would point into it, not where the demo was started
     data_dir = str(Path(args.data_dir or os.environ.get("MESHFED_DATA_DIR") or "data").resolve())
     with Cluster(workdir, port=pick_port(args.port)) as cluster:
-        cluster.start_server("--dataset", args.dataset, "--num-rounds", str(args.num_rounds),
-                             "--min-clients", str(args.num_clients), "--local-epochs", str(args.local_epochs),
+        cluster.start_server("--dataset", args.dataset, "--model", args.model, "--num-rounds", str(args.num_rounds),
+                             "--min-available", str(args.min_available or args.num_clients),
+                             "--min-clients", str(max(1, math.ceil(args.fraction_fit * args.num_clients))),
+                             "--fraction-fit", str(args.fraction_fit), "--seed", str(args.seed),
+                             "--local-epochs", str(args.local_epochs), "--momentum", str(args.momentum),
                              "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-                             "--eval-limit", str(args.eval_limit), "--round-timeout", str(args.round_timeout),
+                             "--eval-limit", str(args.eval_limit), "--eval-every", str(args.eval_every),
+                             "--evaluation", args.evaluation, "--round-timeout", str(args.round_timeout),
                              "--strategy", args.strategy, "--byzantine-f", str(args.byzantine_f), "--dp", args.dp,
                              "--target-epsilon", str(args.target_epsilon), "--noise-multiplier",
                              str(args.noise_multiplier), "--secure-aggregation", args.secure_aggregation,
@@ -210,7 +237,9 @@ def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
         for prefix, first, count, attack in (("client", 0, honest, []),
                                              ("attacker", honest, args.malicious, ["--attack", args.attack])):
             if count:
-                cluster.start_clients(prefix, count, "--dataset", args.dataset, "--partition", args.partition,
+                cluster.start_clients(prefix, count, "--dataset", args.dataset, "--model", args.model,
+                                      "--partition", args.partition, "--seed", str(args.seed),
+                                      "--holdout", str(args.holdout),
                                       "--alpha", str(args.alpha), "--num-clients", str(args.num_clients),
                                       "--client-index", str(first), "--max-samples", str(args.max_samples), *attack,
                                       "--data-dir", data_dir)
@@ -231,10 +260,13 @@ def demo(args: argparse.Namespace, workdir: Path, report_dir: Path) -> int:
             print("interrupted; stopping every process", flush=True)
             return 130
         status = cluster.status()
+        clients = cluster.api("GET", "/api/clients").json()["clients"]
         report = {"run_id": status["run_id"], "started": started, "finished": now_iso(),
                   "dataset": args.dataset, "num_clients": args.num_clients, "partition": args.partition,
-                  "alpha": args.alpha, "settings": status["config"],
-                  "rounds": [{"round": r["round"], "accuracy": r["accuracy"], "loss": round(r["loss"], 6),
+                  "alpha": args.alpha, "holdout": args.holdout, "settings": status["config"],
+                  "train_examples": {c["id"]: c["num_examples"] for c in clients},
+                  "rounds": [{"round": r["round"], "accuracy": r["accuracy"],
+                              "loss": None if r["loss"] is None else round(r["loss"], 6),
                               "num_clients": r["num_clients"], "num_selected": r["num_selected"],
                               "seconds": round(r["seconds"], 3)} for r in printed]}
         path = report_dir / "report.json"

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.config import SETTINGS, RunConfig, ServerConfig, Setting, update_run_config
 from app.ratelimit import DEFAULT_RULES, parse_rules
 from app.tokens import load_or_create
+from app.tracking import DEFAULT_DIR as DEFAULT_MLFLOW_DIR
 from shared.errors import ConfigError
 from shared.cli import HelpFormatter
 from shared.fileio import read_secret
@@ -80,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", action="append", default=[], metavar="RULE=LIMIT",
                    help="override a rate limit, e.g. update-per-client=120/minute or login-per-address=off; "
                         f"rules: {', '.join(DEFAULT_RULES)}")
+    p.add_argument("--mlflow", action="store_true",
+                   help=f"track each run in MLflow, in ./{DEFAULT_MLFLOW_DIR} (a SQLite store; no server needed)")
+    p.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="track each run in this MLflow tracking server or store, e.g. http://mlflow:5000")
     p.add_argument("--wsgi", default="werkzeug", choices=["werkzeug", "gunicorn"],
                    help="werkzeug: development server; gunicorn: production (1 worker, --threads threads)")
     p.add_argument("--threads", type=int, default=100,
@@ -127,13 +134,23 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         run = update_run_config(RunConfig(), {name: getattr(args, name) for name in flags})
     except ConfigError as exc:
         raise ConfigError({flags.get(name, name): why for name, why in exc.fields.items()}) from None
+    mlflow_uri = mlflow_artifacts = None
+    if args.mlflow or args.mlflow_uri:
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigError({"--mlflow": "needs MLflow: pip install -r requirements.txt"})
+        if args.role == "follower":
+            raise ConfigError({"--mlflow": "is for the leader, which plays the rounds"})
+        from app.tracking import local_uri
+        mlflow_uri = args.mlflow_uri or local_uri(DEFAULT_MLFLOW_DIR)
+        mlflow_artifacts = None if args.mlflow_uri else str(Path(DEFAULT_MLFLOW_DIR, "artifacts").resolve())
     tokens = args.tokens = load_or_create(args.state_dir, args.admin_token, args.enrollment_token)
     return ServerConfig(
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
         admin_token=tokens.admin, enrollment_token=tokens.enrollment,
         eval_limit=args.eval_limit, max_update_bytes=int(args.max_update_mb * (1 << 20)),
         resume=not args.no_resume, run=run, role=args.role, leader_url=args.leader_url,
-        message_queue=args.message_queue, allowed_origins=tuple(args.allowed_origin), proxies=args.proxies,
+        message_queue=args.message_queue, mlflow_uri=mlflow_uri, mlflow_artifacts=mlflow_artifacts,
+        allowed_origins=tuple(args.allowed_origin), proxies=args.proxies,
         rate_limits=tuple(tuple(rule.split("=", 1)) for rule in args.rate_limit))
 
 

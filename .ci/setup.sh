@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything meshfed needs on a fresh Debian-like machine: Python packages and, where apt
 # exists, Debian's Fashion-MNIST package, plus Chromium (browser test), nginx and redis-server
-# (TLS proxy and scale-out test) and iproute2 (mesh test across network namespaces).
+# (TLS proxy and scale-out test), iproute2 (mesh test across network namespaces) and kubectl (Debian's
+# kubernetes-client, only where no kubectl is installed: it renders the Kustomize manifests in tests/test_k8s.py).
 # Safe to run again; needs no internet beyond the package registries.
 # MESHFED_DEMO_ONLY=1 skips the test-only packages (Debian's and requirements-test.txt).
 # MESHFED_CPU_TORCH=1 installs PyTorch's CPU-only build from download.pytorch.org first (no CUDA libraries).
@@ -13,6 +14,7 @@ packages=()
 [ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v nginx >/dev/null 2>&1 || packages+=(nginx-light)
 [ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 [ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v ip >/dev/null 2>&1 || packages+=(iproute2)  # netns mesh test
+[ -n "${MESHFED_DEMO_ONLY:-}" ] || command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
 if command -v apt-get >/dev/null 2>&1 && [ ${#packages[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

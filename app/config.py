@@ -10,6 +10,7 @@ from shared.compression import COMPRESSIONS
 from shared.datasets import DATASETS
 from shared.errors import ConfigError
 from shared.models import MODELS
+from app.evaluation import MODES as EVALUATION_MODES
 from app.secagg import MODES as SECAGG_MODES
 from app.strategy import ROBUST, STRATEGIES, updates_needed
 from shared.partition import PARTITION_NAMES
@@ -115,6 +116,11 @@ class RunConfig:
                                  "rounds", lo=1, hi=100)
     target_accuracy: float = setting(0.0, "Target accuracy", "stop once test accuracy reaches this", "rounds",
                                      lo=0, hi=1, note="0 = off")
+    eval_every: int = setting(1, "Evaluate every", "the server evaluates the global model every K rounds and after "
+                              "the last", "rounds", lo=1, hi=100_000)
+    evaluation: str = setting("inline", "Evaluation", "inline: the next round waits for the server's evaluation; "
+                              "background: a worker evaluates each committed model while the next round trains "
+                              "(app/evaluation.py)", "rounds", choices=lambda: EVALUATION_MODES)
     seed: int = setting(0, "Seed", "seeds the initial model and client selection", "rounds", lo=0, hi=2**32 - 1)
     # training
     local_epochs: int = setting(1, "Local epochs", "E: local passes over each client's training split",
@@ -232,6 +238,8 @@ class ServerConfig:
     role: str = "leader"                # 'leader' or 'follower'
     leader_url: str | None = None       # followers: the leader's address (http://host:port)
     message_queue: str | None = None    # e.g. redis://127.0.0.1:6379/0; None = a single process
+    mlflow_uri: str | None = None       # MLflow tracking URI (app/tracking.py); None = no tracking
+    mlflow_artifacts: str | None = None  # where a local MLflow store keeps artifacts (the model); None = its server's
     # Security (README "Security model").
     allowed_origins: tuple[str, ...] = ()  # browser origins that may open a Socket.IO connection; () = only
                                            # the server's own (as the browser reached it, through a proxy too)

@@ -53,6 +53,8 @@ SCHEMAS: dict[str, Any] = {
                               "num_rounds": {"type": "integer"},
                               "model_version": {"type": ["integer", "null"]},
                               "clients_online": {"type": "integer"},
+                              "waiting_for": {"type": ["integer", "null"],
+                                              "description": "connected clients the next round waits for"},
                               "open_round": {"type": ["object", "null"]},
                               "secure_round": {"type": ["object", "null"]}, "config": {"type": "object"},
                               "began": {"type": "object", "properties": {
@@ -61,6 +63,8 @@ SCHEMAS: dict[str, Any] = {
     "Round": {"type": "object", "required": ["round", "model_version", "accuracy", "loss", "clients"],
               "properties": {"round": {"type": "integer"}, "model_version": {"type": "integer"},
                              "accuracy": {"type": ["number", "null"]}, "loss": {"type": ["number", "null"]},
+                             "evaluated": {"type": ["integer", "null"],
+                                           "description": "1 evaluated; 0 not this round (eval_every)"},
                              "clients": {"type": "array", "items": {"type": "string"}},
                              "dropped": {"type": "array", "items": {"type": "string"}},
                              "why_dropped": {"type": "object", "additionalProperties": {"type": "string"}}}},
@@ -118,7 +122,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                                                                  "model_version": {"type": "integer"}}},
                                "rolled back"), **_errors(400, 401, 404, 409)}}},
         "/api/metrics": {"get": {
-            "summary": "Every evaluated round of a run (default: the current one)",
+            "summary": "Every round of a run done: evaluated, or not to be (eval_every) (default: the current run)",
             "parameters": [{"name": "run_id", "in": "query", "required": False, "schema": {"type": "string"}}],
             "responses": ok({"type": "object", "required": ["rounds"], "properties": {
                 "run_id": {"type": ["string", "null"]}, "current": {"type": ["string", "null"]},

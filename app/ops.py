@@ -46,10 +46,13 @@ class MeshfedCollector:
         yield CounterMetricFamily("meshfed_rounds_completed", "Rounds completed in the current run",
                                   value=len(rounds))
         yield GaugeMetricFamily("meshfed_round", "Round being played or last completed", value=status["round"])
+        evaluated = [r for r in rounds if r["accuracy"] is not None]  # eval_every skips rounds
+        if evaluated:
+            yield GaugeMetricFamily("meshfed_accuracy", "Test accuracy of the newest evaluated global model",
+                                    value=evaluated[-1]["accuracy"])
+            yield GaugeMetricFamily("meshfed_loss", "Test loss of the newest evaluated global model",
+                                    value=evaluated[-1]["loss"])
         if rounds:
-            yield GaugeMetricFamily("meshfed_accuracy", "Test accuracy of the newest global model",
-                                    value=rounds[-1]["accuracy"])
-            yield GaugeMetricFamily("meshfed_loss", "Test loss of the newest global model", value=rounds[-1]["loss"])
             yield GaugeMetricFamily("meshfed_round_duration_seconds", "Wall time of the last round",
                                     value=rounds[-1]["seconds"])
         yield GaugeMetricFamily("meshfed_clients_connected", "Clients connected on /fl",

@@ -21,6 +21,7 @@ from app.collection import Collection, clients_to_wait_for, select_clients
 from app.committer import Committer, RoundRow, timings
 from app.config import RunConfig
 from app.downlink import Downlink
+from app.evaluation import EvaluationWorker
 from app.evaluator import Evaluator
 from app.merges import PendingMerges
 from app.model import GlobalModel
@@ -33,7 +34,7 @@ from app.verify import SECURE, OpenRound, Verified
 from shared.accumulator import RingSum, WeightedSum
 from shared.aggregate import update_norm
 from shared.models import weight_spec
-from shared.protocol import TrainRequest
+from shared.protocol import TrainRequest, decode_weights
 
 if TYPE_CHECKING:
     from app.runs import Run
@@ -73,6 +74,7 @@ class RoundLoop:
         self.committer = Committer(store, self.model, transport, self.downlink)
         self.refusals = RefusalLedger(store)
         self.privacy = RunPrivacy(store)
+        self.evaluations = EvaluationWorker()  # evaluation 'background' (app/evaluation.py)
         self.secure = SecureAggregation(lambda cid: (store.client(cid) or {}).get("public_key"),
                                         lambda cid, data: transport.send_secagg(cid, data))
         self._cond = threading.Condition()  # wakes the wait for clients
@@ -81,6 +83,10 @@ class RoundLoop:
         """Round `round_no` of `run`: why the run finished, or None to go on (a failed round is played again).
         `report(run, phase, playing, completed)` tells the run where the round is."""
         cfg = run.config
+        if run.id in self.evaluations.failed:  # evaluation 'background': as an inline failure, the run stops
+            raise RuntimeError("evaluating a committed round failed (see above)")
+        if finished := self.evaluations.reached.pop(run.id, None):  # the last round reached target_accuracy
+            return finished
         report(run, Phase.WAITING)
         online = self._wait_for_clients(clients_to_wait_for(cfg), run.stop)
         if online is None:
@@ -147,7 +153,12 @@ class RoundLoop:
                                           update_norm(now.step),
                                           cfg.anomaly_z, finished, taken.contributions, started, coded)
         row.timings["closed"] = time.monotonic() - started
-        finished = self._evaluate(run.id, row, weights, committed, finished, started, cfg)
+        due = finished is not None or round_no % cfg.eval_every == 0  # evaluate every K rounds and the last
+        if cfg.evaluation == "background":  # the next round starts once the model is committed
+            self._committed(row, committed.result(), started)
+            self.evaluations.submit(lambda: self._evaluate_later(run.id, row, weights if due else None, cfg))
+        else:
+            finished = self._evaluate(run.id, row, weights if due else None, committed, finished, started, cfg)
         report(run, Phase.AGGREGATING, None, round_no)
         return finished
 
@@ -165,10 +176,14 @@ class RoundLoop:
         return {cid: known.get(cid, default) for cid in missing}
 
     def _wait_for_clients(self, needed: int, stop: threading.Event) -> list[Any] | None:
+        said = -1
         while not stop.is_set():
             online = self.registry.online()
             if len(online) >= needed:
                 return online
+            if len(online) != said:  # progress while 100 clients come online: once per change
+                said = len(online)
+                log.info("waiting for clients: %d/%d connected", said, needed)
             with self._cond:
                 self._cond.wait(timeout=0.5)
         return None
@@ -216,34 +231,64 @@ class RoundLoop:
             run.stop.wait(1.0)  # do not spin when clients keep vanishing
         report(run, Phase.WAITING)
 
-    def _evaluate(self, run_id: str, row: RoundRow, weights: dict, committed: Any, finished: str | None,
+    def _evaluate(self, run_id: str, row: RoundRow, weights: dict | None, committed: Any, finished: str | None,
                   started: float, cfg: RunConfig) -> str | None:
-        """Evaluate the new model on the test split while it is committed; record and publish the round."""
+        """Evaluate the new model (None: not this round) on the test split while it is committed; record and
+        publish the round."""
         t_eval = time.monotonic()
         try:
-            row.loss, row.accuracy = self.evaluator_for(cfg)(weights)
-            row.eval_seconds = time.monotonic() - t_eval
+            if weights is not None:
+                row.loss, row.accuracy = self.evaluator_for(cfg)(weights)
+                row.eval_seconds = time.monotonic() - t_eval
         finally:  # the round is committed (or failed to be) before the loop moves on
             done = committed.result()  # normally long done
-        row.model_version, row.flagged, row.timings["committed"] = done.version, done.flagged, done.seconds
-        row.seconds = time.monotonic() - started
-        if finished is None and cfg.target_accuracy and row.accuracy >= cfg.target_accuracy:
+        self._committed(row, done, started)
+        if finished is None and cfg.target_accuracy and row.accuracy is not None \
+                and row.accuracy >= cfg.target_accuracy:
             finished = "target_accuracy"
-        self.store.record_evaluation(run_id, row.round, done.version, row.to_dict(), finished)
-        log.info("round %d/%d  accuracy %.4f  loss %.4f  clients %d/%d%s  %.2fs", row.round, cfg.num_rounds,
-                 row.accuracy, row.loss, len(row.clients), row.num_selected, dropped_words(row.why_dropped),
-                 row.seconds)
+        self._record(run_id, row, cfg, finished)
+        return finished
+
+    def _evaluate_later(self, run_id: str, row: RoundRow, weights: dict | None, cfg: RunConfig) -> None:
+        """evaluation 'background': the worker evaluates a committed round while the next one trains."""
+        if weights is not None:
+            t_eval = time.monotonic()
+            try:
+                row.loss, row.accuracy = self.evaluator_for(cfg)(weights)
+            except Exception:  # the round stays committed, unevaluated; the loop stops the run at its next round
+                self.evaluations.failed.add(run_id)
+                raise
+            row.eval_seconds = time.monotonic() - t_eval
+            if cfg.target_accuracy and row.accuracy >= cfg.target_accuracy:
+                self.evaluations.reached[run_id] = "target_accuracy"
+        self._record(run_id, row, cfg)
+
+    def _committed(self, row: RoundRow, done: Any, started: float) -> None:
+        row.model_version, row.flagged, row.timings["committed"] = done.version, done.flagged, done.seconds
+        row.seconds = time.monotonic() - started  # to evaluated (inline) or committed (background)
+
+    def _record(self, run_id: str, row: RoundRow, cfg: RunConfig, finished: str | None = None) -> None:
+        """Store the round's evaluation (or that it had none), log its line, publish it."""
+        self.store.record_evaluation(run_id, row.round, row.model_version, row.to_dict(), finished)
+        quality = f"accuracy {row.accuracy:.4f}  loss {row.loss:.4f}" if row.accuracy is not None \
+            else f"not evaluated (every {cfg.eval_every})"
+        log.info("round %d/%d  %s  clients %d/%d%s  %.2fs", row.round, cfg.num_rounds, quality, len(row.clients),
+                 row.num_selected, dropped_words(row.why_dropped), row.seconds)
         self.transport.publish("metrics_update", {**row.to_dict(), "run_id": run_id})
         if row.offline_merged:
             self.transport.publish("mesh_update", self.merges.view())
-        return finished
 
     def evaluate_unevaluated(self, run_id: str, cfg: RunConfig) -> None:
-        """The server died between committing a round and evaluating it: evaluate that model now."""
-        rounds, now = self.store.rounds(run_id, evaluated_only=False), self.model.now()
-        if rounds and rounds[-1]["accuracy"] is None and rounds[-1]["model_version"] == now.version:
-            row, started = rounds[-1], time.monotonic()
-            row["loss"], row["accuracy"] = self.evaluator_for(cfg)(now.weights)
+        """The server died between committing rounds and evaluating them: evaluate their models now, from the
+        stored checkpoints, in round order."""
+        now = self.model.now()
+        for row in self.store.rounds(run_id, evaluated_only=False):
+            if row["evaluated"] is not None:
+                continue
+            weights = now.weights if row["model_version"] == now.version \
+                else decode_weights(self.store.read_model(row["model_version"]))
+            started = time.monotonic()
+            row["loss"], row["accuracy"] = self.evaluator_for(cfg)(weights)
             row["eval_seconds"] = time.monotonic() - started
             self.store.record_evaluation(run_id, row["round"], row["model_version"], row)
             log.info("round %d evaluated after the restart: accuracy %.4f", row["round"], row["accuracy"])

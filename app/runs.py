@@ -11,6 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from app.collection import clients_to_wait_for
 from app.config import RunConfig, update_run_config
 from app.privacy import check_model, delta_problem
 from app.rounds import Phase, RoundLoop
@@ -109,6 +110,7 @@ class Runs:
             self.rounds.merges.reset()
             self.rounds.downlink.reset()
             self.rounds.privacy.start(run.id, cfg)
+            self.rounds.evaluations.forget(run.id)  # a run started again: its past worker outcomes are not news
         self.rounds.transport.publish("training_started", {"run_id": run.id, "round": run.completed, **run.began})
         run.thread = self._spawn(lambda: self._play(run))
         return run.id
@@ -136,6 +138,7 @@ class Runs:
         except Exception:  # keep the server up; the run stops and says why
             log.exception("round loop failed")
             phase, reason = Phase.STOPPED, "error: see the server log"
+        self.rounds.evaluations.drain()  # evaluation 'background': the run ends once its last round is evaluated
         self.store.set_run_status(run.id, phase.value, reason)
         with self._lock:
             run.active, run.phase, run.playing = False, phase, None
@@ -170,8 +173,10 @@ class Runs:
         self.rounds.wake()
 
     def notify(self) -> None:
-        """A client connected: a run waiting for clients looks again."""
+        """A client connected: a run waiting for clients looks again, and dashboards see the count."""
         self.rounds.wake()
+        if self.run.active and self.run.phase == Phase.WAITING:
+            self.rounds.transport.publish("status_update", self.status())
 
     def rollback(self, version: int) -> int:
         """Make a copy of stored `version` the new global model; returns the new version number."""
@@ -201,6 +206,8 @@ class Runs:
                     "round": run.playing or run.completed, "completed_round": run.completed,
                     "num_rounds": run.config.num_rounds, "model_version": self.model.version,
                     "clients_online": len(self.rounds.registry.online()), "open_round": self.rounds.collection.view(),
+                    "waiting_for": clients_to_wait_for(run.config) if run.active and run.phase == Phase.WAITING
+                    else None,  # connected clients a round needs before it starts
                     "secure_round": self.rounds.secure.view(), "began": run.began,
                     "config": asdict(run.config)}
 

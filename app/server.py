@@ -211,6 +211,11 @@ def create_app(config: ServerConfig) -> Flask:
 
     monitor = Monitor(lambda event, data: socketio.emit(event, data, namespace=DASHBOARD_NAMESPACE))
     transport = SocketTransport(socketio, registry, observers=[monitor.observe])
+    if config.mlflow_uri:
+        from app.tracking import MlflowTracker
+        tracker = MlflowTracker(config.mlflow_uri, store, config.mlflow_artifacts)
+        transport.observers.append(tracker.observe)
+        atexit.register(tracker.close)
     rounds = RoundLoop(store, registry, transport, lambda run: evaluator(run.dataset, run.model),
                        config.max_update_bytes)
     runs = Runs(rounds, config.run, spawn=socketio.start_background_task)

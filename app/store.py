@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_version INTEGER NOT NULL,
     accuracy REAL, loss REAL, num_clients INTEGER, num_selected INTEGER, num_refused INTEGER,
     seconds REAL, train_seconds REAL, eval_seconds REAL, ended REAL, clients TEXT, timings TEXT, flagged TEXT,
-    stragglers TEXT, privacy TEXT, secure TEXT, dropped TEXT, PRIMARY KEY (run_id, round));
+    stragglers TEXT, privacy TEXT, secure TEXT, dropped TEXT, evaluated INTEGER, PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, registered REAL NOT NULL,
     last_seen REAL, num_examples INTEGER, last_round INTEGER, accepted INTEGER NOT NULL DEFAULT 0,
@@ -91,6 +91,9 @@ class Store:
         for column in ("privacy", "secure", "dropped"):  # a state dir from an older meshfed
             if column not in columns:
                 self._db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
+        if "evaluated" not in columns:  # then, every round with an accuracy had been evaluated
+            self._db.execute("ALTER TABLE rounds ADD COLUMN evaluated INTEGER")
+            self._db.execute("UPDATE rounds SET evaluated = 1 WHERE accuracy IS NOT NULL")
 
     def close(self) -> None:
         with self._lock:
@@ -129,6 +132,14 @@ class Store:
 
     def latest_run(self) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM runs ORDER BY created DESC, rowid DESC LIMIT 1")
+        if not rows:
+            return None
+        rows[0]["config"] = json.loads(rows[0]["config"])
+        return rows[0]
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """One run's row, its config decoded."""
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
         if not rows:
             return None
         rows[0]["config"] = json.loads(rows[0]["config"])
@@ -189,12 +200,14 @@ class Store:
               checkpoint.state_path)),
             ("INSERT OR REPLACE INTO rounds (run_id, round, model_version, accuracy, loss, num_clients, "
              "num_selected, num_refused, seconds, train_seconds, eval_seconds, ended, clients, timings, flagged, "
-             "stragglers, privacy, secure, dropped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             "stragglers, privacy, secure, dropped, evaluated) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (run_id, round_no, version, row["accuracy"], row["loss"], row["num_clients"], row["num_selected"],
               row["num_refused"], row["seconds"], row["train_seconds"], row["eval_seconds"], now,
               jsonio.dumps(row["clients"]), jsonio.dumps(row.get("timings", {})), jsonio.dumps(row.get("flagged", {})),
               jsonio.dumps(row.get("stragglers", {})), jsonio.dumps(row.get("privacy", {})),
-              jsonio.dumps(row.get("secure", {})), jsonio.dumps(row.get("why_dropped", {})))),
+              jsonio.dumps(row.get("secure", {})), jsonio.dumps(row.get("why_dropped", {})),
+              None if row["accuracy"] is None else 1)),  # evaluated: pending until record_evaluation
             ("UPDATE runs SET completed_round = ? WHERE id = ?", (round_no, run_id)),
         ]
         # per-client outcomes in the round's own transaction (one fsync per round, not one per update)
@@ -217,16 +230,17 @@ class Store:
 
     def record_evaluation(self, run_id: str, round_no: int, version: int, row: dict[str, Any],
                           finished: str | None = None) -> None:
-        """Add the test-split evaluation of a committed round (and finish the run if it reached its target).
-        A crash before this leaves the round committed without accuracy; the resumed loop evaluates it."""
+        """Add the test-split evaluation of a committed round, or that it had none (accuracy None: eval_every),
+        and finish the run if it reached its target. A crash before this leaves the round committed with
+        evaluated NULL; the resumed loop evaluates it."""
         row = jsonio.finite(row)
         statements = [
             ("UPDATE model_versions SET accuracy = ?, loss = ? WHERE version = ?",
              (row["accuracy"], row["loss"], version)),
-            ("UPDATE rounds SET accuracy = ?, loss = ?, eval_seconds = ?, seconds = ?, timings = ? "
+            ("UPDATE rounds SET accuracy = ?, loss = ?, eval_seconds = ?, seconds = ?, timings = ?, evaluated = ? "
              "WHERE run_id = ? AND round = ?",
              (row["accuracy"], row["loss"], row["eval_seconds"], row["seconds"], jsonio.dumps(row.get("timings", {})),
-              run_id, round_no))]
+              int(row["accuracy"] is not None), run_id, round_no))]
         if finished:
             statements.append(("UPDATE runs SET status = 'finished', stop_reason = ? WHERE id = ?", (finished, run_id)))
         self._execute(*statements)
@@ -263,8 +277,9 @@ class Store:
     # --- rounds ----------------------------------------------------------------------------------
 
     def rounds(self, run_id: str, evaluated_only: bool = True) -> list[dict[str, Any]]:
-        """The run's rounds; by default only those whose model has been evaluated (accuracy known)."""
-        where = " AND accuracy IS NOT NULL" if evaluated_only else ""
+        """The run's rounds; by default only those done: evaluated, or not to be (eval_every: accuracy None).
+        `evaluated`: 1, 0 (not this round), None (committed, its evaluation pending)."""
+        where = " AND evaluated IS NOT NULL" if evaluated_only else ""
         rows = self._query(f"SELECT * FROM rounds WHERE run_id = ?{where} ORDER BY round", (run_id,))
         for r in rows:
             r["clients"] = json.loads(r["clients"] or "[]")

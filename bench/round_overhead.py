@@ -22,9 +22,17 @@ PyTorch's import plus one steady round; "floor.cpu": the CPU seconds that start-
 divided by the cores, a lower bound on its wall time). Then, in the same
 invocation, the floor (bench/transport_floor.py): the same per-update work with no framework around it,
 and the ratio.
---compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side.
+--compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side;
+--evaluation inline,background per place of the server's evaluation (app/evaluation.py): in the background, a
+round's wall time ends at its commit and the next round trains while the model is evaluated, so the round period
+(end to end) is compared with the clients' training ("period_over_training"). --max-batches, --batch-size and
+--max-samples set the clients' work (the McMahan setting: E=1, B=10, 600 samples a client, the whole test set);
+--pin puts the server on a core of its own and the clients on the rest (where both share the cores, evaluating
+in the background takes CPU from the training it overlaps).
 
     python bench/round_overhead.py --compression none,fp16,int8 --out bench/results/round_overhead_compression.json
+    python bench/round_overhead.py --skip-startup --evaluation inline,background --eval-limit 0 --max-batches 0 \
+        --batch-size 10 --max-samples 600 --num-rounds 10 --out bench/results/round_overhead_evaluation.json
 """
 from __future__ import annotations
 
@@ -71,7 +79,7 @@ def client_processes(cluster: Cluster) -> list[psutil.Process]:
 
 def start_clients(cluster: Cluster, args: argparse.Namespace, forked: bool) -> None:
     flags = ["--dataset", CLIENT_DATA["dataset"], "--partition", CLIENT_DATA["partition"],
-             "--max-samples", str(CLIENT_DATA["max_samples"]), "--num-clients", str(args.num_clients)]
+             "--max-samples", str(args.max_samples), "--num-clients", str(args.num_clients)]
     if forked:
         cluster.start_clients("c", args.num_clients, *flags, "--client-index", "0")
     else:
@@ -166,17 +174,32 @@ def summary(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 4)}
 
 
-def measure(args: argparse.Namespace, compression: str) -> dict:
+def pin(cluster: Cluster) -> None:
+    """--pin: the server process on the last core, every client process (launchers and what they forked, which
+    inherit it) on the other cores."""
+    cores = sorted(psutil.Process().cpu_affinity())
+    psutil.Process(cluster.server.pid).cpu_affinity(cores[-1:])
+    for proc in client_processes(cluster):
+        proc.cpu_affinity(cores[:-1])
+
+
+def measure(args: argparse.Namespace, compression: str, evaluation: str = "inline") -> dict:
     """One cluster run (and its floor) with clients encoding updates as `compression` says."""
     with Cluster(tempfile.mkdtemp(prefix="meshfed-overhead-")) as cluster:
         launched = time.monotonic()
         cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", str(args.num_rounds),
-                             "--min-clients", str(args.num_clients), "--max-batches", "1", "--quorum", "1",
+                             "--min-clients", str(args.num_clients), "--max-batches", str(args.max_batches),
+                             "--batch-size", str(args.batch_size), "--quorum", "1", "--evaluation", evaluation,
+                             "--eval-every", str(args.eval_every),
                              "--eval-limit", str(args.eval_limit), "--compression", compression,
                              "--torch-threads", str(args.server_threads), "--start")
         start_clients(cluster, args, forked=args.launch == "forked")
+        if args.pin:  # the server on the last core, the clients on the others: a server with a CPU of its own
+            pin(cluster)
         cluster.wait_until(lambda: cluster.rounds(), 300, "round 1", every=0.05)
         cold_start = time.monotonic() - launched
+        if args.pin:
+            pin(cluster)  # clients forked since
         procs = [cluster.server, *client_processes(cluster)]
         cpu_before, first = cpu_seconds(procs), len(cluster.rounds())
         cluster.wait_until(lambda: cluster.status()["state"] == "finished", 600, "all rounds", every=0.2)
@@ -191,26 +214,28 @@ def measure(args: argparse.Namespace, compression: str) -> dict:
         warm_start = time.monotonic() - started
     wall = [r["seconds"] for r in rounds]
     train = [r["train_seconds"] for r in rounds]
-    evals = [r["eval_seconds"] for r in rounds]
-    overhead = [w - t - e for w, t, e in zip(wall, train, evals)]
+    evals = [r["eval_seconds"] or 0.0 for r in rounds]  # none in a round not evaluated (--eval-every)
+    inline = [e if evaluation == "inline" else 0.0 for e in evals]  # in the background: not in the round's wall
+    overhead = [w - t - e for w, t, e in zip(wall, train, inline)]
     timing = {k: summary([r["timings"][k] for r in rounds]) for k in rounds[0]["timings"] if k != "upload_bytes"}
     # after the last update arrived: aggregation, then publishing (evaluation excluded)
     arrived = [r["timings"]["last_update_arrived"] for r in rounds]
     closed = [r["timings"]["closed"] for r in rounds]
     parts = {"to_last_update": summary([a - t for a, t in zip(arrived, train)]),
              "closing": summary([c - a for c, a in zip(closed, arrived)]),
-             "publishing": summary([w - c - e for w, c, e in zip(wall, closed, evals)])}
+             "publishing": summary([w - c - e for w, c, e in zip(wall, closed, inline)])}
     timing["checkpoint"] = summary([r["timings"]["committed"] - r["timings"]["closed"] for r in rounds])
     # end-to-end: time between consecutive round ends (includes checkpointing and the next dispatch)
     periods = [b["ended"] - a["ended"] for a, b in zip(rounds, rounds[1:])]
-    period_overhead = [p - b["train_seconds"] - b["eval_seconds"] for p, b in zip(periods, rounds[1:])]
+    period_overhead = [p - b["train_seconds"] - e for p, b, e in zip(periods, rounds[1:], inline[1:])]
     floor = measure_floor(args.num_clients, trials=args.num_rounds, compression=compression)
-    return {"compression": compression, "rounds": len(rounds),
+    return {"compression": compression, "evaluation": evaluation, "rounds": len(rounds),
             "upload_mb_per_update": round(statistics.median(r["timings"]["upload_bytes"] / r["num_clients"]
                                                             for r in rounds) / 1e6, 3),
             "round_wall_s": summary(wall), "client_training_s": summary(train),
             "server_evaluation_s": summary(evals), "overhead_s": summary(overhead), "overhead_parts_s": parts,
             "round_period_s": summary(periods), "overhead_per_period_s": summary(period_overhead),
+            "period_over_training": round(statistics.median(periods) / statistics.median(train[1:]), 3),
             "breakdown_s": timing, **floor,
             "overhead_over_floor": round(statistics.median(overhead) / floor["floor_s"]["median"], 2),
             "cpu_core_seconds_per_round": cpu_per_round,
@@ -223,8 +248,15 @@ def main() -> None:
     p.add_argument("--num-clients", type=int, default=10)
     p.add_argument("--num-rounds", type=int, default=20)
     p.add_argument("--eval-limit", type=int, default=1000, help="server test samples evaluated per round")
+    p.add_argument("--eval-every", type=int, default=1, help="the server evaluates every K rounds (and the last)")
     p.add_argument("--compression", default="none",
                    help=f"comma-separated, run one after the other and compared: {','.join(COMPRESSIONS)}")
+    p.add_argument("--evaluation", default="inline", help="comma-separated: inline,background, compared side by side")
+    p.add_argument("--pin", action="store_true", help="the server on the last core, the clients on the others (as a "
+                                                      "server with its own CPU; use --server-threads 1)")
+    p.add_argument("--max-batches", type=int, default=1, help="each client's batches per round (0 = its whole data)")
+    p.add_argument("--batch-size", type=int, default=32, help="B")
+    p.add_argument("--max-samples", type=int, default=CLIENT_DATA["max_samples"], help="samples per client")
     p.add_argument("--launch", default="forked", choices=["forked", "separate"],
                    help="clients of the per-encoding runs: forked by one launcher, or ten separate processes")
     p.add_argument("--server-threads", type=int, default=0,
@@ -241,19 +273,23 @@ def main() -> None:
         for key in ("startup_from_launch_s", "clients_pss_mb"):
             startup[f"{key}_forked_over_separate"] = round(startup["forked"][key] / startup["separate"][key], 2)
         startup["floor"] = measure_startup_floor(args)
-    runs = {scheme: measure(args, scheme) for scheme in schemes}
+    evaluations = args.evaluation.split(",")
+    runs = {scheme if len(evaluations) == 1 else f"{scheme}, evaluation {where}": measure(args, scheme, where)
+            for scheme in schemes for where in evaluations}
     if startup:  # importing PyTorch, then one steady round: no launch of PyTorch clients ends round 1 sooner
         floor = startup["floor"]
         floor["torch_then_one_round_s"] = round(floor["import_torch_s"] + min(
             r["round_wall_s"]["median"] for r in runs.values()), 2)
         floor["with_data_and_keys_s"] = round(floor["torch_then_one_round_s"] + floor["partition_cpu_s"]
                                               + floor["keys_cpu_s"] / floor["cores"], 2)
-    base = runs[schemes[0]]["overhead_s"]["median"]
+    first = next(iter(runs))
+    base = runs[first]["overhead_s"]["median"]
     result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "launch": args.launch,
-              "server_threads": args.server_threads,
+              "server_threads": args.server_threads, "pinned": args.pin,
               "startup": startup, "runs": runs,
               "overhead_median_s": {s: r["overhead_s"]["median"] for s, r in runs.items()},
-              f"overhead_vs_{schemes[0]}": {s: round(r["overhead_s"]["median"] / base, 2) for s, r in runs.items()},
+              f"overhead_vs_{first}": {s: round(r["overhead_s"]["median"] / base, 2) for s, r in runs.items()},
+              "period_over_training": {s: r["period_over_training"] for s, r in runs.items()},
               "targets": {"overhead_median_s": 0.1, "startup_s": 3.0},
               "peer_flower_1_42": {"simulation_overhead_s": 0.24, "deployment_round_s": 42,
                                    "startup_s": [13, 72]}}

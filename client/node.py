@@ -119,6 +119,7 @@ class Node:
         self._secagg_inbox: dict[tuple[str, int, str], dict[str, Any]] = {}  # (run, round, stage) -> message
         self._secagg_cond = threading.Condition()
         self.train_lock = threading.Lock()  # the trainer's model is shared by rounds and mesh steps
+        self._eval_lock = threading.Lock()  # the held-out evaluation of announced models, one at a time
         self._state = "idle"
         self.mesh: Any = None  # mesh.node.MeshNode with --enable-mesh
         self._evaluated: tuple[str, dict[str, float]] | None = None  # (model sha256, its held-out metrics)
@@ -200,12 +201,14 @@ class Node:
         threading.Thread(target=prefetch, daemon=True).start()
 
     def evaluate_global(self, version: int, sha256: str = "") -> dict[str, float]:
-        """Held-out loss and accuracy of global model `version` (federated evaluation), computed once."""
+        """Held-out loss and accuracy of global model `version` (federated evaluation), computed once, on a model
+        of its own: a round that asks to train meanwhile (a server evaluating in the background asks for the
+        next round as soon as it announces the model) does not wait for it."""
         sha256, weights = self.fetch_model(version, sha256)
-        with self.train_lock:
+        with self._eval_lock:
             if self._evaluated is None or self._evaluated[0] != sha256:
                 started = time.perf_counter()
-                loss, accuracy = self.trainer.evaluate(weights)
+                loss, accuracy = self.trainer.evaluate_apart(weights)
                 self._evaluated = (sha256, {"eval_loss": loss, "eval_accuracy": accuracy,
                                             "eval_seconds": time.perf_counter() - started})
             return self._evaluated[1]
@@ -311,8 +314,8 @@ class Node:
             if private:  # a round past the budget is not trained at all (BudgetExhausted, below)
                 self.privacy.plan(request, self.trainer.num_examples, epochs, batch_size, max_batches)
             with self.train_lock:
-                # The held-out evaluation of this model was done on new_model, if it was announced (not
-                # for a run's initial model); it is not worth delaying the round for.
+                # The held-out evaluation of this model runs on new_model, on a model of its own, if it was
+                # announced (not a run's initial model); its metrics go with the update if it is done by now.
                 done = self._evaluated
                 evaluated = done[1] if done and done[0] == model_sha256 else {}
                 delta, metrics = self.trainer.fit(

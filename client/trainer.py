@@ -41,13 +41,15 @@ class LocalTrainer:
             raise ValueError(f"client index {data.client_index} is outside 0..{data.num_clients - 1}")
         self.data = data
         self._load(data)
+        self.model_name = model_name
         self.model = build_model(model_name, tuple(self.x.shape[1:]))
         self._loaded: Weights | None = None  # the weights dict the model holds unchanged, if known
+        self._apart: torch.nn.Module | None = None  # evaluate_apart's own model
 
     def _load_weights(self, weights: Weights) -> None:
-        """Put `weights` into the model, unless it holds them already: the held-out evaluation of a new
-        global model loads it, and the round that trains from it comes next. Weight dicts are never
-        changed in place here (a new model is a new dict), so holding the same dict means the same values."""
+        """Put `weights` into the model, unless it holds them already (evaluate() of a model, then a round that
+        trains from it). Weight dicts are never changed in place here (a new model is a new dict), so holding
+        the same dict means the same values."""
         if weights is not self._loaded:
             set_weights(self.model, weights)
             self._loaded = weights
@@ -104,6 +106,18 @@ class LocalTrainer:
         return delta, {"train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                        "examples": stats["examples"], "batches": stats["batches"], "train_seconds": train_seconds,
                        **{k: stats[k] for k in ("sample_rate", "steps") if k in stats}}
+
+    def evaluate_apart(self, weights: Weights) -> tuple[float, float]:
+        """(loss, accuracy) of `weights` on our held-out share, on a model of its own: it may run while a round
+        trains self.model (the held-out evaluation of a newly announced global model)."""
+        x, y = self.x_hold, self.y_hold
+        if len(y) == 0:
+            return 0.0, 0.0
+        if self._apart is None:
+            self._apart = build_model(self.model_name, tuple(x.shape[1:]))
+        set_weights(self._apart, weights)
+        with torch.no_grad():
+            return evaluate(self._apart, x, y)
 
     def evaluate(self, weights: Weights | None = None) -> tuple[float, float]:
         """(loss, accuracy) on our held-out 20%, of `weights` or of the current local model."""

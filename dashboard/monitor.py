@@ -74,6 +74,8 @@ class Monitor:
             self.clear("privacy")
         elif event == "metrics_update":
             self._privacy(data)
+            if data.get("accuracy") is None:  # not evaluated this round (eval_every)
+                return
             self._accuracies.append(float(data["accuracy"]))
             last = self._accuracies[-(ACCURACY_DROP_ROUNDS + 1):]
             if len(last) == ACCURACY_DROP_ROUNDS + 1 and all(b < a for a, b in zip(last, last[1:])):

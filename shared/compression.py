@@ -7,17 +7,21 @@
   int8  per-tensor symmetric 8 bits with stochastic rounding (QSGD-style, Alistarh et al. 2017,
         with 127 levels each side): 4x fewer bytes; unbiased, error < one level (max|x| / 127)
   topk  per tensor, the k = ceil(topk_ratio * size) largest values by magnitude (float32) and their
-        indices, sorted and delta-coded as LEB128 varints (1 byte for a gap below 128): at ratio 0.01
-        about 1.3% of the bytes. Lossy: the client keeps what it did not send and adds it to its next
-        delta (error feedback, client/feedback.py; Lin et al. 2018, "Deep Gradient Compression")
-  topk+int8  the same, with the k values quantised as int8: about 2.3 bytes per kept value in all, 0.58% of
-        float32's bytes at ratio 0.01 for the McMahan CNN (bench/RESULTS.md, Communication)
+        indices, sorted and delta-coded as LEB128 varints (1 byte for a gap below 128). Each tensor sends
+        at least MIN_SENT values, and a tensor whose k is half its values or more travels whole, without
+        indices (cheaper than indices): biases, a first convolution and a last layer go whole, a second
+        convolution sends 8% (the McMahan CNN); their few values steer the model most per byte
+        (bench/RESULTS.md, Communication). Lossy: the client keeps what it did not send and adds it to its
+        next delta (error feedback, client/feedback.py; Lin et al. 2018, "Deep Gradient Compression")
+  topk+int8  the same, with the k values quantised as int8: about 1.9 bytes per value sent in all (26,691 for
+        the McMahan CNN at ratio 0.01: 51.5 KB, 0.77% of float32's bytes, 129x; bench/RESULTS.md, Communication)
 
 Only floating-point arrays are compressed; any other array travels as it is. An int8 array `name`
 travels with its scale, a float32 array of one value named SCALE_PREFIX + name. A top-k array `name` holds
-the k values, and INDEX_PREFIX + name their index stream (uint8, k to 5k bytes). The server knows the run's
-scheme (it sends it in every TrainRequest), so wire_spec() says exactly which names, shapes and
-dtypes an update must have, and decompress() turns a checked update back into float32 deltas.
+the k values, and INDEX_PREFIX + name their index stream (uint8, k to 5k bytes; none for a tensor sent
+whole). The server knows the run's scheme (it sends it in every TrainRequest), so wire_spec() says exactly
+which names, shapes and dtypes an update must have, and decompress() turns a checked update back into
+float32 deltas.
 The model the server sends is float32. With `download_compression int8` the server makes each new global model
 the previous one plus an int8-coded step (app/downlink.py), so a client that holds the previous model gets the
 new one exactly from that step (apply_step), deflated: about 6x fewer bytes than the model.
@@ -35,6 +39,7 @@ SCALE_PREFIX = "__scale__/"  # no state_dict name starts with "__"
 INDEX_PREFIX = "__index__/"
 DEFAULT_RATIO = 0.01
 DOWNLINK = "int8"           # how a delta-coded download's step is coded (app/downlink.py)
+MIN_SENT = 4096             # top-k sends at least this many values of a tensor (all of a smaller one)
 VARINT_MAX = 5              # bytes of one LEB128 varint of a uint32 gap
 LEVELS = 127                 # int8 values used: -127..127 (symmetric, so -128 is never sent)
 
@@ -51,8 +56,10 @@ def check_scheme(scheme: str) -> None:
 
 
 def topk_count(size: int, ratio: float) -> int:
-    """k of a tensor of `size` values at `ratio`: at least one value, at most all of them."""
-    return min(size, max(1, math.ceil(ratio * size)))
+    """k of a tensor of `size` values at `ratio`: at least MIN_SENT values, and all of them once k would be half
+    the tensor or more. A tensor whose k is its size travels whole, in order, with no index stream."""
+    k = max(math.ceil(ratio * size), MIN_SENT)
+    return size if 2 * k >= size else k
 
 
 def compress(delta: dict[str, np.ndarray], scheme: str, rng: np.random.Generator,
@@ -107,14 +114,16 @@ def _compress_topk(delta: dict[str, np.ndarray], scheme: str, rng: np.random.Gen
             continue
         flat = np.ascontiguousarray(x, dtype=np.float32).ravel()
         k = topk_count(flat.size, ratio)
-        index = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:] if k < flat.size else np.arange(k)
-        index.sort()
-        values = flat[index]
+        index = None
+        if k < flat.size:
+            index = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:])
+        values = flat if index is None else flat[index]
         if scheme == "topk+int8":
             out[name], out[SCALE_PREFIX + name] = quantize_int8(values, rng)
         else:
             out[name] = values
-        out[INDEX_PREFIX + name] = encode_indices(index)
+        if index is not None:
+            out[INDEX_PREFIX + name] = encode_indices(index)
     return out
 
 
@@ -170,7 +179,8 @@ def wire_spec(spec: Spec, scheme: str, ratio: float = DEFAULT_RATIO) -> Spec:
             out[name] = ((k,), np.dtype(np.int8 if scheme == "topk+int8" else np.float32).str)
             if scheme == "topk+int8":
                 out[SCALE_PREFIX + name] = ((1,), np.dtype(np.float32).str)
-            out[INDEX_PREFIX + name] = ((k,), np.dtype(np.uint8).str)
+            if k < math.prod(shape):
+                out[INDEX_PREFIX + name] = ((k,), np.dtype(np.uint8).str)
         elif scheme == "fp16":
             out[name] = (shape, np.dtype(np.float16).str)
         else:
@@ -210,6 +220,9 @@ def _densify(arrays: dict[str, np.ndarray], scheme: str, spec: Spec) -> dict[str
         if scheme == "topk+int8":
             values = values.astype(np.float32) * arrays[SCALE_PREFIX + name].astype(np.float32)[0]
         size = math.prod(shape)
+        if INDEX_PREFIX + name not in arrays:  # sent whole (wire_spec says which: k == size)
+            out[name] = values.reshape(shape).astype(dtype, copy=False)
+            continue
         try:
             index = decode_indices(arrays[INDEX_PREFIX + name], values.size, size)
         except ValueError as exc:

@@ -29,9 +29,10 @@ from shared.errors import UpdateRefused
 from shared.frames import (BASE64, CLIENT_ID, PEM, SHA256, TOKEN_ID, VERSION, advisory, canonical_bytes, frame,
                            integer, local, number, strings, text, unframe, wire_dict)
 
-PROTOCOL_VERSION = "meshfed/4"  # 3: one codec; every header field signed but the advisory metrics; signed
+PROTOCOL_VERSION = "meshfed/5"  # 3: one codec; every header field signed but the advisory metrics; signed
                                 # registration over a challenge. 4: top-k updates; an offline contribution
-                                # says (signed) how its delta is compressed
+                                # says (signed) how its delta is compressed. 5: top-k sends a tensor under
+                                # 10,000 values whole, without an index stream
 NAMESPACE = "/fl"
 
 # Socket.IO events on /fl.

@@ -5,8 +5,8 @@ import pytest
 
 from app.verify import check_arrays
 from client.feedback import ErrorFeedback
-from shared.compression import (INDEX_PREFIX, SCALE_PREFIX, compress, decode_indices, decompress, encode_indices,
-                                quantize_int8, topk_count, wire_spec)
+from shared.compression import (INDEX_PREFIX, MIN_SENT, SCALE_PREFIX, compress, decode_indices, decompress,
+                                encode_indices, quantize_int8, topk_count, wire_spec)
 from shared.errors import UpdateRefused
 from shared.models import weight_spec
 from shared.protocol import encode_weights
@@ -161,7 +161,7 @@ def test_malformed_sparse_updates_are_refused_with_reasons():
     forged = compress(DELTA, "topk+int8", np.random.default_rng(0), 0.01)
     assert sparse_reason({**forged, SCALE_PREFIX + "w": np.array([np.inf], np.float32)}, "topk+int8")[0] == \
         "non_finite"
-    assert sparse_reason(good, "topk", 0.02)[0] == "shape_mismatch"  # k follows the run's ratio
+    assert sparse_reason(good, "topk", 0.05)[0] == "shape_mismatch"  # k follows the run's ratio (6,000, not 4,096)
 
 
 def test_error_feedback_conserves_mass_and_survives_a_restart(tmp_path):
@@ -199,3 +199,27 @@ def test_a_coded_steps_inflation_is_bounded_and_whole():
     for why, body in bad.items():
         with pytest.raises(ValueError):
             inflate(body, len(data))
+
+
+def test_a_tensor_sends_at_least_min_sent_values_and_travels_whole_once_that_is_half_of_it():
+    assert MIN_SENT == 4096
+    assert [topk_count(n, 0.01) for n in (10, 800, 5120, 8192, 8193, 51200, 1_605_632)] == \
+        [10, 800, 5120, 8192, 4096, 4096, 16057]  # the McMahan CNN: biases, conv1, fc2 whole; conv2 8%; fc1 1%
+    rng = np.random.default_rng(3)
+    delta = {"fc2": rng.normal(0, 1e-2, (10, 512)).astype(np.float32),
+             "conv2": rng.normal(0, 1e-2, (64, 32, 5, 5)).astype(np.float32)}
+    spec = weight_spec(delta)
+    for scheme in ("topk", "topk+int8"):
+        arrays = compress(delta, scheme, rng, 0.01)
+        assert INDEX_PREFIX + "fc2" not in arrays and arrays["fc2"].size == 5120  # whole: no index stream
+        assert arrays["conv2"].size == 4096 and INDEX_PREFIX + "conv2" in arrays
+        assert set(wire_spec(spec, scheme, 0.01)) == set(arrays)
+        got = check_arrays(encode_weights(arrays), spec, 1 << 20, scheme, 0.01)
+        if scheme == "topk":
+            assert np.array_equal(got["fc2"], delta["fc2"])  # whole and exact, in order
+        else:
+            assert np.abs(got["fc2"] - delta["fc2"]).max() <= np.abs(delta["fc2"]).max() / 127 + 1e-9
+    forged = {**arrays, INDEX_PREFIX + "fc2": np.zeros(5120, np.uint8)}  # indices where none are due
+    with pytest.raises(UpdateRefused) as info:
+        check_arrays(encode_weights(forged), spec, 1 << 20, "topk+int8", 0.01)
+    assert info.value.reason == "shape_mismatch"

@@ -84,10 +84,30 @@ def test_a_demo_killed_with_sigkill_takes_every_process_with_it(tmp_path):
     wait_until(lambda: processes_in(tmp_path / "work") == [], 15, f"the demo's processes {started} to end")
 
 
+def test_the_demo_expresses_a_papers_setting(tmp_path):
+    """McMahan et al.'s knobs reach the server and the clients: the 2NN, C, E, B, momentum, seed, no holdout."""
+    proc = demo(tmp_path, "--num-clients", "3", "--num-rounds", "2", "--model", "mlp", "--fraction-fit", "0.34",
+                "--min-available", "3", "--local-epochs", "2", "--batch-size", "10", "--momentum", "0.5",
+                "--seed", "3", "--holdout", "0", "--partition", "iid")
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    settings = report["settings"]
+    assert (settings["model"], settings["fraction_fit"], settings["min_available_clients"], settings["local_epochs"],
+            settings["batch_size"], settings["momentum"], settings["seed"]) == ("mlp", 0.34, 3, 2, 10, 0.5, 3)
+    assert [r["num_selected"] for r in report["rounds"]] == [2, 2]  # ceil(0.34 x 3) of the 3 it waited for
+    assert sorted(report["train_examples"].values()) == [400, 400, 400]  # --max-samples 400, none held out
+
+
 @pytest.mark.parametrize("args,says", [(["--num-clients", "0"], "--num-clients must be at least 1"),
                                        (["--num-rounds", "-1"], "--num-rounds must be at least 1"),
                                        (["--dataset", "nosuch"], "--dataset: invalid choice: 'nosuch'"),
-                                       (["--lr", "0"], "--lr must be above 0")])
+                                       (["--lr", "0"], "--lr must be above 0"),
+                                       (["--fraction-fit", "1.5"], "--fraction-fit must be above 0 and at most 1"),
+                                       (["--holdout", "1"], "--holdout must be from 0 to below 1")])
 def test_a_mistaken_flag_gets_one_line_naming_it_and_nothing_starts(tmp_path, args, says):
     r = subprocess.run([sys.executable, str(ROOT / "run_demo.py"), *args, "--report-dir", str(tmp_path / "r")],
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)

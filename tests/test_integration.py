@@ -359,8 +359,28 @@ def test_a_round_waits_for_min_available_clients_and_asks_fraction_fit_of_them(c
         client(i)
     cluster.wait_until(lambda: cluster.status()["clients_online"] == 3, 60, "three clients")
     time.sleep(3)  # three of the four it waits for: no round starts, though it asks only two
-    assert cluster.status()["state"] == "waiting" and cluster.status()["open_round"] is None and not cluster.rounds()
+    status = cluster.status()
+    assert status["state"] == "waiting" and status["open_round"] is None and not cluster.rounds()
+    assert (status["waiting_for"], status["clients_online"]) == (4, 3)  # what it waits for, said
+    assert "waiting for clients: 3/4 connected" in (cluster.workdir / "server.log").read_text()
     client(3)
     cluster.wait_until(lambda: cluster.status()["state"] == "finished", 120, "two rounds")
+    assert cluster.status()["waiting_for"] is None
     rounds = cluster.rounds()
     assert [r["num_selected"] for r in rounds] == [2, 2] and all(len(r["clients"]) == 2 for r in rounds)
+
+
+def test_background_evaluation_every_other_round_with_real_processes(cluster):
+    synthetic = ["--dataset", "synthetic", "--model", "mlp"]
+    cluster.start_server(*synthetic, "--num-rounds", "3", "--min-clients", "2", "--eval-limit", "300",
+                         "--max-batches", "3", "--evaluation", "background", "--eval-every", "2", "--start")
+    for i in range(2):
+        cluster.start_client(f"c{i}", *synthetic, "--partition", "iid", "--num-clients", "2", "--client-index",
+                             str(i), "--max-samples", "200")
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 120, "three rounds")
+    rounds = cluster.rounds()
+    assert [(r["round"], r["evaluated"], r["accuracy"] is None) for r in rounds] == \
+        [(1, 0, True), (2, 1, False), (3, 1, False)]  # every 2nd round, and the last
+    assert cluster.status()["config"]["evaluation"] == "background"
+    metrics = cluster.api("GET", "/metrics").text
+    assert f"meshfed_accuracy {rounds[-1]['accuracy']}" in metrics and "meshfed_rounds_completed_total 3.0" in metrics

@@ -12,6 +12,7 @@ import pytest
 
 from app.collection import select_clients
 from app.config import RunConfig
+from app.evaluation import MAX_PENDING
 from app.evaluator import Evaluator
 from app.registry import Registry, Session
 from app.rounds import RoundLoop
@@ -285,3 +286,82 @@ def test_an_offline_minus_global_cannot_drag_the_round_and_robust_rules_see_it(l
     step = update_norm({k: last[k] - first[k] for k in first})
     assert step <= update_norm(fresh[1]) and update_norm(last) > 0.9 * update_norm(first)  # nowhere near zero
     assert store.contributions()[0]["merged_version"] == runs.global_version
+
+
+def slow_evaluators(evaluators, seconds, accuracy=None):
+    """Evaluation that takes `seconds` (and scores `accuracy` if given): long beside a round of these clients."""
+    real = evaluators[0]
+
+    def slow(cfg):
+        evaluate = real(cfg)
+
+        def scored(weights):
+            time.sleep(seconds)
+            loss, acc = evaluate(weights)
+            return loss, acc if accuracy is None else accuracy
+        scored.initial_weights = evaluate.initial_weights
+        return scored
+    evaluators[0] = slow
+
+
+def test_background_evaluation_overlaps_the_next_round_and_records_every_round_in_order(loop):
+    runs, store, transport, evaluators = loop
+    slow_evaluators(evaluators, 1.0)
+    runs.set_config({"num_rounds": 4, "evaluation": "background", "eval_every": 2})
+    run_id = runs.start()
+    run = finished(runs)
+    assert (run["status"], run["stop_reason"], run["completed_round"]) == ("finished", "max_rounds", 4)
+    rounds = store.rounds(run_id)  # the run ended only after its last evaluation
+    assert [(r["round"], r["evaluated"]) for r in rounds] == [(1, 0), (2, 1), (3, 0), (4, 1)]
+    assert [r["accuracy"] is None for r in rounds] == [True, False, True, False]
+    assert all(r["eval_seconds"] >= 1.0 for r in rounds if r["evaluated"])
+    # each round's time ends at its commit: the 1 s evaluations ran while the next round trained
+    assert all(r["seconds"] < 1.0 for r in rounds), [r["seconds"] for r in rounds]
+    ends = [r["ended"] for r in rounds]
+    assert ends[3] - ends[0] < 2.0  # four rounds committed in less than two evaluations' time
+    assert store.get_version(rounds[3]["model_version"])["accuracy"] == rounds[3]["accuracy"]
+
+
+def test_inline_evaluation_every_k_rounds_skips_the_others_and_evaluates_the_last(loop):
+    runs, store, transport, evaluators = loop
+    runs.set_config({"num_rounds": 3, "eval_every": 2})
+    run_id = runs.start()
+    finished(runs)
+    rounds = store.rounds(run_id)
+    assert [(r["round"], r["evaluated"], r["accuracy"] is None) for r in rounds] == \
+        [(1, 0, True), (2, 1, False), (3, 1, False)]
+
+
+def test_a_target_reached_in_background_evaluation_ends_the_run_at_the_next_round(loop):
+    runs, store, transport, evaluators = loop
+    slow_evaluators(evaluators, 0.3, accuracy=0.9)
+    runs.set_config({"num_rounds": 20, "evaluation": "background", "target_accuracy": 0.8})
+    run_id = runs.start()
+    run = finished(runs)
+    assert (run["status"], run["stop_reason"]) == ("finished", "target_accuracy")
+    # round 1 reached it; evaluation is slower than these rounds, so up to MAX_PENDING + 1 more were committed
+    assert 1 <= run["completed_round"] <= 2 + MAX_PENDING
+    assert all(r["accuracy"] == 0.9 for r in store.rounds(run_id))  # every committed round evaluated
+
+
+def test_a_failing_background_evaluation_stops_the_run_and_leaves_the_round_for_the_restart(loop):
+    runs, store, transport, evaluators = loop
+
+    def broken(cfg):
+        def evaluate(weights):
+            raise RuntimeError("test split unreadable")
+        evaluate.initial_weights = Evaluator(cfg.dataset, cfg.model).initial_weights
+        return evaluate
+    evaluators[0] = broken
+    runs.set_config({"num_rounds": 5, "evaluation": "background"})
+    run_id = runs.start()
+    run = finished(runs)
+    assert (run["status"], run["stop_reason"]) == ("stopped", "error: see the server log")
+    assert store.rounds(run_id) == []  # nothing evaluated: hidden from the metrics
+    pending = store.rounds(run_id, evaluated_only=False)
+    assert pending and all(r["evaluated"] is None for r in pending)
+    evaluators[0] = lambda cfg: Evaluator(cfg.dataset, cfg.model)  # the test split is back
+    runs.rounds.evaluate_unevaluated(run_id, runs.run.config)  # what a restarted server does
+    evaluated = store.rounds(run_id)
+    assert [r["round"] for r in evaluated] == [r["round"] for r in pending]
+    assert all(0 <= r["accuracy"] <= 1 for r in evaluated)

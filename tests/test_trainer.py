@@ -61,6 +61,21 @@ def test_a_model_loaded_for_evaluation_is_trained_from_as_is_and_reloaded_after_
     assert t.evaluate(start) == held_out           # and after training, evaluating start reloads it
 
 
+def test_a_model_evaluated_apart_leaves_the_training_model_alone_and_scores_the_same():
+    """The held-out evaluation of an announced model runs on a model of its own, so a round training meanwhile
+    (a server evaluating in the background asks for it at once) neither waits for it nor sees its weights."""
+    from shared.models import build_model, get_weights
+    t = LocalTrainer(DataConfig(dataset="synthetic", partition="iid", num_clients=2, client_index=0), "mlp")
+    announced = get_weights(build_model("mlp", (1, 28, 28), seed=5))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    assert t.evaluate_apart(announced) == t.evaluate(announced)
+    t.fit(announced, 1, 0.05, 32, seed=1)
+    trained = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.evaluate_apart(get_weights(build_model("mlp", (1, 28, 28), seed=6)))
+    assert all(torch.equal(trained[k], v) for k, v in t.model.state_dict().items())
+    assert not all(torch.equal(before[k], trained[k]) for k in before)
+
+
 def test_train_makes_torch_optim_sgds_update_without_importing_dynamo():
     """train()'s hand-written step equals torch.optim.SGD's, bit for bit (with FedProx's term and with
     momentum too), and training does not import torch._dynamo (what torch.optim's first use costs a process)."""

@@ -25,8 +25,8 @@ function droppedLines(items) {
   return Object.entries(row.why_dropped || {}).map(([cid, why]) => `${cid}: ${why}`);
 }
 const charts = {
-  accuracy: lineChart("chart-accuracy", [{ label: "accuracy %", borderColor: "#0d6efd" }], { suggestedMin: 0, suggestedMax: 100 }),
-  loss: lineChart("chart-loss", [{ label: "loss", borderColor: "#dc3545" }], { min: 0, suggestedMax: 1 }),
+  accuracy: lineChart("chart-accuracy", [{ label: "accuracy %", borderColor: "#0d6efd", spanGaps: true }], { suggestedMin: 0, suggestedMax: 100 }),
+  loss: lineChart("chart-loss", [{ label: "loss", borderColor: "#dc3545", spanGaps: true }], { min: 0, suggestedMax: 1 }),
   duration: new Chart($("chart-duration"), {
     type: "bar", data: { labels: [], datasets: [{ label: "seconds", data: [], backgroundColor: "#6c757d" }] },
     options: { animation: false, maintainAspectRatio: false, scales: { x: ROUND_AXIS, y: { beginAtZero: true } } },
@@ -64,7 +64,8 @@ function drawRounds() {
   const r = state.rounds;
   const labels = r.map((x) => x.round);
   for (const c of [charts.accuracy, charts.loss, charts.duration, charts.clients]) c.data.labels = labels;
-  charts.accuracy.data.datasets[0].data = r.map((x) => +(100 * x.accuracy).toFixed(2));
+  // a round not evaluated (eval_every) has no accuracy: a gap the line spans
+  charts.accuracy.data.datasets[0].data = r.map((x) => (x.accuracy == null ? null : +(100 * x.accuracy).toFixed(2)));
   charts.loss.data.datasets[0].data = r.map((x) => x.loss);
   charts.duration.data.datasets[0].data = r.map((x) => +x.seconds.toFixed(2));
   charts.clients.data.datasets[0].data = r.map((x) => x.num_clients);
@@ -81,9 +82,9 @@ function drawRounds() {
   $("bandwidth-note").textContent = t.model_bytes ? `last round, float32 (${(t.model_bytes / 1024).toFixed(0)} KiB) ` +
     `over bytes per client: upload ${ratio("upload")}, download ${ratio("download")} ` +
     `(${t.delta_downloads || 0} downloads as coded steps)` : "";
-  const last = r[r.length - 1];
+  const last = [...r].reverse().find((x) => x.accuracy != null);
   $("stat-accuracy").textContent = last ? (100 * last.accuracy).toFixed(2) + "%" : "–";
-  $("stat-loss").textContent = last ? last.loss.toFixed(4) : "–";
+  $("stat-loss").textContent = last && last.loss != null ? last.loss.toFixed(4) : "–";
   const partial = [...r].reverse().find((x) => Object.keys(x.why_dropped || {}).length);
   $("round-note").textContent = partial ? `round ${partial.round}: clients ${partial.num_clients}/${partial.num_selected}: ` +
     Object.entries(partial.why_dropped).map(([cid, why]) => `${cid} ${why}`).join(", ") : "";
@@ -364,7 +365,7 @@ socket.on("status_update", (s) => {
   state.status = s;
   state.statusAt = Date.now();
   drawDeadline();
-  $("state").textContent = s.state;
+  $("state").textContent = s.waiting_for ? `waiting for clients ${s.clients_online}/${s.waiting_for}` : s.state;
   $("state").className = `badge text-bg-${{ training: "primary", waiting: "info", aggregating: "primary", finished: "success", stopped: "warning" }[s.state] || "secondary"}`;
   $("round").textContent = s.round;
   $("num-rounds").textContent = s.num_rounds;
