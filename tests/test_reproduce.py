@@ -12,12 +12,14 @@ from tests.test_datasets import write_idx
 
 
 def write_learnable_mnist(root):
-    """MNIST's layout and record counts (60,000 + 10,000), with a learnable image per label: a template plus noise."""
-    templates = np.random.default_rng(0).uniform(0, 255, (10, 28, 28))
+    """MNIST's layout and record counts (60,000 + 10,000), with a learnable image per label that is sparse like a
+    digit: a template of 15% lit pixels, each image losing a tenth of them and gaining 2% stray ones."""
+    templates = (np.random.default_rng(0).random((10, 28, 28)) < 0.15) * 255
     for prefix, n, seed in (("train", 60000, 1), ("t10k", 10000, 2)):
         rng = np.random.default_rng(seed)
         labels = rng.integers(0, 10, n)
-        images = np.clip(templates[labels] + rng.normal(0, 30, (n, 28, 28)), 0, 255).astype(np.uint8)
+        kept, stray = rng.random((n, 28, 28)) < 0.9, rng.random((n, 28, 28)) < 0.02
+        images = np.where(stray, 255, templates[labels] * kept).astype(np.uint8)
         write_idx(root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte", images)
         write_idx(root / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
 
