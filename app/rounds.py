@@ -176,13 +176,13 @@ class RoundLoop:
         return {cid: known.get(cid, default) for cid in missing}
 
     def _wait_for_clients(self, needed: int, stop: threading.Event) -> list[Any] | None:
-        said = -1
+        said, said_at = -1, 0.0
         while not stop.is_set():
             online = self.registry.online()
             if len(online) >= needed:
                 return online
-            if len(online) != said:  # progress while 100 clients come online: once per change
-                said = len(online)
+            if len(online) != said and time.monotonic() - said_at >= 1.0:  # progress, at most a line a second
+                said, said_at = len(online), time.monotonic()
                 log.info("waiting for clients: %d/%d connected", said, needed)
             with self._cond:
                 self._cond.wait(timeout=0.5)
@@ -235,11 +235,9 @@ class RoundLoop:
                   started: float, cfg: RunConfig) -> str | None:
         """Evaluate the new model (None: not this round) on the test split while it is committed; record and
         publish the round."""
-        t_eval = time.monotonic()
         try:
             if weights is not None:
-                row.loss, row.accuracy = self.evaluator_for(cfg)(weights)
-                row.eval_seconds = time.monotonic() - t_eval
+                self._score(row, weights, cfg)
         finally:  # the round is committed (or failed to be) before the loop moves on
             done = committed.result()  # normally long done
         self._committed(row, done, started)
@@ -252,16 +250,20 @@ class RoundLoop:
     def _evaluate_later(self, run_id: str, row: RoundRow, weights: dict | None, cfg: RunConfig) -> None:
         """evaluation 'background': the worker evaluates a committed round while the next one trains."""
         if weights is not None:
-            t_eval = time.monotonic()
             try:
-                row.loss, row.accuracy = self.evaluator_for(cfg)(weights)
+                self._score(row, weights, cfg)
             except Exception:  # the round stays committed, unevaluated; the loop stops the run at its next round
                 self.evaluations.failed.add(run_id)
                 raise
-            row.eval_seconds = time.monotonic() - t_eval
             if cfg.target_accuracy and row.accuracy >= cfg.target_accuracy:
                 self.evaluations.reached[run_id] = "target_accuracy"
         self._record(run_id, row, cfg)
+
+    def _score(self, row: RoundRow, weights: dict, cfg: RunConfig) -> None:
+        """The model's test loss and accuracy into the round's row, with the seconds they took."""
+        started = time.monotonic()
+        row.loss, row.accuracy = self.evaluator_for(cfg)(weights)
+        row.eval_seconds = time.monotonic() - started
 
     def _committed(self, row: RoundRow, done: Any, started: float) -> None:
         row.model_version, row.flagged, row.timings["committed"] = done.version, done.flagged, done.seconds

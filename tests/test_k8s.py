@@ -18,7 +18,7 @@ from app.ops import bp as ops_bp
 from tests.conftest import ROOT
 
 K8S = ROOT / "containers" / "k8s"
-VERSION = "1.33.0"  # the oldest Kubernetes still supported upstream when these were written
+VERSION = "1.33.0"  # the Kubernetes API version whose schemas the manifests are checked against
 
 
 def render(overlay: str) -> list[dict]:
