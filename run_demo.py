@@ -21,6 +21,7 @@ from typing import Any
 
 import requests
 
+from app.evaluation import MODES as EVALUATION_MODES
 from shared.cluster import Cluster, free_port
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")  # the built-in ones (plug-ins: run_server.py)
@@ -73,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-samples", type=int, default=0, help="samples per client (0 = whole partition)")
     p.add_argument("--eval-limit", type=int, default=0, help="server test samples (0 = whole test split)")
     p.add_argument("--eval-every", type=int, default=1, help="the server evaluates every K rounds and the last")
-    p.add_argument("--evaluation", default="inline", choices=["inline", "background"],
-                   help="background: the server evaluates each model while the next round trains")
+    p.add_argument("--evaluation", default="inline", choices=EVALUATION_MODES,
+                   help="background: the server evaluates each model while the next round trains; process: the "
+                        "same, in a child process")
     p.add_argument("--port", type=int, default=5000, help="server port on 127.0.0.1 (0 = any free port)")
     p.add_argument("--report-dir", default="demo-report")
     p.add_argument("--work-dir", default=None, help="state, keys and logs (default: a fresh temp dir)")

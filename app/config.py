@@ -119,7 +119,8 @@ class RunConfig:
     eval_every: int = setting(1, "Evaluate every", "the server evaluates the global model every K rounds and after "
                               "the last", "rounds", lo=1, hi=100_000)
     evaluation: str = setting("inline", "Evaluation", "inline: the next round waits for the server's evaluation; "
-                              "background: a worker evaluates each committed model while the next round trains "
+                              "background: a worker thread evaluates each committed model while the next round "
+                              "trains; process: the same, with the forward passes in a child process "
                               "(app/evaluation.py)", "rounds", choices=lambda: EVALUATION_MODES)
     seed: int = setting(0, "Seed", "seeds the initial model and client selection", "rounds", lo=0, hi=2**32 - 1)
     # training

@@ -21,7 +21,7 @@ from app.collection import Collection, clients_to_wait_for, select_clients
 from app.committer import Committer, RoundRow, timings
 from app.config import RunConfig
 from app.downlink import Downlink
-from app.evaluation import EvaluationWorker
+from app.evaluation import EvaluationWorker, progress_log
 from app.evaluator import Evaluator
 from app.merges import PendingMerges
 from app.model import GlobalModel
@@ -154,7 +154,7 @@ class RoundLoop:
                                           cfg.anomaly_z, finished, taken.contributions, started, coded)
         row.timings["closed"] = time.monotonic() - started
         due = finished is not None or round_no % cfg.eval_every == 0  # evaluate every K rounds and the last
-        if cfg.evaluation == "background":  # the next round starts once the model is committed
+        if cfg.evaluation != "inline":  # the next round starts once the model is committed
             self._committed(row, committed.result(), started)
             self.evaluations.submit(lambda: self._evaluate_later(run.id, row, weights if due else None, cfg))
         else:
@@ -262,7 +262,7 @@ class RoundLoop:
     def _score(self, row: RoundRow, weights: dict, cfg: RunConfig) -> None:
         """The model's test loss and accuracy into the round's row, with the seconds they took."""
         started = time.monotonic()
-        row.loss, row.accuracy = self.evaluator_for(cfg)(weights)
+        row.loss, row.accuracy = self.evaluator_for(cfg)(weights, progress_log(f"round {row.round}: evaluating"))
         row.eval_seconds = time.monotonic() - started
 
     def _committed(self, row: RoundRow, done: Any, started: float) -> None:
@@ -290,7 +290,8 @@ class RoundLoop:
             weights = now.weights if row["model_version"] == now.version \
                 else decode_weights(self.store.read_model(row["model_version"]))
             started = time.monotonic()
-            row["loss"], row["accuracy"] = self.evaluator_for(cfg)(weights)
+            row["loss"], row["accuracy"] = self.evaluator_for(cfg)(weights, progress_log(
+                f"round {row['round']}: evaluating after the restart"))
             row["eval_seconds"] = time.monotonic() - started
             self.store.record_evaluation(run_id, row["round"], row["model_version"], row)
             log.info("round %d evaluated after the restart: accuracy %.4f", row["round"], row["accuracy"])

@@ -27,7 +27,7 @@ from app.api import bp as api_bp
 from app.config import ServerConfig
 from app.control import LocalControl, RemoteControl
 from app.enrollment import Enrollment
-from app.evaluator import Evaluator
+from app.evaluator import Evaluator, ProcessEvaluator
 from app.ops import FollowerCollector, MeshfedCollector, Traffic, make_registry
 from app.ops import bp as ops_bp
 from app.fl import DASHBOARD_NAMESPACE, FlNamespace, SocketTransport
@@ -206,8 +206,8 @@ def create_app(config: ServerConfig) -> Flask:
     registry = Registry()
 
     @functools.lru_cache(maxsize=4)
-    def evaluator(dataset: str, model: str) -> Evaluator:
-        return Evaluator(dataset, model, config.data_dir, config.eval_limit)
+    def evaluator(dataset: str, model: str, process: bool) -> Evaluator:
+        return (ProcessEvaluator if process else Evaluator)(dataset, model, config.data_dir, config.eval_limit)
 
     monitor = Monitor(lambda event, data: socketio.emit(event, data, namespace=DASHBOARD_NAMESPACE))
     transport = SocketTransport(socketio, registry, observers=[monitor.observe])
@@ -216,7 +216,8 @@ def create_app(config: ServerConfig) -> Flask:
         tracker = MlflowTracker(config.mlflow_uri, store, config.mlflow_artifacts)
         transport.observers.append(tracker.observe)
         atexit.register(tracker.close)
-    rounds = RoundLoop(store, registry, transport, lambda run: evaluator(run.dataset, run.model),
+    rounds = RoundLoop(store, registry, transport,
+                       lambda run: evaluator(run.dataset, run.model, run.evaluation == "process"),
                        config.max_update_bytes)
     runs = Runs(rounds, config.run, spawn=socketio.start_background_task)
     enrollment = Enrollment(config.enrollment_token)

@@ -59,6 +59,13 @@ class JsonGunicornLogger(glogging.Logger):
             handler.setFormatter(JsonFormatter())
 
 
+def worker_connections(threads: int) -> int:
+    """gunicorn's cap on a worker's open connections (its default, 1,000, holds even for gthread workers: with
+    1,000 websockets open the worker accepted nothing else, not even /healthz). Each websocket holds one of the
+    `threads` for its life; the cap leaves room for as many plain requests waiting for a thread again."""
+    return max(1000, 2 * threads)
+
+
 class Gunicorn(BaseApplication):
     """gunicorn in-process (its documented custom-application API), configured from our flags.
 
@@ -73,7 +80,8 @@ class Gunicorn(BaseApplication):
 
     def load_config(self) -> None:
         for key, value in {"bind": f"{self.config.host}:{self.config.port}", "workers": 1,
-                           "worker_class": "gthread", "threads": self.threads, "graceful_timeout": 5,
+                           "worker_class": "gthread", "threads": self.threads,
+                           "worker_connections": worker_connections(self.threads), "graceful_timeout": 5,
                            "timeout": 120, "control_socket_disable": True, "accesslog": None,
                            "on_exit": self.on_exit}.items():
             self.cfg.set(key, value)

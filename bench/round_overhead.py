@@ -23,7 +23,7 @@ divided by the cores, a lower bound on its wall time). Then, in the same
 invocation, the floor (bench/transport_floor.py): the same per-update work with no framework around it,
 and the ratio.
 --compression none,fp16,int8 repeats all of it per update encoding (shared/compression.py), side by side;
---evaluation inline,background per place of the server's evaluation (app/evaluation.py): in the background, a
+--evaluation inline,background,process per place of the server's evaluation (app/evaluation.py): in the background, a
 round's wall time ends at its commit and the next round trains while the model is evaluated, so the round period
 (end to end) is compared with the clients' training ("period_over_training"). --max-batches, --batch-size and
 --max-samples set the clients' work (the McMahan setting: E=1, B=10, 600 samples a client, the whole test set);
@@ -175,10 +175,12 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def pin(cluster: Cluster) -> None:
-    """--pin: the server process on the last core, every client process (launchers and what they forked, which
-    inherit it) on the other cores."""
+    """--pin: the server process (and its evaluation process, evaluation 'process') on the last core, every client
+    process (launchers and what they forked, which inherit it) on the other cores."""
     cores = sorted(psutil.Process().cpu_affinity())
-    psutil.Process(cluster.server.pid).cpu_affinity(cores[-1:])
+    server = psutil.Process(cluster.server.pid)
+    for proc in [server, *server.children(recursive=True)]:
+        proc.cpu_affinity(cores[-1:])
     for proc in client_processes(cluster):
         proc.cpu_affinity(cores[:-1])
 
@@ -251,7 +253,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=1, help="the server evaluates every K rounds (and the last)")
     p.add_argument("--compression", default="none",
                    help=f"comma-separated, run one after the other and compared: {','.join(COMPRESSIONS)}")
-    p.add_argument("--evaluation", default="inline", help="comma-separated: inline,background, compared side by side")
+    p.add_argument("--evaluation", default="inline", help="comma-separated: inline,background,process, compared side by side")
     p.add_argument("--pin", action="store_true", help="the server on the last core, the clients on the others (as a "
                                                       "server with its own CPU; use --server-threads 1)")
     p.add_argument("--max-batches", type=int, default=1, help="each client's batches per round (0 = its whole data)")

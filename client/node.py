@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from client.privacy import BudgetExhausted, ClientPrivacy, privatize
 from client.secagg import SecureSession
 from client.feedback import ErrorFeedback
 from client.downloads import ModelDownloads
+from client.patient import RECONNECT, PatientClient
 from client.trainer import LocalTrainer
 from mesh.config import trust_path
 from shared import crypto
@@ -99,8 +101,7 @@ class Node:
             self.http.verify = config.ca_cert  # python-engineio reuses it for wss:// as well
         # requests lets $REQUESTS_CA_BUNDLE override Session.verify; each request passes it explicitly
         self._verify: str | bool = config.ca_cert or True
-        self.sio = socketio.Client(reconnection=True, reconnection_attempts=0, reconnection_delay=0.5,
-                                   reconnection_delay_max=5.0, http_session=self.http)
+        self.sio = PatientClient(reconnection=True, reconnection_attempts=0, http_session=self.http, **RECONNECT)
         self._requests: queue.Queue[TrainRequest] = queue.Queue()
         self._cancelled: set[tuple[str, int]] = set()
         self.fatal: str | None = None
@@ -233,7 +234,7 @@ class Node:
             try:
                 self.sio.connect(self.config.server_address, namespaces=[NAMESPACE], auth=self.auth,
                                  headers={"X-Meshfed-Client": self.config.client_id},
-                                 transports=["websocket"], wait_timeout=10)
+                                 transports=["websocket"])
                 return True
             except socketio.exceptions.ConnectionError as exc:
                 if self.fatal:
@@ -242,8 +243,9 @@ class Node:
                 if self._token_refused:
                     stop.wait(TOKEN_RETRY_SECONDS)
                     continue
-                log.info("server not reachable (%s); retrying in %.1fs", exc, delay)
-                stop.wait(delay)
+                wait = delay * random.uniform(0.5, 1.5)  # clients that failed together retry apart
+                log.info("server not reachable (%s); retrying in %.1fs", exc, wait)
+                stop.wait(wait)
                 delay = min(delay * 2, 5.0)
         return False
 

@@ -71,8 +71,9 @@ def train_summary(loss_sum: float, correct: int, seen: int, batches: int) -> dic
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of model on (x, y)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of model on (x, y); progress(done, total) after each batch."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
@@ -80,5 +81,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         yb = y[start:start + batch_size]
         loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
+        if progress is not None:
+            progress(min(start + batch_size, len(x)), len(x))
     n = max(len(x), 1)
     return loss_sum / n, correct / n

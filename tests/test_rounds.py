@@ -127,7 +127,7 @@ def test_a_failing_evaluation_still_leaves_the_round_committed_and_stops_the_run
     runs, store, transport, evaluators = loop
 
     def broken(cfg):
-        def evaluate(weights):
+        def evaluate(weights, progress=None):
             time.sleep(0.2)  # the checkpoint thread commits meanwhile
             raise RuntimeError("test split unreadable")
         evaluate.initial_weights = Evaluator(cfg.dataset, cfg.model).initial_weights
@@ -195,7 +195,7 @@ def test_a_run_stops_once_it_reaches_its_target_accuracy(loop):
     def confident(cfg):
         evaluate = real(cfg)
 
-        def scored(weights):
+        def scored(weights, progress=None):
             loss, _ = evaluate(weights)
             return loss, 0.9
         scored.initial_weights = evaluate.initial_weights
@@ -295,7 +295,7 @@ def slow_evaluators(evaluators, seconds, accuracy=None):
     def slow(cfg):
         evaluate = real(cfg)
 
-        def scored(weights):
+        def scored(weights, progress=None):
             time.sleep(seconds)
             loss, acc = evaluate(weights)
             return loss, acc if accuracy is None else accuracy
@@ -348,7 +348,7 @@ def test_a_failing_background_evaluation_stops_the_run_and_leaves_the_round_for_
     runs, store, transport, evaluators = loop
 
     def broken(cfg):
-        def evaluate(weights):
+        def evaluate(weights, progress=None):
             raise RuntimeError("test split unreadable")
         evaluate.initial_weights = Evaluator(cfg.dataset, cfg.model).initial_weights
         return evaluate

@@ -1,0 +1,386 @@
+"""Swarm: N protocol-level clients against a real server, to see what one server process holds.
+
+Each simulated client is what the server sees of a real one, without the training: its own RSA key (made once,
+kept in --key-dir), a registration signed over a fresh challenge, a Socket.IO websocket on /fl held for the whole
+run, and for each `train` the model downloaded over HTTP and a real signed update posted (a small fixed delta in
+the model's shapes, encoded once per model version). The clients live in --processes worker processes, each one
+asyncio loop (python-socketio's AsyncClient over aiohttp), so thousands of them fit on 2 cores.
+
+The swarm starts its own server (run_server.py on 127.0.0.1, synthetic data, --model mlp: 797 KB updates). Every simulated client shares 127.0.0.1, so the server's per-address rate limits are turned off;
+the per-client ones stay. It waits until all N are connected, starts the run and measures:
+
+  connect       seconds from a client's first try to its welcome (p50, p90, max), reconnects
+  per round     asked / accepted / refused / lost (asked, never answered) and the round's seconds
+  server        peak RSS, threads and open fds; CPU seconds per accepted update over the rounds
+  /healthz      latency sampled every 0.25 s from the first connect to the end (max, p99)
+
+    python3 bench/swarm.py --clients 200 --rounds 2                          # the CI version (tests/test_swarm.py)
+    python3 bench/swarm.py --clients 1000 --wsgi gunicorn --out bench/results/swarm_1000.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import requests
+import socketio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from client.patient import RECONNECT, PatientAsyncClient  # noqa: E402
+from shared import crypto  # noqa: E402
+from shared.cluster import Cluster, wait_until  # noqa: E402
+from shared.protocol import (EV_TRAIN, NAMESPACE, TrainRequest, UpdateHeader, decode_weights,  # noqa: E402
+                             encode_weights, pack_update, sha256_hex, signed_registration)
+
+NUM_EXAMPLES = 600  # what each simulated client registers (McMahan's 600 a client)
+
+
+# --- a worker process: many clients on one asyncio loop ------------------------------------------------------
+
+class SwarmClient:
+    """One simulated client: connects with a signed registration, answers each `train` with a signed update."""
+
+    def __init__(self, worker: "Worker", client_id: str, key: Any):
+        self.worker, self.client_id, self.key = worker, client_id, key
+        self.sio = PatientAsyncClient(reconnection=True, http_session=worker.ws_http, **RECONNECT)
+        self.sio.on("connect", self.on_connect, namespace=NAMESPACE)
+        self.sio.on("disconnect", self.on_disconnect, namespace=NAMESPACE)
+        self.sio.on(EV_TRAIN, self.on_train, namespace=NAMESPACE)
+        self.tried: float | None = None
+        self.connected_once = False
+
+    async def auth(self) -> dict[str, Any]:
+        async with self.worker.http.get(f"{self.worker.url}/api/challenge") as r:
+            challenge = (await r.json())["challenge"] if r.status == 200 else "unavailable"
+        return signed_registration(self.key, self.client_id, NUM_EXAMPLES, challenge,
+                                   self.worker.token).to_dict()
+
+    async def connect(self) -> None:
+        self.tried = time.monotonic()
+        while True:
+            try:
+                await self.sio.connect(self.worker.url, namespaces=[NAMESPACE], auth=self.auth,
+                                       headers={"X-Meshfed-Client": self.client_id}, transports=["websocket"])
+                return
+            except socketio.exceptions.ConnectionError as exc:
+                self.worker.say("connect_error", client=self.client_id, reason=str(exc)[:200])
+                await asyncio.sleep(1.0 + self.worker.rng.random() * 2.0)
+
+    async def on_connect(self) -> None:
+        self.worker.say("connected", client=self.client_id, seconds=round(time.monotonic() - self.tried, 4),
+                        again=self.connected_once)
+        self.connected_once = True
+
+    async def on_disconnect(self, *_: Any) -> None:
+        self.tried = time.monotonic()  # a reconnect's time counts from here
+        if not self.worker.stopping:
+            self.worker.say("disconnected", client=self.client_id)
+
+    async def on_train(self, data: dict[str, Any]) -> None:
+        asyncio.get_running_loop().create_task(self.answer(TrainRequest.from_dict(data)))
+
+    async def answer(self, request: TrainRequest) -> None:
+        w = self.worker
+        w.say("asked", client=self.client_id, round=request.round)
+        started = time.monotonic()
+        try:
+            payload, digest = await w.payload(request)
+            header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
+                                  client_id=self.client_id, num_examples=NUM_EXAMPLES, payload_sha256=digest)
+            header = replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
+            async with w.http.post(f"{w.url}/api/update", data=pack_update(header, payload),
+                                   headers={"Content-Type": "application/octet-stream",
+                                            "X-Meshfed-Client": self.client_id}) as r:
+                reply = await r.json(content_type=None) if r.content_type == "application/json" else {}
+                verdict = "accepted" if r.status == 200 else "late" if r.status == 202 else \
+                    f"refused: {reply.get('reason', r.status)}"
+        except Exception as exc:  # the server dropped or timed out the request: counted, never raised
+            verdict = f"failed: {type(exc).__name__}"
+        w.say("verdict", client=self.client_id, round=request.round, verdict=verdict,
+              seconds=round(time.monotonic() - started, 4))
+
+
+class Worker:
+    """A process's clients, its two HTTP session pools, and the cache of each model version's update."""
+
+    def __init__(self, url: str, token: str, ids: list[str], key_dir: str, download: bool, seed: int):
+        self.url, self.token, self.ids, self.key_dir, self.download = url, token, ids, key_dir, download
+        self.rng = random.Random(seed)
+        self.stopping = False
+        self._payloads: dict[int, asyncio.Future] = {}
+        self._out = sys.stdout
+
+    def say(self, event: str, **fields: Any) -> None:
+        self._out.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+        self._out.flush()
+
+    async def model(self, version: int) -> bytes:
+        async with self.http.get(f"{self.url}/api/model/{version}") as r:
+            r.raise_for_status()
+            return await r.read()
+
+    async def payload(self, request: TrainRequest) -> tuple[bytes, str]:
+        """Download the model (each client, unless --no-download) and the update for its version (made once)."""
+        if request.compression != "none":
+            raise ValueError(f"the swarm posts float32 updates; the run asks for {request.compression!r}")
+        body = await self.model(request.model_version) if self.download else None
+        if request.model_version not in self._payloads:
+            future = self._payloads[request.model_version] = asyncio.get_running_loop().create_future()
+            weights = decode_weights(body if body is not None else await self.model(request.model_version))
+            delta = {name: np.full_like(w, 1e-4) for name, w in weights.items()}
+            payload = encode_weights(delta)
+            future.set_result((payload, sha256_hex(payload)))
+        return await self._payloads[request.model_version]
+
+    async def run(self) -> None:
+        import aiohttp
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        keys = [crypto.load_or_create_key(self.key_dir, cid) for cid in self.ids]  # cached across runs
+        self.say("ready", clients=len(self.ids))
+        await loop.run_in_executor(None, sys.stdin.readline)  # the swarm says when to connect
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http, \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as ws_http:
+            self.http, self.ws_http = http, ws_http
+            clients = [SwarmClient(self, cid, key) for cid, key in zip(self.ids, keys)]
+            for client in clients:  # a ramp, not a stampede: 100 connects a second a worker
+                loop.create_task(client.connect())
+                await asyncio.sleep(0.01)
+            await stop.wait()
+            self.stopping = True
+            await asyncio.gather(*(c.sio.disconnect() for c in clients), return_exceptions=True)
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    ids = [f"{args.prefix}{i}" for i in range(args.first, args.first + args.count)]
+    token = os.environ["MESHFED_ENROLLMENT_TOKEN"]
+    asyncio.run(Worker(args.url, token, ids, args.key_dir, not args.no_download, args.first).run())
+
+
+# --- the swarm: server, workers, samples, report -------------------------------------------------------------
+
+class Sampler(threading.Thread):
+    """Every 0.25 s: /healthz's latency and the server's RSS, threads and open fds (their peaks)."""
+
+    def __init__(self, url: str, pid: int):
+        super().__init__(daemon=True)
+        self.url, self.proc = url, psutil.Process(pid)
+        self.latencies: list[float] = []
+        self.failures = 0
+        self.peak = {"rss_mb": 0.0, "threads": 0, "fds": 0}
+        self.stop = threading.Event()
+
+    def cpu_seconds(self) -> float:
+        times = self.proc.cpu_times()
+        return times.user + times.system
+
+    def run(self) -> None:
+        while not self.stop.wait(0.25):
+            started = time.monotonic()
+            try:
+                ok = requests.get(f"{self.url}/healthz", timeout=5).ok
+            except requests.RequestException:
+                ok = False
+            self.latencies.append(time.monotonic() - started)
+            self.failures += not ok
+            try:
+                with self.proc.oneshot():
+                    now = {"rss_mb": self.proc.memory_info().rss / 2**20, "threads": self.proc.num_threads(),
+                           "fds": self.proc.num_fds()}
+            except psutil.Error:  # the server is gone: the run's wait says so
+                continue
+            self.peak = {k: max(self.peak[k], now[k]) for k in now}
+
+
+class Events:
+    """What the workers say, gathered from their stdout by one thread each."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.connect_seconds: dict[str, float] = {}
+        self.connects = Counter()
+        self.disconnects = 0
+        self.connect_errors = Counter()
+        self.ready = 0
+        self.asked: dict[int, set[str]] = defaultdict(set)
+        self.verdicts: dict[int, dict[str, str]] = defaultdict(dict)
+
+    def read(self, stream: Any) -> None:
+        for line in stream:
+            e = json.loads(line)
+            with self.lock:
+                kind = e["event"]
+                if kind == "ready":
+                    self.ready += 1
+                elif kind == "connected":
+                    self.connects[e["client"]] += 1
+                    self.connect_seconds.setdefault(e["client"], e["seconds"])
+                elif kind == "disconnected":
+                    self.disconnects += 1
+                elif kind == "connect_error":
+                    self.connect_errors[e["reason"]] += 1
+                elif kind == "asked":
+                    self.asked[e["round"]].add(e["client"])
+                elif kind == "verdict":
+                    self.verdicts[e["round"]][e["client"]] = e["verdict"]
+
+    @property
+    def online(self) -> int:
+        with self.lock:
+            return len(self.connects)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": round(statistics.median(ordered), 4), "p90": round(at(0.9), 4), "p99": round(at(0.99), 4),
+            "max": round(ordered[-1], 4)}
+
+
+def swarm(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="meshfed-swarm-"))
+    with Cluster(workdir) as cluster:
+        url = cluster.url
+        serving = ["--wsgi", args.wsgi] + (["--threads", str(args.threads or args.clients + 50)]
+                                           if args.wsgi == "gunicorn" else [])
+        cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", str(args.rounds),
+                             "--min-clients", str(args.clients), "--round-timeout", str(args.round_timeout),
+                             "--max-batches", "1", "--eval-limit", "1000", *serving,
+                             "--rate-limit", "connect-per-address=off", "--rate-limit", "update-per-address=off",
+                             "--log-level", "WARNING")
+        cluster.wait_ready()
+        key_dir = args.key_dir or str(Path.home() / ".cache" / "meshfed-swarm-keys")
+        events, workers, readers = Events(), [], []
+        per = -(-args.clients // args.processes)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MESHFED_ENROLLMENT_TOKEN": cluster.enrollment_token}
+        for first in range(0, args.clients, per):
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--worker", "--url", url, "--first", str(first),
+                 "--count", str(min(per, args.clients - first)), "--key-dir", key_dir, "--prefix", args.prefix,
+                 *(["--no-download"] if args.no_download else [])],
+                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            workers.append(proc)
+            reader = threading.Thread(target=events.read, args=(proc.stdout,), daemon=True)
+            reader.start()
+            readers.append(reader)
+        try:
+            wait_until(lambda: events.ready == len(workers), 600, "the workers' keys")
+            print(f"swarm: {len(workers)} workers ready; connecting {args.clients} clients", file=sys.stderr)
+            sampler = Sampler(url, cluster.server.pid)
+            sampler.start()
+            connecting = time.monotonic()
+            for proc in workers:
+                proc.stdin.write("connect\n")
+                proc.stdin.flush()
+            said = -1
+
+            def all_online() -> bool:
+                nonlocal said
+                if events.online // 100 != said // 100:
+                    said = events.online
+                    print(f"swarm: clients online {said}/{args.clients}", file=sys.stderr)
+                return events.online >= args.clients and cluster.status()["clients_online"] >= args.clients
+            cluster.wait_until(all_online, args.connect_timeout, f"{args.clients} clients to connect", every=0.5)
+            connected_in = time.monotonic() - connecting
+            cpu_before = sampler.cpu_seconds()
+            cluster.api("POST", "/api/start", admin=True).raise_for_status()
+            started = time.monotonic()
+
+            def finished() -> bool:
+                status = cluster.status()
+                return status["state"] in ("finished", "stopped") or status.get("stop_reason") is not None
+            cluster.wait_until(finished, args.rounds * (args.round_timeout + 60), f"{args.rounds} rounds", every=0.5)
+            run_seconds = time.monotonic() - started
+            cpu = sampler.cpu_seconds() - cpu_before
+            rounds = cluster.rounds()
+            time.sleep(1.0)  # the last verdicts' lines reach their readers
+        finally:
+            for proc in workers:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in workers:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if "sampler" in locals():
+                sampler.stop.set()
+    per_round = []
+    for r in rounds:
+        asked, verdicts = events.asked[r["round"]], events.verdicts[r["round"]]
+        answered = Counter(v.split(":")[0] for v in verdicts.values())
+        per_round.append({"round": r["round"], "seconds": round(r["seconds"], 2), "asked": len(asked),
+                          "delivered": len(r["clients"]), "accepted": answered["accepted"],
+                          "refused": answered["refused"], "failed": answered["failed"], "late": answered["late"],
+                          "lost": len(asked - set(verdicts)),
+                          "refusals": dict(Counter(v for v in verdicts.values() if v != "accepted"))})
+    accepted = sum(r["accepted"] for r in per_round)
+    return {"benchmark": "swarm", "clients": args.clients, "processes": args.processes, "wsgi": args.wsgi,
+            "threads": args.threads or (args.clients + 50 if args.wsgi == "gunicorn" else None),
+            "download": not args.no_download, "rounds_asked": args.rounds, "rounds": per_round,
+            "connected_in_s": round(connected_in, 2), "connect_s": spread(list(events.connect_seconds.values())),
+            "reconnects": sum(n - 1 for n in events.connects.values()), "disconnects": events.disconnects,
+            "connect_errors": dict(events.connect_errors.most_common(5)),
+            "run_s": round(run_seconds, 2), "accepted": accepted,
+            "lost": sum(r["lost"] for r in per_round), "refused": sum(r["refused"] for r in per_round),
+            "failed": sum(r["failed"] for r in per_round),
+            "server_cpu_s": round(cpu, 2), "server_cpu_ms_per_accepted_update": round(1000 * cpu / max(accepted, 1), 2),
+            "server_peak": {k: round(v, 1) for k, v in sampler.peak.items()},
+            "healthz_s": spread(sampler.latencies), "healthz_failures": sampler.failures,
+            "healthz_samples": len(sampler.latencies)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=200, help="simulated clients")
+    p.add_argument("--processes", type=int, default=2, help="worker processes the clients are spread over")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--wsgi", default="werkzeug", choices=["werkzeug", "gunicorn"], help="the server's --wsgi")
+    p.add_argument("--threads", type=int, default=0, help="gunicorn's --threads (0: clients + 50)")
+    p.add_argument("--round-timeout", type=float, default=300.0, help="the server's --round-timeout")
+    p.add_argument("--connect-timeout", type=float, default=600.0, help="seconds for all clients to connect")
+    p.add_argument("--no-download", action="store_true", help="clients do not download the model each round")
+    p.add_argument("--url", default="", help=argparse.SUPPRESS)  # the server, for a worker
+    p.add_argument("--key-dir", default=None, help="where the clients' RSA keys are kept between runs "
+                                                   "(default ~/.cache/meshfed-swarm-keys)")
+    p.add_argument("--prefix", default="s", help="client ids are <prefix><n>")
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker_main(args)
+    if args.clients < 1 or args.processes < 1 or args.rounds < 1:
+        p.error("--clients, --processes and --rounds must be at least 1")
+    result = swarm(args)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
