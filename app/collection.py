@@ -88,8 +88,9 @@ class Collection:
         UpdateRefused (nothing added) otherwise."""
         header = update.header
         cpu = time.thread_time()  # this update's decoding, checks and accumulation (bench/compression.py)
-        with self._cond:
-            r, accumulator, step, delivered = self._round, self._accumulator, self._step, set(self._arrivals)
+        with self._cond:  # whether this client delivered, not a copy of who did (O(1) an update, not O(clients))
+            r, accumulator, step = self._round, self._accumulator, self._step
+            delivered = {header.client_id} if header.client_id in self._arrivals else set()
         late = self.merges.late_round(header, r.round if r else None)
         if late is not None:
             return self.merges.offer_straggler(update, late, merge_stragglers)
@@ -107,7 +108,8 @@ class Collection:
         else:
             norm, alignment = update_norm(delta), dot(delta, step)  # while the delta is in the CPU cache
         with self._cond:  # the round may have closed, or the client delivered, while we decoded
-            check_round(header, self._round if self._round is r else None, set(self._arrivals) | self._adding)
+            busy = header.client_id in self._arrivals or header.client_id in self._adding
+            check_round(header, self._round if self._round is r else None, {header.client_id} if busy else set())
             self._adding.add(header.client_id)  # close() waits for it; a second copy is a replay
         try:  # outside the lock: other updates decode meanwhile (the accumulator has a lock of its own)
             accumulator.add(delta, header.num_examples, key=header.client_id)
@@ -151,7 +153,8 @@ class Collection:
         with self._cond:
             if self._round is not None and round_no == self._round.round:
                 self._refusals += 1
-                if client_id in self._round.selected - self._arrivals.keys() - self._adding:
+                if client_id in self._round.selected and client_id not in self._arrivals \
+                        and client_id not in self._adding:
                     self._gone.add(client_id)
                     self._why.setdefault(client_id, f"its update was refused ({reason})")
                     self._cond.notify_all()
@@ -164,9 +167,12 @@ class Collection:
         """Until every asked client delivered or is gone, min_updates arrived (if set), the deadline, or stop."""
         with self._cond:
             while not stop.is_set() and self._round is not None:
-                pending = self._round.selected - set(self._arrivals) - self._gone
+                selected = self._round.selected  # each arrival wakes this: the O(clients) set difference only once
+                # the counts allow that nobody is pending (arrivals are asked clients; gone may hold others)
+                done = len(self._arrivals) + len(self._gone) >= len(selected) and \
+                    not selected - self._arrivals.keys() - self._gone
                 enough = min_updates and len(self._arrivals) >= min_updates
-                if not pending or enough or time.monotonic() >= deadline:
+                if done or enough or time.monotonic() >= deadline:
                     return
                 self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
 

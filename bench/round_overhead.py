@@ -194,6 +194,7 @@ def measure(args: argparse.Namespace, compression: str, evaluation: str = "inlin
                              "--batch-size", str(args.batch_size), "--quorum", "1", "--evaluation", evaluation,
                              "--eval-every", str(args.eval_every),
                              "--eval-limit", str(args.eval_limit), "--compression", compression,
+                             "--download-compression", args.download_compression,
                              "--torch-threads", str(args.server_threads), "--start")
         start_clients(cluster, args, forked=args.launch == "forked")
         if args.pin:  # the server on the last core, the clients on the others: a server with a CPU of its own
@@ -254,6 +255,8 @@ def main() -> None:
     p.add_argument("--compression", default="none",
                    help=f"comma-separated, run one after the other and compared: {','.join(COMPRESSIONS)}")
     p.add_argument("--evaluation", default="inline", help="comma-separated: inline,background,process, compared side by side")
+    p.add_argument("--download-compression", default="none", choices=["none", "int8"],
+                   help="the server's --download-compression in every run (int8: delta-coded downloads)")
     p.add_argument("--pin", action="store_true", help="the server on the last core, the clients on the others (as a "
                                                       "server with its own CPU; use --server-threads 1)")
     p.add_argument("--max-batches", type=int, default=1, help="each client's batches per round (0 = its whole data)")
@@ -287,6 +290,7 @@ def main() -> None:
     first = next(iter(runs))
     base = runs[first]["overhead_s"]["median"]
     result = {"benchmark": "round_overhead", "num_clients": args.num_clients, "launch": args.launch,
+              "download_compression": args.download_compression,
               "server_threads": args.server_threads, "pinned": args.pin,
               "startup": startup, "runs": runs,
               "overhead_median_s": {s: r["overhead_s"]["median"] for s, r in runs.items()},

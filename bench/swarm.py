@@ -10,9 +10,13 @@ The swarm starts its own server (run_server.py on 127.0.0.1, synthetic data, --m
 the per-client ones stay. It waits until all N are connected, starts the run and measures:
 
   connect       seconds from a client's first try to its welcome (p50, p90, max), reconnects
+  idle          the server's CPU (in cores) with every client connected and no round (--idle seconds)
   per round     asked / accepted / refused / lost (asked, never answered) and the round's seconds
   server        peak RSS, threads and open fds; CPU seconds per accepted update over the rounds
-  /healthz      latency sampled every 0.25 s from the first connect to the end (max, p99)
+  /healthz      latency sampled every 0.25 s from the first connect to the end, and apart while clients
+                connect, while all idle and during the rounds
+  mass exit     then every client at once (its worker processes SIGKILLed): seconds until the server counts none
+                online, /healthz meanwhile, and whether the server's processes survived
 
     python3 bench/swarm.py --clients 200 --rounds 2                          # the CI version (tests/test_swarm.py)
     python3 bench/swarm.py --clients 1000 --wsgi gunicorn --out bench/results/swarm_1000.json
@@ -36,6 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import psutil
 import requests
@@ -67,8 +72,8 @@ class SwarmClient:
         self.connected_once = False
 
     async def auth(self) -> dict[str, Any]:
-        async with self.worker.http.get(f"{self.worker.url}/api/challenge") as r:
-            challenge = (await r.json())["challenge"] if r.status == 200 else "unavailable"
+        status, _, body = await self.worker.fetch("GET", "/api/challenge")
+        challenge = json.loads(body)["challenge"] if status == 200 else "unavailable"
         return signed_registration(self.key, self.client_id, NUM_EXAMPLES, challenge,
                                    self.worker.token).to_dict()
 
@@ -105,14 +110,14 @@ class SwarmClient:
             header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
                                   client_id=self.client_id, num_examples=NUM_EXAMPLES, payload_sha256=digest)
             header = replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
-            async with w.http.post(f"{w.url}/api/update", data=pack_update(header, payload),
-                                   headers={"Content-Type": "application/octet-stream",
-                                            "X-Meshfed-Client": self.client_id}) as r:
-                reply = await r.json(content_type=None) if r.content_type == "application/json" else {}
-                verdict = "accepted" if r.status == 200 else "late" if r.status == 202 else \
-                    f"refused: {reply.get('reason', r.status)}"
+            status, kind, body = await w.fetch("POST", "/api/update", data=pack_update(header, payload),
+                                               headers={"Content-Type": "application/octet-stream",
+                                                        "X-Meshfed-Client": self.client_id})
+            reply = json.loads(body) if kind == "application/json" else {}
+            verdict = "accepted" if status == 200 else "late" if status == 202 else \
+                f"refused: {reply.get('reason', status)}"
         except Exception as exc:  # the server dropped or timed out the request: counted, never raised
-            verdict = f"failed: {type(exc).__name__}"
+            verdict = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
         w.say("verdict", client=self.client_id, round=request.round, verdict=verdict,
               seconds=round(time.monotonic() - started, 4))
 
@@ -131,10 +136,24 @@ class Worker:
         self._out.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
         self._out.flush()
 
+    async def fetch(self, method: str, path: str, **kwargs: Any) -> tuple[int, str, bytes]:
+        """(status, content type, body) of one request, sent again (twice at most) when its connection dropped or
+        was reset, as client/patient.py's session does for real clients."""
+        for attempt in range(3):
+            try:
+                async with self.http.request(method, self.url + path, **kwargs) as r:
+                    return r.status, r.content_type, await r.read()
+            except aiohttp.ClientConnectionError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
     async def model(self, version: int) -> bytes:
-        async with self.http.get(f"{self.url}/api/model/{version}") as r:
-            r.raise_for_status()
-            return await r.read()
+        status, _, body = await self.fetch("GET", f"/api/model/{version}")
+        if status != 200:
+            raise ValueError(f"GET /api/model/{version}: {status}")
+        return body
 
     async def payload(self, request: TrainRequest) -> tuple[bytes, str]:
         """Download the model (each client, unless --no-download) and the update for its version (made once)."""
@@ -150,7 +169,6 @@ class Worker:
         return await self._payloads[request.model_version]
 
     async def run(self) -> None:
-        import aiohttp
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -158,7 +176,9 @@ class Worker:
         self.say("ready", clients=len(self.ids))
         await loop.run_in_executor(None, sys.stdin.readline)  # the swarm says when to connect
         timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http, \
+        # an idle connection is dropped after 1 s, before gunicorn's keepalive (2 s) closes it under a request
+        http_pool = aiohttp.TCPConnector(limit=0, keepalive_timeout=1.0)
+        async with aiohttp.ClientSession(connector=http_pool, timeout=timeout) as http, \
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as ws_http:
             self.http, self.ws_http = http, ws_http
             clients = [SwarmClient(self, cid, key) for cid, key in zip(self.ids, keys)]
@@ -179,19 +199,25 @@ def worker_main(args: argparse.Namespace) -> None:
 # --- the swarm: server, workers, samples, report -------------------------------------------------------------
 
 class Sampler(threading.Thread):
-    """Every 0.25 s: /healthz's latency and the server's RSS, threads and open fds (their peaks)."""
+    """Every 0.25 s: /healthz's latency and the server's RSS, threads and open fds (their peaks), counting the
+    processes it started (gunicorn's worker, the evaluation process) with it."""
 
     def __init__(self, url: str, pid: int):
         super().__init__(daemon=True)
         self.url, self.proc = url, psutil.Process(pid)
-        self.latencies: list[float] = []
+        self.latencies: list[tuple[float, float]] = []  # (when, seconds)
         self.failures = 0
         self.peak = {"rss_mb": 0.0, "threads": 0, "fds": 0}
         self.stop = threading.Event()
 
+    def between(self, start: float, end: float = float("inf")) -> list[float]:
+        return [seconds for when, seconds in self.latencies if start <= when < end]
+
+    def tree(self) -> list[psutil.Process]:
+        return [self.proc, *self.proc.children(recursive=True)]
+
     def cpu_seconds(self) -> float:
-        times = self.proc.cpu_times()
-        return times.user + times.system
+        return sum(t.user + t.system for t in (p.cpu_times() for p in self.tree()))
 
     def run(self) -> None:
         while not self.stop.wait(0.25):
@@ -200,12 +226,12 @@ class Sampler(threading.Thread):
                 ok = requests.get(f"{self.url}/healthz", timeout=5).ok
             except requests.RequestException:
                 ok = False
-            self.latencies.append(time.monotonic() - started)
+            self.latencies.append((started, time.monotonic() - started))
             self.failures += not ok
             try:
-                with self.proc.oneshot():
-                    now = {"rss_mb": self.proc.memory_info().rss / 2**20, "threads": self.proc.num_threads(),
-                           "fds": self.proc.num_fds()}
+                tree = self.tree()
+                now = {"rss_mb": sum(p.memory_info().rss for p in tree) / 2**20,
+                       "threads": sum(p.num_threads() for p in tree), "fds": sum(p.num_fds() for p in tree)}
             except psutil.Error:  # the server is gone: the run's wait says so
                 continue
             self.peak = {k: max(self.peak[k], now[k]) for k in now}
@@ -247,6 +273,22 @@ class Events:
     def online(self) -> int:
         with self.lock:
             return len(self.connects)
+
+
+def mass_disconnect(cluster: Cluster, workers: list[subprocess.Popen], sampler: "Sampler") -> dict[str, Any]:
+    """Every client gone at once (the workers SIGKILLed: the kernel closes their sockets): how long until the
+    server counts none online, /healthz meanwhile, and whether the server's processes are the same ones after
+    (gunicorn's master once SIGKILLed a worker that went silent on 1,000 disconnects: issue 20)."""
+    before = sorted(p.pid for p in sampler.tree())
+    killed = time.monotonic()
+    for proc in workers:
+        proc.kill()
+    cluster.wait_until(lambda: cluster.status()["clients_online"] == 0, 120, "every client to be gone", every=0.25)
+    gone_in = time.monotonic() - killed
+    time.sleep(2.0)  # and a little after
+    return {"clients_gone_in_s": round(gone_in, 2), "healthz_s": spread(sampler.between(killed)),
+            "server_processes_unchanged": sorted(p.pid for p in sampler.tree()) == before,
+            "answers_after": cluster.api("GET", "/healthz").ok}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -303,6 +345,9 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
                 return events.online >= args.clients and cluster.status()["clients_online"] >= args.clients
             cluster.wait_until(all_online, args.connect_timeout, f"{args.clients} clients to connect", every=0.5)
             connected_in = time.monotonic() - connecting
+            idle_from, cpu_idle = time.monotonic(), sampler.cpu_seconds()  # all connected, no round yet
+            time.sleep(args.idle)
+            idle_cpu = (sampler.cpu_seconds() - cpu_idle) / (time.monotonic() - idle_from)
             cpu_before = sampler.cpu_seconds()
             cluster.api("POST", "/api/start", admin=True).raise_for_status()
             started = time.monotonic()
@@ -315,6 +360,8 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
             cpu = sampler.cpu_seconds() - cpu_before
             rounds = cluster.rounds()
             time.sleep(1.0)  # the last verdicts' lines reach their readers
+            rounds_end = time.monotonic()
+            mass = mass_disconnect(cluster, workers, sampler)
         finally:
             for proc in workers:
                 if proc.poll() is None:
@@ -335,7 +382,7 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
                           "delivered": len(r["clients"]), "accepted": answered["accepted"],
                           "refused": answered["refused"], "failed": answered["failed"], "late": answered["late"],
                           "lost": len(asked - set(verdicts)),
-                          "refusals": dict(Counter(v for v in verdicts.values() if v != "accepted"))})
+                          "refusals": dict(Counter(v for v in verdicts.values() if v != "accepted").most_common(5))})
     accepted = sum(r["accepted"] for r in per_round)
     return {"benchmark": "swarm", "clients": args.clients, "processes": args.processes, "wsgi": args.wsgi,
             "threads": args.threads or (args.clients + 50 if args.wsgi == "gunicorn" else None),
@@ -348,8 +395,13 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
             "failed": sum(r["failed"] for r in per_round),
             "server_cpu_s": round(cpu, 2), "server_cpu_ms_per_accepted_update": round(1000 * cpu / max(accepted, 1), 2),
             "server_peak": {k: round(v, 1) for k, v in sampler.peak.items()},
-            "healthz_s": spread(sampler.latencies), "healthz_failures": sampler.failures,
-            "healthz_samples": len(sampler.latencies)}
+            "idle_cpu_cores": round(idle_cpu, 3),
+            "healthz_s": spread(sampler.between(connecting, rounds_end)),
+            "healthz_connecting_s": spread(sampler.between(connecting, idle_from)),
+            "healthz_idle_s": spread(sampler.between(idle_from, idle_from + args.idle)),
+            "healthz_rounds_s": spread(sampler.between(idle_from + args.idle, rounds_end)),
+            "healthz_failures": sampler.failures, "healthz_samples": len(sampler.latencies),
+            "mass_disconnect": mass}
 
 
 def main() -> None:
@@ -361,6 +413,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="gunicorn's --threads (0: clients + 50)")
     p.add_argument("--round-timeout", type=float, default=300.0, help="the server's --round-timeout")
     p.add_argument("--connect-timeout", type=float, default=600.0, help="seconds for all clients to connect")
+    p.add_argument("--idle", type=float, default=5.0, help="seconds all clients stay connected before the run "
+                                                            "starts (the idle CPU and /healthz are measured)")
     p.add_argument("--no-download", action="store_true", help="clients do not download the model each round")
     p.add_argument("--url", default="", help=argparse.SUPPRESS)  # the server, for a worker
     p.add_argument("--key-dir", default=None, help="where the clients' RSA keys are kept between runs "

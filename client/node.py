@@ -26,7 +26,7 @@ from client.privacy import BudgetExhausted, ClientPrivacy, privatize
 from client.secagg import SecureSession
 from client.feedback import ErrorFeedback
 from client.downloads import ModelDownloads
-from client.patient import RECONNECT, PatientClient
+from client.patient import RECONNECT, PatientClient, http_session
 from client.trainer import LocalTrainer
 from mesh.config import trust_path
 from shared import crypto
@@ -93,7 +93,7 @@ class Node:
         self._process = psutil.Process()  # one object: cpu_percent measures between its calls
         self.key = crypto.load_or_create_key(config.key_dir, config.client_id)
         self.fingerprint = crypto.fingerprint(crypto.public_pem(self.key))
-        self.http = requests.Session()
+        self.http = http_session()
         # Names the sender (unverified; the signature is what counts). The shipped nginx.conf routes
         # requests carrying it to the leader when several server processes share the load.
         self.http.headers["X-Meshfed-Client"] = config.client_id

@@ -329,6 +329,27 @@ def test_rate_limit_rules_parse_count_and_refuse():
             RateLimits(bad)
 
 
+def test_a_limit_lets_a_burst_through_then_its_rate_and_forgets_idle_keys(monkeypatch):
+    from app import ratelimit
+    clock = [1000.0]
+    monkeypatch.setattr(ratelimit.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ratelimit, "PRUNE_EVERY", 8)
+    limits = RateLimits({"login-per-address": "4/minute"})
+    for _ in range(4):  # N at once
+        limits.hit("login-per-address", "a")
+    with pytest.raises(RateLimited) as info:
+        limits.hit("login-per-address", "a")
+    assert info.value.retry_after == pytest.approx(15.0)  # a minute's 4: one every 15 s
+    clock[0] += 15.0
+    limits.hit("login-per-address", "a")  # one has drained
+    with pytest.raises(RateLimited):
+        limits.hit("login-per-address", "a")
+    clock[0] += 61.0  # every bucket drained: the next sweep forgets them
+    for address in "bcd":
+        limits.hit("login-per-address", address)
+    assert set(limits._due) == {("login-per-address", k) for k in "bcd"}
+
+
 def test_over_the_limit_is_429_with_retry_after_and_counted_on_metrics(tmp_path, key):
     app = create_app(ServerConfig(state_dir=str(tmp_path), admin_token=ADMIN, enrollment_token=ENROLL,
                                   rate_limits=(("login-per-address", "2/minute"), ("update-per-address", "5/minute"),

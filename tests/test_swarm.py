@@ -23,3 +23,5 @@ def test_two_hundred_simulated_clients_two_rounds_and_nothing_lost(tmp_path):
     assert report["healthz_failures"] == 0 and report["healthz_samples"] > 0
     assert report["server_peak"]["threads"] > 200 and report["server_cpu_ms_per_accepted_update"] > 0
     assert "clients online 200/200" in done.stderr
+    mass = report["mass_disconnect"]  # then all 200 vanish at once: the server counts them gone and answers
+    assert mass["server_processes_unchanged"] and mass["answers_after"] and mass["clients_gone_in_s"] < 60
