@@ -97,6 +97,10 @@ class RunConfig:
                                          "connected; fraction_fit of them are asked (Flower's "
                                          "min_available_clients)", "rounds", lo=0, hi=100_000,
                                          note="0 = min_clients", flag="--min-available")
+    wait_timeout: float = setting(600.0, "Wait for min available (s)", "after this long waiting for "
+                                  "min_available_clients, a round starts with those connected if they are at "
+                                  "least min_clients (it never starts with fewer)", "rounds", lo=0, hi=604_800,
+                                  note="0 = wait as long as it takes")
     max_fit_clients: int = setting(0, "Max clients per round", "cap on clients asked per round", "rounds", lo=0,
                                    hi=10_000, note="0 = no cap", flag="--max-clients")
     quorum: float = setting(0.5, "Quorum", "at the deadline, aggregate if this share of the asked replied",

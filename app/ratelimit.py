@@ -6,9 +6,10 @@ A rule's limit is in the `limits` library's notation ("60/minute", "10 per secon
 it. Counting is GCRA (the generic cell rate algorithm, a leaky bucket kept as one time per key): a limit of N per
 period lets N requests through at once, then N per period. It is O(1) a request with no background work. limits'
 MemoryStorage, which counted before, starts a timer thread every 10 ms while requests come and rescans every key
-in it: with 1,000 clients, 28% of the server's interpreter time (py-spy --gil under bench/swarm.py). The defaults sit far
-above what an honest client sends (one update a round, one sync per outage, a connect per restart) and
-leave room for many clients behind one address (NAT, or every demo client on 127.0.0.1).
+in it: with 1,000 clients, 28% of the server's interpreter time (py-spy --gil under bench/swarm.py).
+
+The defaults sit far above what an honest client sends (one update a round, one sync per outage, a connect per
+restart) and leave room for many clients behind one address (NAT, or every demo client on 127.0.0.1).
 """
 from __future__ import annotations
 

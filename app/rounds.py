@@ -88,7 +88,7 @@ class RoundLoop:
         if finished := self.evaluations.reached.pop(run.id, None):  # the last round reached target_accuracy
             return finished
         report(run, Phase.WAITING)
-        online = self._wait_for_clients(clients_to_wait_for(cfg), run.stop)
+        online = self._wait_for_clients(cfg, run.stop)
         if online is None:
             return None
         started, eligible = time.monotonic(), self.privacy.eligible(online, cfg)        # budget left
@@ -175,15 +175,26 @@ class RoundLoop:
             default = f"not waited for: min_updates ({cfg.min_updates}) arrived first"
         return {cid: known.get(cid, default) for cid in missing}
 
-    def _wait_for_clients(self, needed: int, stop: threading.Event) -> list[Any] | None:
-        said, said_at = -1, 0.0
+    def _wait_for_clients(self, cfg: RunConfig, stop: threading.Event) -> list[Any] | None:
+        """The connected clients once clients_to_wait_for(cfg) are; after wait_timeout, once min_fit_clients
+        are (None if the run stops first)."""
+        needed, started, said, said_at = clients_to_wait_for(cfg), time.monotonic(), -1, 0.0
+        late = False
         while not stop.is_set():
             online = self.registry.online()
+            waited = time.monotonic() - started
             if len(online) >= needed:
                 return online
+            if cfg.wait_timeout and waited >= cfg.wait_timeout:
+                if len(online) >= cfg.min_fit_clients:
+                    log.warning("waited %.0f s for %d clients; the round goes ahead with the %d connected",
+                                waited, needed, len(online))
+                    return online
+                late = True
             if len(online) != said and time.monotonic() - said_at >= 1.0:  # progress, at most a line a second
                 said, said_at = len(online), time.monotonic()
-                log.info("waiting for clients: %d/%d connected", said, needed)
+                log.info("waiting for clients: %d/%d connected%s", said, needed,
+                         f" (past wait_timeout, a round needs min_clients {cfg.min_fit_clients})" if late else "")
             with self._cond:
                 self._cond.wait(timeout=0.5)
         return None

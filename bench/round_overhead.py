@@ -254,7 +254,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=1, help="the server evaluates every K rounds (and the last)")
     p.add_argument("--compression", default="none",
                    help=f"comma-separated, run one after the other and compared: {','.join(COMPRESSIONS)}")
-    p.add_argument("--evaluation", default="inline", help="comma-separated: inline,background,process, compared side by side")
+    p.add_argument("--evaluation", default="inline",
+                   help="comma-separated: inline,background,process, compared side by side")
     p.add_argument("--download-compression", default="none", choices=["none", "int8"],
                    help="the server's --download-compression in every run (int8: delta-coded downloads)")
     p.add_argument("--pin", action="store_true", help="the server on the last core, the clients on the others (as a "

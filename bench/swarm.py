@@ -6,8 +6,9 @@ run, and for each `train` the model downloaded over HTTP and a real signed updat
 the model's shapes, encoded once per model version). The clients live in --processes worker processes, each one
 asyncio loop (python-socketio's AsyncClient over aiohttp), so thousands of them fit on 2 cores.
 
-The swarm starts its own server (run_server.py on 127.0.0.1, synthetic data, --model mlp: 797 KB updates). Every simulated client shares 127.0.0.1, so the server's per-address rate limits are turned off;
-the per-client ones stay. It waits until all N are connected, starts the run and measures:
+The swarm starts its own server (run_server.py on 127.0.0.1, synthetic data, --model mlp: 797 KB updates). Every
+simulated client shares 127.0.0.1, so the server's per-address rate limits are turned off; the per-client ones
+stay. It waits until all N are connected, starts the run and measures:
 
   connect       seconds from a client's first try to its welcome (p50, p90, max), reconnects
   idle          the server's CPU (in cores) with every client connected and no round (--idle seconds)

@@ -365,3 +365,23 @@ def test_a_failing_background_evaluation_stops_the_run_and_leaves_the_round_for_
     evaluated = store.rounds(run_id)
     assert [r["round"] for r in evaluated] == [r["round"] for r in pending]
     assert all(0 <= r["accuracy"] <= 1 for r in evaluated)
+
+
+def test_min_available_is_awaited_for_wait_timeout_then_the_round_asks_those_connected(loop):
+    runs, store, transport, _ = loop
+    runs.set_config({"num_rounds": 1, "min_available_clients": 5, "min_fit_clients": 2, "wait_timeout": 1.0})
+    started = time.monotonic()
+    run_id = runs.start()
+    finished(runs)
+    assert time.monotonic() - started >= 1.0  # it waited for the five first
+    assert [(r["num_selected"], len(r["clients"])) for r in store.rounds(run_id)] == [(3, 3)]
+
+
+def test_past_wait_timeout_a_round_still_never_starts_with_fewer_than_min_clients(loop):
+    runs, store, transport, _ = loop
+    runs.set_config({"num_rounds": 1, "min_fit_clients": 4, "wait_timeout": 0.2})
+    runs.start()
+    time.sleep(1.5)
+    status = runs.status()
+    assert (status["state"], status["waiting_for"], status["clients_online"]) == ("waiting", 4, 3)
+    assert not transport.requests
