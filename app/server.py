@@ -28,6 +28,7 @@ from app.config import ServerConfig
 from app.control import LocalControl, RemoteControl
 from app.enrollment import Enrollment
 from app.evaluator import Evaluator, ProcessEvaluator
+from app.rooms import IndexedManager, IndexedRedisManager
 from app.ops import FollowerCollector, MeshfedCollector, Traffic, make_registry
 from app.ops import bp as ops_bp
 from app.fl import DASHBOARD_NAMESPACE, FlNamespace, SocketTransport
@@ -184,9 +185,11 @@ def create_app(config: ServerConfig) -> Flask:
     # threading, not eventlet: eventlet froze the server for seconds during torch work (FACTS.md).
     # Socket.IO carries only control messages; weights go over HTTP, so 1 MB suffices.
     # cors_allowed_origins=None is python-engineio's same-origin check (an empty list would turn it off).
+    rooms = IndexedRedisManager(config.message_queue, channel="meshfed") if config.message_queue \
+        else IndexedManager()  # app/rooms.py: a disconnect in O(1), not O(clients)
     socketio = SocketIO(app, async_mode="threading", max_http_buffer_size=1 << 20,
                         cors_allowed_origins=list(config.allowed_origins) or None, json=_SocketJSON,
-                        message_queue=config.message_queue, channel="meshfed")
+                        client_manager=rooms)
     if config.proxies:  # outermost, so Socket.IO's origin check and the rate limits see the client's address
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.proxies, x_proto=config.proxies,  # type: ignore
                                 x_host=config.proxies)

@@ -281,6 +281,7 @@ def mass_disconnect(cluster: Cluster, workers: list[subprocess.Popen], sampler: 
     server counts none online, /healthz meanwhile, and whether the server's processes are the same ones after
     (gunicorn's master once SIGKILLed a worker that went silent on 1,000 disconnects: issue 20)."""
     before = sorted(p.pid for p in sampler.tree())
+    print("swarm: every client gone at once (their workers SIGKILLed)", file=sys.stderr)
     killed = time.monotonic()
     for proc in workers:
         proc.kill()
