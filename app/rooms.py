@@ -11,6 +11,7 @@ joins, closes and disconnects all go through them); a disconnect leaves the room
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Any
 
@@ -23,28 +24,34 @@ class IndexedRooms:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rooms_of: defaultdict[tuple[str, str], set[Any]] = defaultdict(set)
+        self._index = threading.Lock()  # a join and a leave of one session may race (async handlers)
 
     def basic_enter_room(self, sid: str, namespace: str, room: Any, eio_sid: Any = None) -> None:
         super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)  # type: ignore[misc]
-        self._rooms_of[(namespace, sid)].add(room)
+        with self._index:
+            self._rooms_of[(namespace, sid)].add(room)
 
     def basic_leave_room(self, sid: str, namespace: str, room: Any) -> None:
         super().basic_leave_room(sid, namespace, room)  # type: ignore[misc]
-        rooms = self._rooms_of.get((namespace, sid))
-        if rooms is not None:
-            rooms.discard(room)
-            if not rooms:
-                del self._rooms_of[(namespace, sid)]
+        with self._index:
+            rooms = self._rooms_of.get((namespace, sid))
+            if rooms is not None:
+                rooms.discard(room)
+                if not rooms:
+                    del self._rooms_of[(namespace, sid)]
 
     def get_rooms(self, sid: str, namespace: str) -> list[Any]:
-        return [room for room in self._rooms_of.get((namespace, sid), ()) if room is not None]
+        with self._index:
+            return [room for room in self._rooms_of.get((namespace, sid), ()) if room is not None]
 
     def basic_disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
         """What the library's does (leave every room, forget the session's callbacks and pending states), with the
         rooms found in the index instead of by testing each one."""
         if namespace not in self.rooms:  # type: ignore[attr-defined]
             return
-        for room in list(self._rooms_of.get((namespace, sid), ())):
+        with self._index:
+            rooms = list(self._rooms_of.get((namespace, sid), ()))
+        for room in rooms:
             self.basic_leave_room(sid, namespace, room)
         self.callbacks.pop(sid, None)  # type: ignore[attr-defined]
         for pending in (self.pending_connect, self.pending_disconnect):  # type: ignore[attr-defined]
