@@ -56,7 +56,7 @@ class MeshfedCollector:
             yield GaugeMetricFamily("meshfed_round_duration_seconds", "Wall time of the last round",
                                     value=rounds[-1]["seconds"])
         yield GaugeMetricFamily("meshfed_clients_connected", "Clients connected on /fl",
-                                value=len(self.meshfed.registry.online()))
+                                value=self.meshfed.registry.count())
         yield GaugeMetricFamily("meshfed_run_active", "1 while a run is active", value=int(status["active"]))
         self.meshfed.rounds.refusals.flush()
         clients = store.clients()

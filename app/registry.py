@@ -68,6 +68,11 @@ class Registry:
         with self._lock:
             return self._by_sid.get(sid)
 
+    def count(self) -> int:
+        """How many are connected (what /api/status and /metrics show, without sorting every session)."""
+        with self._lock:
+            return len(self._by_id)
+
     def online(self) -> list[Session]:
         with self._lock:
             return sorted(self._by_id.values(), key=lambda s: s.client_id)

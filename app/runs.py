@@ -205,7 +205,7 @@ class Runs:
             return {"state": run.phase.value, "active": run.active, "run_id": run.id,
                     "round": run.playing or run.completed, "completed_round": run.completed,
                     "num_rounds": run.config.num_rounds, "model_version": self.model.version,
-                    "clients_online": len(self.rounds.registry.online()), "open_round": self.rounds.collection.view(),
+                    "clients_online": self.rounds.registry.count(), "open_round": self.rounds.collection.view(),
                     "waiting_for": clients_to_wait_for(run.config) if run.active and run.phase == Phase.WAITING
                     else None,  # connected clients a round needs before it starts
                     "secure_round": self.rounds.secure.view(), "began": run.began,

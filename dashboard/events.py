@@ -102,8 +102,18 @@ class DashboardNamespace(Namespace):
 
 
 def feed(socketio: SocketIO, meshfed: Any, monitor: Monitor) -> None:
-    """Background task: every SAMPLE_SECONDS, sample resources and push the client table."""
+    """Background task: every SAMPLE_SECONDS, sample resources and push the client table to the browsers."""
     while True:
         monitor.sample()
-        socketio.emit("clients_update", {"clients": meshfed.clients_view()}, namespace=NAMESPACE)
+        push_clients(socketio, meshfed)
         time.sleep(SAMPLE_SECONDS)
+
+
+def push_clients(socketio: SocketIO, meshfed: Any) -> bool:
+    """Send the client table to the dashboards; True if it was built. With no browser on this process and no
+    message queue (whose followers' browsers get it), it is not: a query and a row per registered client, 3% of the
+    server's interpreter with 1,000 clients (bench/swarm.py). A page that connects asks for it (request_status)."""
+    if not (meshfed.config.message_queue or any(socketio.server.manager.get_participants(NAMESPACE, None))):
+        return False
+    socketio.emit("clients_update", {"clients": meshfed.clients_view()}, namespace=NAMESPACE)
+    return True

@@ -227,3 +227,16 @@ def test_a_round_committed_but_not_evaluated_is_hidden_then_evaluated_on_restart
     assert client.runs.run.completed >= 1  # resumed after round 1, not before it
     assert client.runs.wait_inactive(10)
     client.store.close()
+
+
+def test_the_client_table_is_built_only_while_a_dashboard_watches(app):
+    from dashboard.events import push_clients
+    meshfed = app.extensions["meshfed"]
+    assert not push_clients(meshfed.socketio, meshfed)  # nobody watches this process, and no queue to others
+    browser = app.test_client()
+    browser.get(f"/?token={ADMIN}")
+    live = meshfed.socketio.test_client(app, namespace="/dashboard", flask_test_client=browser)
+    assert live.is_connected("/dashboard") and push_clients(meshfed.socketio, meshfed)
+    assert any(m["name"] == "clients_update" for m in live.get_received("/dashboard"))
+    live.disconnect(namespace="/dashboard")
+    assert not push_clients(meshfed.socketio, meshfed)
