@@ -179,18 +179,16 @@ class RoundLoop:
         """The connected clients once clients_to_wait_for(cfg) are; after wait_timeout, once min_fit_clients
         are (None if the run stops first)."""
         needed, started, said, said_at = clients_to_wait_for(cfg), time.monotonic(), -1, 0.0
-        late = False
         while not stop.is_set():
             online = self.registry.online()
             waited = time.monotonic() - started
+            late = bool(cfg.wait_timeout) and waited >= cfg.wait_timeout
             if len(online) >= needed:
                 return online
-            if cfg.wait_timeout and waited >= cfg.wait_timeout:
-                if len(online) >= cfg.min_fit_clients:
-                    log.warning("waited %.0f s for %d clients; the round goes ahead with the %d connected",
-                                waited, needed, len(online))
-                    return online
-                late = True
+            if late and len(online) >= cfg.min_fit_clients:
+                log.warning("waited %.0f s for %d clients; the round goes ahead with the %d connected",
+                            waited, needed, len(online))
+                return online
             if len(online) != said and time.monotonic() - said_at >= 1.0:  # progress, at most a line a second
                 said, said_at = len(online), time.monotonic()
                 log.info("waiting for clients: %d/%d connected%s", said, needed,

@@ -70,7 +70,6 @@ class SwarmClient:
         self.sio.on("disconnect", self.on_disconnect, namespace=NAMESPACE)
         self.sio.on(EV_TRAIN, self.on_train, namespace=NAMESPACE)
         self.tried: float | None = None
-        self.connected_once = False
 
     async def auth(self) -> dict[str, Any]:
         status, _, body = await self.worker.fetch("GET", "/api/challenge")
@@ -90,9 +89,7 @@ class SwarmClient:
                 await asyncio.sleep(1.0 + self.worker.rng.random() * 2.0)
 
     async def on_connect(self) -> None:
-        self.worker.say("connected", client=self.client_id, seconds=round(time.monotonic() - self.tried, 4),
-                        again=self.connected_once)
-        self.connected_once = True
+        self.worker.say("connected", client=self.client_id, seconds=round(time.monotonic() - self.tried, 4))
 
     async def on_disconnect(self, *_: Any) -> None:
         self.tried = time.monotonic()  # a reconnect's time counts from here
@@ -163,9 +160,14 @@ class Worker:
         body = await self.model(request.model_version) if self.download else None
         if request.model_version not in self._payloads:
             future = self._payloads[request.model_version] = asyncio.get_running_loop().create_future()
-            weights = decode_weights(body if body is not None else await self.model(request.model_version))
-            delta = {name: np.full_like(w, 1e-4) for name, w in weights.items()}
-            payload = encode_weights(delta)
+            try:  # others of this worker asked for the version meanwhile wait on the future
+                weights = decode_weights(body if body is not None else await self.model(request.model_version))
+            except Exception as exc:  # they fail with it too (counted), and the next asks again
+                del self._payloads[request.model_version]
+                future.set_exception(exc)
+                future.exception()  # retrieved: asyncio says nothing when no other client was waiting
+                raise
+            payload = encode_weights({name: np.full_like(w, 1e-4) for name, w in weights.items()})
             future.set_result((payload, sha256_hex(payload)))
         return await self._payloads[request.model_version]
 
