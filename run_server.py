@@ -69,9 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-file", default=None, help="also log to this file")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
-    p.add_argument("--role", default="leader", choices=["leader", "follower"],
-                   help="leader: runs the round loop and serves clients; follower: serves dashboards only")
-    p.add_argument("--leader-url", default=None, help="followers: the leader's address, e.g. http://server:5000")
+    p.add_argument("--role", default="leader", choices=["leader", "follower", "edge"],
+                   help="leader: runs the round loop and serves clients; follower: serves dashboards only; edge: "
+                        "serves clients and pre-aggregates their updates for the leader (README \"Edges\")")
+    p.add_argument("--leader-url", default=None,
+                   help="followers and edges: the leader's address, e.g. http://server:5000")
+    p.add_argument("--edge-id", default=None, help="edges: this edge's name in the tier (default host:port)")
     p.add_argument("--message-queue", default=os.environ.get("MESHFED_MESSAGE_QUEUE"),
                    help="redis://host:6379/0 shared by every server process (default $MESHFED_MESSAGE_QUEUE)")
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
@@ -99,9 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.torch_threads < 0:
         p.error("--torch-threads must be 0 (one per core) or a number of threads")
-    if args.role == "follower" and not (args.leader_url and args.message_queue):
-        p.error("--role follower needs --leader-url and --message-queue")
-    if args.role == "follower" and args.start:
+    if args.role != "leader" and not (args.leader_url and args.message_queue):
+        p.error(f"--role {args.role} needs --leader-url and --message-queue")
+    if args.role != "leader" and args.start:
         p.error("--start is for the leader; a follower forwards Start from its dashboards")
     if args.proxies < 0:
         p.error("--proxies must be 0 (clients connect directly) or the number of proxies in front")
@@ -138,7 +141,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     if args.mlflow or args.mlflow_uri:
         if importlib.util.find_spec("mlflow") is None:
             raise ConfigError({"--mlflow": "needs MLflow: pip install -r requirements.txt"})
-        if args.role == "follower":
+        if args.role != "leader":
             raise ConfigError({"--mlflow": "is for the leader, which plays the rounds"})
         from app.tracking import local_uri
         mlflow_uri = args.mlflow_uri or local_uri(DEFAULT_MLFLOW_DIR)
@@ -148,7 +151,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         state_dir=args.state_dir, host=args.host, port=args.port, data_dir=args.data_dir,
         admin_token=tokens.admin, enrollment_token=tokens.enrollment,
         eval_limit=args.eval_limit, max_update_bytes=int(args.max_update_mb * (1 << 20)),
-        resume=not args.no_resume, run=run, role=args.role, leader_url=args.leader_url,
+        resume=not args.no_resume, run=run, role=args.role, leader_url=args.leader_url, edge_id=args.edge_id,
         message_queue=args.message_queue, mlflow_uri=mlflow_uri, mlflow_artifacts=mlflow_artifacts,
         allowed_origins=tuple(args.allowed_origin), proxies=args.proxies,
         rate_limits=tuple(tuple(rule.split("=", 1)) for rule in args.rate_limit))

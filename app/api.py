@@ -6,6 +6,7 @@ contract is app/openapi.py, served at /api/openapi.json and browsable at /api/do
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 from functools import wraps
 from typing import Any, Callable
@@ -21,14 +22,19 @@ from app.refusals import Refusal
 from app.rounds import RoundLoop
 from app.runs import Conflict, Runs
 from app.verify import authenticate
-from shared.errors import ConfigError, DatasetNotFound, UpdateRefused
-from shared.protocol import signed_roster, unpack_sync, unpack_update
+from app.fl import apply_status
+from app.registry import IDLE, Session
+from shared.errors import ConfigError, DatasetNotFound, RegistrationRefused, UpdateRefused
+from shared.frames import CLIENT_ID
+from shared.protocol import MAX_EXAMPLES, signed_roster, unpack_sync, unpack_update
 
 bp = Blueprint("api", __name__, url_prefix="/api", template_folder="templates")
+log = logging.getLogger("meshfed.api")
+CLIENT_ID_RE = re.compile(CLIENT_ID)
 
 VERSION = re.compile(r"latest|[0-9]{1,15}")  # a model version in the path (SQLite integers hold 15 digits)
 REFUSAL_STATUS = {"too_large": 413, "rate_limited": 429, "stale_round": 409, "no_open_round": 409, "replay": 409,
-                  "wrong_version": 409, "contribution_limit": 409}
+                  "wrong_version": 409, "contribution_limit": 409, "not_sharded": 409, "leader_unreachable": 503}
 
 
 def _meshfed() -> Any:
@@ -82,6 +88,15 @@ def _json_object(*known: str) -> dict[str, Any]:
 
 class BadBody(Exception):
     """The request body is not what the endpoint reads."""
+
+
+class NoTier(Exception):
+    """An edge's request reached a leader without a message queue (no tier: app/tier.py)."""
+
+
+@bp.errorhandler(NoTier)
+def on_no_tier(exc: NoTier) -> Any:
+    return error(404, "no_tier", "this leader has no edge tier: start it with --message-queue")
 
 
 @bp.errorhandler(BadBody)
@@ -289,7 +304,7 @@ def challenge() -> Any:
     return jsonify({"challenge": meshfed.enrollment.challenge(), "expires_in": CHALLENGE_SECONDS})
 
 
-def _signed_body(rule: str) -> bytes:
+def read_signed_body(rule: str) -> bytes:
     """The body of a signed upload, within the address's rate and the size limit; UpdateRefused otherwise."""
     meshfed = _meshfed()
     meshfed.limits.hit(rule, request.remote_addr)
@@ -323,7 +338,7 @@ def update() -> Any:
     """Receive one packed, signed update (shared/protocol.py pack_update)."""
     rounds, limits = _rounds(), _meshfed().limits
     try:
-        header, payload = unpack_update(_signed_body("update-per-address"))
+        header, payload = unpack_update(read_signed_body("update-per-address"))
         verified = authenticate(rounds.store, header, payload)
     except UpdateRefused as exc:  # nobody's signature vouches for this request: the address answers for it
         return _refusal_reply(exc)
@@ -339,12 +354,92 @@ def update() -> Any:
     return jsonify({"accepted": True, "round": header.round, **notes})
 
 
+# --- edges (app/tier.py, app/edge.py): an edge server forwards its clients' sessions; admin token ---------
+
+EDGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _edge_body(*fields: str) -> dict[str, Any]:
+    """An edge's JSON body with its fields checked (BadBody naming the first that is off); NoTier without a tier."""
+    if _meshfed().tier is None:
+        raise NoTier()
+    body = _json_object(*fields)
+    checks = {"edge": lambda v: isinstance(v, str) and EDGE_ID.fullmatch(v),
+              "client_id": lambda v: isinstance(v, str) and CLIENT_ID_RE.fullmatch(v),
+              "sid": lambda v: isinstance(v, str) and SID.fullmatch(v),
+              "public_key": lambda v: isinstance(v, str) and 0 < len(v) <= 8192,
+              "fingerprint": lambda v: isinstance(v, str) and 0 < len(v) <= 256,
+              "num_examples": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_EXAMPLES,
+              "status": lambda v: isinstance(v, dict)}
+    for name in fields:
+        if name not in body or not checks[name](body[name]):
+            raise BadBody(f"{name} is missing or malformed")
+    return body
+
+
+@bp.post("/edge/connect")
+@admin_required
+def edge_connect() -> Any:
+    """An edge admitted a client's signed registration: pin its key and record its session here (or refuse)."""
+    meshfed = _meshfed()
+    body = _edge_body("edge", "client_id", "sid", "public_key", "fingerprint", "num_examples")
+    try:
+        meshfed.store.pin_client(body["client_id"], body["public_key"], body["fingerprint"], body["num_examples"])
+    except RegistrationRefused as exc:
+        return error(409, exc.reason, str(exc), reason=exc.reason)
+    session = Session(client_id=body["client_id"], sid=body["sid"], fingerprint=body["fingerprint"],
+                      num_examples=body["num_examples"], state=IDLE, edge=body["edge"])
+    if not meshfed.registry.connect(session, stale=lambda old: old.edge is not None and
+                                    not meshfed.tier.alive(old.edge)):
+        return error(409, "already_connected", f"{body['client_id']!r} has a live session; a client id connects "
+                                               "once at a time", reason="already_connected")
+    log.info("client %s connected through edge %s (%s)", body["client_id"], body["edge"], body["fingerprint"][:19])
+    _runs().notify()
+    return jsonify({"run_id": _runs().run_id})
+
+
+@bp.post("/edge/disconnect")
+@admin_required
+def edge_disconnect() -> Any:
+    body = _edge_body("edge", "client_id", "sid")
+    meshfed = _meshfed()
+    session = meshfed.registry.get(body["client_id"])
+    gone = session is not None and session.sid == body["sid"] and meshfed.registry.disconnect(body["sid"])
+    if gone:
+        log.info("client %s disconnected from edge %s", body["client_id"], body["edge"])
+        _rounds().collection.gone({body["client_id"]}, "disconnected")
+    return jsonify({"disconnected": bool(gone)})
+
+
+@bp.post("/edge/status")
+@admin_required
+def edge_status() -> Any:
+    body = _edge_body("edge", "client_id", "sid", "status")
+    meshfed = _meshfed()
+    session = meshfed.registry.get(body["client_id"])
+    if session is None or session.sid != body["sid"]:
+        return error(404, "no_session", f"{body['client_id']!r} has no session with that sid")
+    apply_status(body["client_id"], body["status"], meshfed.store, meshfed.registry, _rounds().collection)
+    return jsonify({"updated": True})
+
+
+@bp.get("/edge/client/<client_id>")
+@admin_required
+def edge_client(client_id: str) -> Any:
+    """A registered client's pinned key and examples: what an edge verifies its updates with."""
+    row = _meshfed().store.client(client_id) if CLIENT_ID_RE.fullmatch(client_id) else None
+    if row is None:
+        return error(404, "unknown_client", f"no key is pinned for {client_id[:64]!r}")
+    return jsonify({"client_id": row["id"], "public_key": row["public_key"], "num_examples": row["num_examples"]})
+
+
 @bp.post("/sync")
 def sync() -> Any:
     """Receive one packed, signed offline contribution (shared/protocol.py pack_sync)."""
     rounds, limits = _rounds(), _meshfed().limits
     try:
-        header, payload = unpack_sync(_signed_body("sync-per-address"))
+        header, payload = unpack_sync(read_signed_body("sync-per-address"))
         verified = authenticate(rounds.store, header, payload)
     except UpdateRefused as exc:
         return _refusal_reply(exc)

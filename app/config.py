@@ -240,8 +240,9 @@ class ServerConfig:
     run: RunConfig = RunConfig()        # the run configuration used when no run is stored
     # Scale-out (README "Several server processes"): one leader runs the round loop and serves the
     # clients; followers serve dashboards only. They share Socket.IO rooms through message_queue.
-    role: str = "leader"                # 'leader' or 'follower'
-    leader_url: str | None = None       # followers: the leader's address (http://host:port)
+    role: str = "leader"                # 'leader', 'follower' or 'edge' (app/edge.py: holds clients, pre-aggregates)
+    leader_url: str | None = None       # followers and edges: the leader's address (http://host:port)
+    edge_id: str | None = None          # an edge's name in the tier; None = host:port
     message_queue: str | None = None    # e.g. redis://127.0.0.1:6379/0; None = a single process
     mlflow_uri: str | None = None       # MLflow tracking URI (app/tracking.py); None = no tracking
     mlflow_artifacts: str | None = None  # where a local MLflow store keeps artifacts (the model); None = its server's

@@ -4,6 +4,9 @@
    secret: the server keeps nothing per challenge it hands out.
 2. The client connects with a Registration (shared/protocol.py) as its Socket.IO auth, signed with its
    RSA key: the challenge, its id, its public key and its example count.
+   Edges (app/edge.py) share one secret, derived from the admin token, and remember redeemed challenges
+   in Redis: a client may fetch its challenge from one edge and register at another (nginx moves it when an
+   edge fails or is marked down), and a challenge is still redeemed once in the whole tier.
 3. admit() refuses, with a stable reason, unless: the enrollment token is right; the challenge is this
    process's, under CHALLENGE_SECONDS old and not used before; the key is RSA 2048-4096 bits with
    e = 65537; the signature verifies with that key. Pinning the key to the id (first registration wins)
@@ -20,6 +23,7 @@ import hmac
 import secrets
 import threading
 import time
+from typing import Callable
 
 from shared import crypto
 from shared.errors import RegistrationRefused
@@ -31,9 +35,11 @@ CHALLENGE_SECONDS = 60.0  # a challenge must be redeemed this soon after it was 
 class Enrollment:
     """Issues challenges and admits registrations; thread-safe."""
 
-    def __init__(self, enrollment_token: str, secret: bytes | None = None):
+    def __init__(self, enrollment_token: str, secret: bytes | None = None,
+                 once: Callable[[str, float], bool] | None = None):
         self._token = enrollment_token.encode()
         self._secret = secret or secrets.token_bytes(32)
+        self._once = once  # shared across processes (an edge tier): True the first time a challenge is redeemed
         self._lock = threading.Lock()
         self._redeemed: dict[str, float] = {}  # challenge -> when it stops being fresh anyway
 
@@ -56,6 +62,10 @@ class Enrollment:
             raise RegistrationRefused("bad_challenge", f"the challenge is over {CHALLENGE_SECONDS:.0f}s old; "
                                                        "GET /api/challenge again")
         expires = issued + CHALLENGE_SECONDS
+        if self._once is not None:
+            if not self._once(challenge, expires - now + 5):
+                raise RegistrationRefused("bad_challenge", "the challenge was used before; GET /api/challenge again")
+            return
         with self._lock:
             if len(self._redeemed) > 256:  # forget challenges that are stale anyway
                 self._redeemed = {c: t for c, t in self._redeemed.items() if t >= now}

@@ -72,6 +72,40 @@ def _progress(raw: Any) -> dict[str, int]:
     return {**values, "done": min(values["done"], values["total"])}
 
 
+def apply_status(client_id: str, data: Any, store: Store, registry: Registry, collection: Any) -> None:
+    """A connected client's report (EV_CLIENT_STATUS, here or forwarded by its edge): state, resources, its mesh
+    view, its privacy spent, and (after re-partitioning) its example count; anything malformed is left out."""
+    if not isinstance(data, dict):
+        return
+    resources = {k: float(data[k]) for k in ("cpu_percent", "memory_mb")
+                 if isinstance(data.get(k), (int, float)) and math.isfinite(data[k]) and 0 <= data[k] <= 1e8}
+    state = data.get("state") if data.get("state") in (IDLE, TRAINING) else None
+    mesh = data.get("mesh")
+    if isinstance(mesh, dict) and isinstance(mesh.get("peers"), list):
+        mesh = {"mode": str(mesh.get("mode", ""))[:16], "peers": [
+            {"id": str(p.get("id", ""))[:64], "mode": str(p.get("mode", ""))[:16]}
+            for p in mesh["peers"][:256] if isinstance(p, dict)]}
+    else:
+        mesh = {}
+    changes: dict[str, Any] = {"resources": resources, "mesh": mesh, **({"state": state} if state else {}),
+                               "progress": _progress(data.get("progress")) if state == TRAINING else {}}
+    privacy = data.get("privacy")
+    if isinstance(privacy, dict):  # a client whose budget is spent says so: it is asked no more
+        epsilon = privacy.get("epsilon")
+        changes["privacy"] = {"exhausted": privacy.get("exhausted") is True,
+                              "epsilon": float(epsilon) if isinstance(epsilon, (int, float)) and
+                              math.isfinite(epsilon) and 0 <= epsilon <= 1e6 else 0.0}
+        if changes["privacy"]["exhausted"]:
+            collection.gone({client_id}, "its privacy budget is spent")
+    examples = data.get("num_examples")
+    session = registry.get(client_id)
+    if isinstance(examples, int) and not isinstance(examples, bool) and 0 < examples <= MAX_EXAMPLES and \
+            session is not None and examples != session.num_examples:  # a write only when it changed
+        store.set_examples(client_id, examples)
+        changes["num_examples"] = examples
+    registry.update(client_id, **changes)
+
+
 class FlNamespace(Namespace):
     """/fl: clients register (connect), report their status, and leave. Thin: decode, check, hand over to the
     registry and the runs."""
@@ -126,38 +160,11 @@ class FlNamespace(Namespace):
             self.runs.rounds.collection.gone({client_id}, "disconnected")
 
     def on_client_status(self, data: Any = None) -> None:  # EV_CLIENT_STATUS
-        """What a connected client reports: state, resources, its mesh view, and (after re-partitioning)
-        its example count. The session was admitted by its signed registration, so this is the key holder."""
+        """What a connected client reports. The session was admitted by its signed registration, so this is the
+        key holder."""
         client_id = self.registry.client_for_sid(request.sid)
-        if client_id is None or not isinstance(data, dict):
-            return
-        resources = {k: float(data[k]) for k in ("cpu_percent", "memory_mb")
-                     if isinstance(data.get(k), (int, float)) and math.isfinite(data[k]) and 0 <= data[k] <= 1e8}
-        state = data.get("state") if data.get("state") in (IDLE, TRAINING) else None
-        mesh = data.get("mesh")
-        if isinstance(mesh, dict) and isinstance(mesh.get("peers"), list):
-            mesh = {"mode": str(mesh.get("mode", ""))[:16], "peers": [
-                {"id": str(p.get("id", ""))[:64], "mode": str(p.get("mode", ""))[:16]}
-                for p in mesh["peers"][:256] if isinstance(p, dict)]}
-        else:
-            mesh = {}
-        changes: dict[str, Any] = {"resources": resources, "mesh": mesh, **({"state": state} if state else {}),
-                                   "progress": _progress(data.get("progress")) if state == TRAINING else {}}
-        privacy = data.get("privacy")
-        if isinstance(privacy, dict):  # a client whose budget is spent says so: it is asked no more
-            epsilon = privacy.get("epsilon")
-            changes["privacy"] = {"exhausted": privacy.get("exhausted") is True,
-                                  "epsilon": float(epsilon) if isinstance(epsilon, (int, float)) and
-                                  math.isfinite(epsilon) and 0 <= epsilon <= 1e6 else 0.0}
-            if changes["privacy"]["exhausted"]:
-                self.runs.rounds.collection.gone({client_id}, "its privacy budget is spent")
-        examples = data.get("num_examples")
-        session = self.registry.get(client_id)
-        if isinstance(examples, int) and not isinstance(examples, bool) and 0 < examples <= MAX_EXAMPLES and \
-                session is not None and examples != session.num_examples:  # a write only when it changed
-            self.store.set_examples(client_id, examples)
-            changes["num_examples"] = examples
-        self.registry.update(client_id, **changes)
+        if client_id is not None:
+            apply_status(client_id, data, self.store, self.registry, self.runs.rounds.collection)
 
     def on_secagg(self, data: Any = None) -> dict[str, Any]:  # EV_SECAGG
         """A secure round's stage message (keys, shares, reveal), signed by the client's key and checked in

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.config import config_schema
 from app.ratelimit import DEFAULT_RULES
-from shared.protocol import PROTOCOL_VERSION
+from shared.protocol import MAX_EXAMPLES, PROTOCOL_VERSION
 
 JSON = "application/json"
 REASONS = ["protocol_version", "unknown_client", "bad_signature", "payload_mismatch", "wrong_run", "no_open_round",
@@ -198,12 +198,44 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/api/openapi.json": {"get": {"summary": "This description", "responses": ok(obj, "OpenAPI 3.1")}},
         "/api/docs": {"get": {"summary": "This description, browsable (Swagger UI)", "responses": {
             "200": {"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        **_edge_operations(admin, ok),
         "/healthz": {"get": {"summary": "Liveness", "responses": ok(obj, "alive")}},
         "/readyz": {"get": {"summary": "Readiness: state dir writable, database answers, loop alive", "responses": {
             **ok({"type": "object", "required": ["ready", "checks"]}, "ready"),
             "503": _json({"type": "object", "required": ["ready", "checks"]}, "not ready")}}},
         "/metrics": {"get": {"summary": "Prometheus text exposition", "responses": {
             "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def _edge_operations(admin: list[dict[str, Any]], ok: Any) -> dict[str, dict[str, Any]]:
+    """What an edge server (app/edge.py) asks of its leader, with the admin token; 404 on a leader without a tier."""
+    text = lambda pattern, most: {"type": "string", "pattern": f"^{pattern}$", "maxLength": most}  # noqa: E731
+    fields = {"edge": text("[A-Za-z0-9_.:-]{1,64}", 64), "client_id": text("[A-Za-z0-9_.-]{1,64}", 64),
+              "sid": text("[A-Za-z0-9_-]{1,64}", 64), "public_key": {"type": "string", "minLength": 1,
+                                                                    "maxLength": 8192},
+              "fingerprint": {"type": "string", "minLength": 1, "maxLength": 256},
+              "num_examples": {"type": "integer", "minimum": 1, "maximum": MAX_EXAMPLES}, "status": {"type": "object"}}
+
+    def post(summary: str, names: list[str], answer: str) -> dict[str, Any]:
+        return {"post": {"summary": summary, "security": admin, "requestBody": {"required": True, "content": {
+            JSON: {"schema": {"type": "object", "required": names, "additionalProperties": False,
+                              "properties": {n: fields[n] for n in names}}}}},
+            "responses": {**ok({"type": "object"}, answer), **_errors(400, 401, 404, 409)}}}
+    return {
+        "/api/edge/connect": post("An edge admitted a client's signed registration: pin its key, record its session "
+                                  "(409 key_mismatch or already_connected)",
+                                  ["edge", "client_id", "sid", "public_key", "fingerprint", "num_examples"],
+                                  "recorded: the run id"),
+        "/api/edge/disconnect": post("A client left its edge", ["edge", "client_id", "sid"], "forgotten"),
+        "/api/edge/status": post("A client's status report, forwarded by its edge",
+                                 ["edge", "client_id", "sid", "status"], "applied"),
+        "/api/edge/client/{client_id}": {"get": {
+            "summary": "A registered client's pinned key and examples (what an edge verifies its updates with)",
+            "security": admin, "parameters": [{"name": "client_id", "in": "path", "required": True,
+                                               "schema": {"type": "string"}}],
+            "responses": {**ok({"type": "object", "required": ["client_id", "public_key", "num_examples"]},
+                               "the pinned key"), **_errors(401, 404)}}},
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 # Client states shown to operators.
 ONLINE, TRAINING, IDLE, OFFLINE = "online", "training", "idle", "offline"
@@ -23,6 +23,7 @@ class Session:
     mesh: dict[str, Any] = field(default_factory=dict)         # {mode, peers: [{id, mode}]} (mesh clients)
     privacy: dict[str, Any] = field(default_factory=dict)      # {epsilon, exhausted} (dp 'sample' / 'local')
     progress: dict[str, int] = field(default_factory=dict)     # {round, done, total}: batches, while training
+    edge: str | None = None  # the edge server holding its websocket (app/tier.py); None: this process
 
 
 class Registry:
@@ -37,11 +38,15 @@ class Registry:
         self._by_id: dict[str, Session] = {}
         self._by_sid: dict[str, str] = {}  # sid -> client id
 
-    def connect(self, session: Session) -> bool:
-        """Add a session; False (and nothing changes) if its client id already has a live one."""
+    def connect(self, session: Session, stale: Callable[[Session], bool] | None = None) -> bool:
+        """Add a session; False (and nothing changes) if its client id already has a live one. A session that
+        `stale` says is dead (its edge stopped: app/tier.py) is replaced."""
         with self._lock:
-            if session.client_id in self._by_id:
+            old = self._by_id.get(session.client_id)
+            if old is not None and not (stale is not None and stale(old)):
                 return False
+            if old is not None:
+                self._by_sid.pop(old.sid, None)
             self._by_id[session.client_id] = session
             self._by_sid[session.sid] = session.client_id
             return True
@@ -53,6 +58,14 @@ class Registry:
             if client_id is not None:
                 del self._by_id[client_id]
             return client_id
+
+    def drop_edge(self, edge: str) -> list[str]:
+        """Forget every session held by `edge` (it stopped); returns their client ids."""
+        with self._lock:
+            gone = [cid for cid, s in self._by_id.items() if s.edge == edge]
+            for cid in gone:
+                self._by_sid.pop(self._by_id.pop(cid).sid, None)
+            return gone
 
     def update(self, client_id: str, **changes: Any) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from app.privacy import RunPrivacy
 from app.refusals import Refusal, RefusalLedger
 from app.registry import Registry
 from app.store import Store
+from app.tier import LeaderTier
 from app.secagg import Abandoned, SecureAggregation, secure_row
 from app.verify import SECURE, OpenRound, Verified
 from shared.accumulator import RingSum, WeightedSum
@@ -54,6 +55,17 @@ class Transport(Protocol):
     def send_secagg(self, client_id: str, data: dict[str, Any]) -> bool: ...
 
 
+NOT_SHARDED = ("not_sharded: this run's rule needs every update at the leader (robust rules, secure aggregation, "
+               "client-level DP), and too few clients are connected to it rather than to an edge; route clients to "
+               "the leader, or use fedavg, fedprox or a fedopt rule")
+
+
+def shards(cfg: RunConfig) -> bool:
+    """Whether edges may pre-aggregate this run's updates (app/tier.py): only a rule that needs just the running
+    weighted mean, without secure aggregation or client-level DP."""
+    return strategy.STRATEGIES[cfg.strategy].streams and cfg.secure_aggregation == "none" and cfg.dp != "client"
+
+
 class Phase(StrEnum):
     IDLE, WAITING, TRAINING, AGGREGATING = "idle", "waiting", "training", "aggregating"
     STOPPED, FINISHED = "stopped", "finished"
@@ -66,10 +78,11 @@ def dropped_words(why_dropped: dict[str, str]) -> str:
 
 class RoundLoop:
     def __init__(self, store: Store, registry: Registry, transport: Transport,
-                 evaluator_for: Callable[[RunConfig], Evaluator], max_update_bytes: int):
+                 evaluator_for: Callable[[RunConfig], Evaluator], max_update_bytes: int,
+                 tier: LeaderTier | None = None):
         self.store, self.registry, self.transport, self.evaluator_for = store, registry, transport, evaluator_for
         self.model, self.merges = GlobalModel(store), PendingMerges(store, max_update_bytes)
-        self.collection = Collection(self.merges)
+        self.collection = Collection(self.merges, tier)  # with edges, their partial sums too (app/tier.py)
         self.downlink = Downlink()  # delta-coded downloads (download_compression 'int8')
         self.committer = Committer(store, self.model, transport, self.downlink)
         self.refusals = RefusalLedger(store)
@@ -92,6 +105,10 @@ class RoundLoop:
         if online is None:
             return None
         started, eligible = time.monotonic(), self.privacy.eligible(online, cfg)        # budget left
+        if self.collection.tier is not None and not shards(cfg):  # the rule needs every update here
+            eligible = [cid for cid in eligible if (s := self.registry.get(cid)) is not None and s.edge is None]
+            if len(eligible) < cfg.min_fit_clients:
+                return NOT_SHARDED
         selected = select_clients(eligible, cfg, run.id, round_no)                      # S_t
         if finished := self.privacy.refuses(cfg, len(selected), len(online), len(eligible)):
             return finished

@@ -33,6 +33,7 @@ from app.ops import FollowerCollector, MeshfedCollector, Traffic, make_registry
 from app.ops import bp as ops_bp
 from app.fl import DASHBOARD_NAMESPACE, FlNamespace, SocketTransport
 from app.ratelimit import RateLimited, RateLimits
+from app.refusals import Refusal
 from app.registry import Registry
 from app.rounds import RoundLoop
 from app.runs import Runs
@@ -75,6 +76,7 @@ class Meshfed:
     metrics_registry: Any = None  # prometheus_client registry for /metrics (app/ops.py)
     leader_lock: Any = None       # app.leader.LeaderLock when sharing a message queue
     server_key: Any = None        # signs the roster mesh peers trust (state_dir/server.pem)
+    tier: Any = None              # app.tier.LeaderTier when sharing a message queue: edges may join
 
     store = property(lambda self: self.rounds.store)
     registry = property(lambda self: self.rounds.registry)
@@ -117,6 +119,8 @@ class Meshfed:
         from run_server.py."""
         self.socketio.start_background_task(feed, self.socketio, self, self.monitor)
         self.socketio.start_background_task(self.rounds.refusals.run, threading.Event())
+        if self.tier is not None:
+            self.tier.start()
 
 
 @dataclass
@@ -197,8 +201,11 @@ def create_app(config: ServerConfig) -> Flask:
     _register_errors(app)
     if config.role == "follower":
         return _follower(app, socketio, config, limits)
+    if config.role == "edge":
+        from app.edge import create_edge
+        return create_edge(app, socketio, config, limits)
     if config.role != "leader":
-        raise ValueError(f"role must be 'leader' or 'follower', not {config.role!r}")
+        raise ValueError(f"role must be 'leader', 'follower' or 'edge', not {config.role!r}")
     lock = None
     if config.message_queue:
         from app.leader import LeaderLock, leader_identity  # needs redis, only installed where a queue is used
@@ -219,14 +226,20 @@ def create_app(config: ServerConfig) -> Flask:
         tracker = MlflowTracker(config.mlflow_uri, store, config.mlflow_artifacts)
         transport.observers.append(tracker.observe)
         atexit.register(tracker.close)
+    tier = None
+    if config.message_queue:  # edges (--role edge) may share the clients: app/tier.py
+        from app.tier import LeaderTier
+        tier = LeaderTier(config.message_queue, lambda *a: rounds.collection.remote_arrived(*a),
+                          lambda m: rounds.count_refusal(_edge_refusal(m)),
+                          lambda edge: _edge_lost(edge, registry, rounds))
     rounds = RoundLoop(store, registry, transport,
                        lambda run: evaluator(run.dataset, run.model, run.evaluation == "process"),
-                       config.max_update_bytes)
+                       config.max_update_bytes, tier)
     runs = Runs(rounds, config.run, spawn=socketio.start_background_task)
     enrollment = Enrollment(config.enrollment_token)
     meshfed = Meshfed(config, socketio, runs, rounds, monitor, enrollment, limits,
                       AdminSessions(store), leader_lock=lock,
-                      server_key=crypto.load_or_create_key(config.state_dir, "server"))
+                      server_key=crypto.load_or_create_key(config.state_dir, "server"), tier=tier)
     meshfed.metrics_registry = make_registry(MeshfedCollector(meshfed))
     app.extensions["meshfed"] = meshfed
     socketio.on_namespace(FlNamespace(store, registry, runs, enrollment, limits))
@@ -235,6 +248,24 @@ def create_app(config: ServerConfig) -> Flask:
     app.register_blueprint(ops_bp)
     app.register_blueprint(dashboard_bp)
     return app
+
+
+def _edge_refusal(message: dict[str, Any]) -> Refusal:
+    """A refusal an edge reports: charged to the client only if the edge verified its signature."""
+    verified = message.get("verified") is True
+    return Refusal(str(message.get("reason", "?"))[:40], str(message.get("message", ""))[:500],
+                   client_id=str(message.get("client_id"))[:64] if verified else None,
+                   address=None if verified else str(message.get("address"))[:64],
+                   run_id=message.get("run_id") if isinstance(message.get("run_id"), str) else None,
+                   round=message.get("round") if isinstance(message.get("round"), int) else None)
+
+
+def _edge_lost(edge: str, registry: Registry, rounds: RoundLoop) -> None:
+    """An edge stopped: its sessions end, and the open round stops waiting for them."""
+    gone = registry.drop_edge(edge)
+    if gone:
+        rounds.collection.gone(set(gone), f"its edge {edge} stopped")
+        rounds.wake()
 
 
 def _follower(app: Flask, socketio: SocketIO, config: ServerConfig, limits: RateLimits) -> Flask:

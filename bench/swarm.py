@@ -29,6 +29,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,6 +46,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import psutil
+import redis
 import requests
 import socketio
 
@@ -51,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from client.patient import RECONNECT, PatientAsyncClient  # noqa: E402
 from shared import crypto  # noqa: E402
-from shared.cluster import Cluster, wait_until  # noqa: E402
+from shared.cluster import Cluster, free_port, loopback_nginx_conf, wait_until  # noqa: E402
 from shared.protocol import (EV_TRAIN, NAMESPACE, TrainRequest, UpdateHeader, decode_weights,  # noqa: E402
                              encode_weights, pack_update, sha256_hex, signed_registration)
 
@@ -72,7 +75,8 @@ class SwarmClient:
         self.tried: float | None = None
 
     async def auth(self) -> dict[str, Any]:
-        status, _, body = await self.worker.fetch("GET", "/api/challenge")
+        status, _, body = await self.worker.fetch("GET", "/api/challenge",  # this client's edge: sticky by id
+                                                  headers={"X-Meshfed-Client": self.client_id})
         challenge = json.loads(body)["challenge"] if status == 200 else "unavailable"
         return signed_registration(self.key, self.client_id, NUM_EXAMPLES, challenge,
                                    self.worker.token).to_dict()
@@ -104,7 +108,8 @@ class SwarmClient:
         w.say("asked", client=self.client_id, round=request.round)
         started = time.monotonic()
         try:
-            payload, digest = await w.payload(request)
+            await asyncio.sleep(w.rng.random() * w.train_seconds)
+            payload, digest = await w.payload(request, self.client_id)
             header = UpdateHeader(run_id=request.run_id, round=request.round, model_version=request.model_version,
                                   client_id=self.client_id, num_examples=NUM_EXAMPLES, payload_sha256=digest)
             header = replace(header, signature=crypto.sign(self.key, header.canonical_bytes()))
@@ -123,8 +128,11 @@ class SwarmClient:
 class Worker:
     """A process's clients, its two HTTP session pools, and the cache of each model version's update."""
 
-    def __init__(self, url: str, token: str, ids: list[str], key_dir: str, download: bool, seed: int):
+    def __init__(self, url: str, token: str, ids: list[str], key_dir: str, download: bool, seed: int,
+                 train_seconds: float = 0.0, connect_rate: float = 100.0):
         self.url, self.token, self.ids, self.key_dir, self.download = url, token, ids, key_dir, download
+        self.train_seconds = train_seconds  # each answer waits up to this long, as if it trained
+        self.connect_rate = connect_rate    # this worker's new connections a second
         self.rng = random.Random(seed)
         self.stopping = False
         self._payloads: dict[int, asyncio.Future] = {}
@@ -147,21 +155,22 @@ class Worker:
                 await asyncio.sleep(0.5 * attempt)
         raise AssertionError("unreachable")
 
-    async def model(self, version: int) -> bytes:
-        status, _, body = await self.fetch("GET", f"/api/model/{version}")
+    async def model(self, version: int, client_id: str) -> bytes:
+        status, _, body = await self.fetch("GET", f"/api/model/{version}", headers={"X-Meshfed-Client": client_id})
         if status != 200:
             raise ValueError(f"GET /api/model/{version}: {status}")
         return body
 
-    async def payload(self, request: TrainRequest) -> tuple[bytes, str]:
+    async def payload(self, request: TrainRequest, client_id: str) -> tuple[bytes, str]:
         """Download the model (each client, unless --no-download) and the update for its version (made once)."""
         if request.compression != "none":
             raise ValueError(f"the swarm posts float32 updates; the run asks for {request.compression!r}")
-        body = await self.model(request.model_version) if self.download else None
+        body = await self.model(request.model_version, client_id) if self.download else None
         if request.model_version not in self._payloads:
             future = self._payloads[request.model_version] = asyncio.get_running_loop().create_future()
             try:  # others of this worker asked for the version meanwhile wait on the future
-                weights = decode_weights(body if body is not None else await self.model(request.model_version))
+                weights = decode_weights(body if body is not None else await self.model(request.model_version,
+                                                                                        client_id))
             except Exception as exc:  # they fail with it too (counted), and the next asks again
                 del self._payloads[request.model_version]
                 future.set_exception(exc)
@@ -185,9 +194,9 @@ class Worker:
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as ws_http:
             self.http, self.ws_http = http, ws_http
             clients = [SwarmClient(self, cid, key) for cid, key in zip(self.ids, keys)]
-            for client in clients:  # a ramp, not a stampede: 100 connects a second a worker
+            for client in clients:  # a ramp, not a stampede: --connect-rate a second over all workers
                 loop.create_task(client.connect())
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(1.0 / self.connect_rate)
             await stop.wait()
             self.stopping = True
             await asyncio.gather(*(c.sio.disconnect() for c in clients), return_exceptions=True)
@@ -196,18 +205,20 @@ class Worker:
 def worker_main(args: argparse.Namespace) -> None:
     ids = [f"{args.prefix}{i}" for i in range(args.first, args.first + args.count)]
     token = os.environ["MESHFED_ENROLLMENT_TOKEN"]
-    asyncio.run(Worker(args.url, token, ids, args.key_dir, not args.no_download, args.first).run())
+    asyncio.run(Worker(args.url, token, ids, args.key_dir, not args.no_download, args.first,
+                       args.train_seconds, args.connect_rate).run())
 
 
 # --- the swarm: server, workers, samples, report -------------------------------------------------------------
 
 class Sampler(threading.Thread):
-    """Every 0.25 s: /healthz's latency and the server's RSS, threads and open fds (their peaks), counting the
-    processes it started (gunicorn's worker, the evaluation process) with it."""
+    """Every 0.25 s: the leader's /healthz latency and the server side's RSS, threads and open fds (their peaks):
+    the given processes (the leader; a tier's edges, Redis and nginx) and those they started (gunicorn's worker,
+    the evaluation process)."""
 
-    def __init__(self, url: str, pid: int):
+    def __init__(self, url: str, pids: list[int]):
         super().__init__(daemon=True)
-        self.url, self.proc = url, psutil.Process(pid)
+        self.url, self.procs = url, [psutil.Process(pid) for pid in pids]
         self.latencies: list[tuple[float, float]] = []  # (when, seconds)
         self.failures = 0
         self.peak = {"rss_mb": 0.0, "threads": 0, "fds": 0}
@@ -217,7 +228,7 @@ class Sampler(threading.Thread):
         return [seconds for when, seconds in self.latencies if start <= when < end]
 
     def tree(self) -> list[psutil.Process]:
-        return [self.proc, *self.proc.children(recursive=True)]
+        return [q for p in self.procs if p.is_running() for q in (p, *p.children(recursive=True))]
 
     def cpu_seconds(self) -> float:
         return sum(t.user + t.system for t in (p.cpu_times() for p in self.tree()))
@@ -287,12 +298,69 @@ def mass_disconnect(cluster: Cluster, workers: list[subprocess.Popen], sampler: 
     killed = time.monotonic()
     for proc in workers:
         proc.kill()
-    cluster.wait_until(lambda: cluster.status()["clients_online"] == 0, 120, "every client to be gone", every=0.25)
+    cluster.wait_until(lambda: cluster.status()["clients_online"] == 0, 600, "every client to be gone", every=0.25)
     gone_in = time.monotonic() - killed
     time.sleep(2.0)  # and a little after
     return {"clients_gone_in_s": round(gone_in, 2), "healthz_s": spread(sampler.between(killed)),
             "server_processes_unchanged": sorted(p.pid for p in sampler.tree()) == before,
             "answers_after": cluster.api("GET", "/healthz").ok}
+
+
+def start_redis(cluster: Cluster) -> str:
+    """A redis-server on loopback for the tier (Debian's); its URL."""
+    port = free_port()
+    cluster.start_program([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                           "127.0.0.1", "--save", "", "--appendonly", "no", "--maxclients", "10000"], "redis.log")
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def up() -> bool:
+        try:
+            return redis.Redis.from_url(url).ping()
+        except redis.ConnectionError:
+            return False
+    wait_until(up, 30, "redis-server")
+    return url
+
+
+def start_tier(cluster: Cluster, args: argparse.Namespace, queue: str, serving: list[str]) -> str:
+    """--edges edge servers of the leader and an nginx in front of them (the shipped nginx.conf, on loopback);
+    returns nginx's URL, where the clients go."""
+    ports = [free_port() for _ in range(args.edges)]
+    for i, port in enumerate(ports):
+        cluster.start_edge(f"edge{i}", port, queue, *serving, "--log-level", "WARNING")
+    for port in ports:
+        cluster.wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).ok, 60, "an edge")
+    port = free_port()
+    conf = loopback_nginx_conf(cluster.workdir, port, cluster.port, ports)
+    cluster.start_program([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-e",
+                           str(cluster.workdir / "nginx-error.log"), "-g", "daemon off;"], "nginx.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: requests.get(url + "/healthz", timeout=5).ok, 30, "nginx")
+    print(f"swarm: leader, {args.edges} edges, redis and nginx up; clients go to {url}", file=sys.stderr)
+    return url
+
+
+def edge_accepted(cluster: Cluster, name: str) -> int | None:
+    """How many updates an edge took, from its /metrics (None: it is not running)."""
+    if cluster.edges[name].poll() is not None:
+        return None
+    port = cluster.edges[name].args[cluster.edges[name].args.index("--port") + 1]
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    found = re.search(r'meshfed_edge_updates_total\{outcome="accepted"\} ([0-9.e+]+)', text)
+    return int(float(found.group(1))) if found else 0
+
+
+def kill_edge(cluster: Cluster, events: Events, args: argparse.Namespace) -> dict[str, Any]:
+    """SIGKILL edge0 once a third of round --kill-edge-round's updates were answered: the round must complete
+    with the other edges' updates, and edge0's clients reconnect through nginx to the others."""
+    round_no, proc = args.kill_edge_round, cluster.edges["edge0"]
+    wait_until(lambda: len(events.verdicts[round_no]) >= args.clients // 3, 3600, "a third of the round", 0.02)
+    with events.lock:
+        answered = len(events.verdicts[round_no])
+    print(f"swarm: edge0 SIGKILLed in round {round_no} ({answered} updates answered)", file=sys.stderr)
+    proc.kill()
+    proc.wait()
+    return {"edge": "edge0", "round": round_no, "updates_answered_before": answered}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -307,15 +375,19 @@ def spread(values: list[float]) -> dict[str, float]:
 def swarm(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="meshfed-swarm-"))
     with Cluster(workdir) as cluster:
-        url = cluster.url
         serving = ["--wsgi", args.wsgi] + (["--threads", str(args.threads or args.clients + 50)]
                                            if args.wsgi == "gunicorn" else [])
+        unlimited = ["--rate-limit", "connect-per-address=off", "--rate-limit", "update-per-address=off"]
+        queue = start_redis(cluster) if args.edges else None
         cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", str(args.rounds),
                              "--min-clients", str(args.clients), "--round-timeout", str(args.round_timeout),
-                             "--max-batches", "1", "--eval-limit", "1000", *serving,
-                             "--rate-limit", "connect-per-address=off", "--rate-limit", "update-per-address=off",
-                             "--log-level", "WARNING")
+                             "--max-batches", "1", "--eval-limit", "1000", *serving, *unlimited,
+                             *(["--message-queue", queue] if queue else []), "--log-level", "WARNING")
         cluster.wait_ready()
+        url, watched = cluster.url, [cluster.server]
+        if args.edges:  # the tier: clients reach the edges through nginx, sticky by client id
+            url, watched = start_tier(cluster, args, queue, serving + unlimited), \
+                [cluster.server, *cluster.edges.values(), *cluster.programs]
         key_dir = args.key_dir or str(Path.home() / ".cache" / "meshfed-swarm-keys")
         events, workers, readers = Events(), [], []
         per = -(-args.clients // args.processes)
@@ -324,6 +396,8 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--worker", "--url", url, "--first", str(first),
                  "--count", str(min(per, args.clients - first)), "--key-dir", key_dir, "--prefix", args.prefix,
+                 "--train-seconds", str(args.train_seconds),
+                 "--connect-rate", str(args.connect_rate / args.processes),
                  *(["--no-download"] if args.no_download else [])],
                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             workers.append(proc)
@@ -333,7 +407,7 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
         try:
             wait_until(lambda: events.ready == len(workers), 600, "the workers' keys")
             print(f"swarm: {len(workers)} workers ready; connecting {args.clients} clients", file=sys.stderr)
-            sampler = Sampler(url, cluster.server.pid)
+            sampler = Sampler(cluster.url, [p.pid for p in watched])
             sampler.start()
             connecting = time.monotonic()
             for proc in workers:
@@ -356,6 +430,11 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
             cluster.api("POST", "/api/start", admin=True).raise_for_status()
             started = time.monotonic()
 
+            killed_edge: dict[str, Any] = {}
+            if args.kill_edge_round:
+                threading.Thread(target=lambda: killed_edge.update(kill_edge(cluster, events, args)),
+                                 daemon=True).start()
+
             def finished() -> bool:
                 status = cluster.status()
                 return status["state"] in ("finished", "stopped") or status.get("stop_reason") is not None
@@ -364,6 +443,7 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
             cpu = sampler.cpu_seconds() - cpu_before
             rounds = cluster.rounds()
             time.sleep(1.0)  # the last verdicts' lines reach their readers
+            edge_updates = {name: edge_accepted(cluster, name) for name in cluster.edges}
             rounds_end = time.monotonic()
             mass = mass_disconnect(cluster, workers, sampler)
         finally:
@@ -389,6 +469,7 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
                           "refusals": dict(Counter(v for v in verdicts.values() if v != "accepted").most_common(5))})
     accepted = sum(r["accepted"] for r in per_round)
     return {"benchmark": "swarm", "clients": args.clients, "processes": args.processes, "wsgi": args.wsgi,
+            "edges": args.edges, "killed_edge": killed_edge, "edge_updates_accepted": edge_updates,
             "threads": args.threads or (args.clients + 50 if args.wsgi == "gunicorn" else None),
             "download": not args.no_download, "rounds_asked": args.rounds, "rounds": per_round,
             "connected_in_s": round(connected_in, 2), "connect_s": spread(list(events.connect_seconds.values())),
@@ -414,11 +495,21 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2, help="worker processes the clients are spread over")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--wsgi", default="werkzeug", choices=["werkzeug", "gunicorn"], help="the server's --wsgi")
-    p.add_argument("--threads", type=int, default=0, help="gunicorn's --threads (0: clients + 50)")
+    p.add_argument("--threads", type=int, default=0, help="each server process's gunicorn --threads (0: clients + 50; "
+                   "threads are made as needed, and nginx's hash does not give edges even shares)")
     p.add_argument("--round-timeout", type=float, default=300.0, help="the server's --round-timeout")
     p.add_argument("--connect-timeout", type=float, default=600.0, help="seconds for all clients to connect")
     p.add_argument("--idle", type=float, default=5.0, help="seconds all clients stay connected before the run "
                                                             "starts (the idle CPU and /healthz are measured)")
+    p.add_argument("--edges", default="0", help="edge servers (--role edge) in front of the leader, with Redis and "
+                                                "nginx; 0: clients connect to the leader; a list (0,3) runs each, "
+                                                "side by side in one invocation")
+    p.add_argument("--kill-edge-round", type=int, default=0, help="SIGKILL edge0 while this round collects")
+    p.add_argument("--connect-rate", type=float, default=200.0,
+                   help="new connections a second, over all workers (faster than the servers admit them, connects "
+                        "time out and are tried again: the herd slows itself down)")
+    p.add_argument("--train-seconds", type=float, default=0.0,
+                   help="each client answers a train request after a random wait of up to this many seconds")
     p.add_argument("--no-download", action="store_true", help="clients do not download the model each round")
     p.add_argument("--url", default="", help=argparse.SUPPRESS)  # the server, for a worker
     p.add_argument("--key-dir", default=None, help="where the clients' RSA keys are kept between runs "
@@ -433,7 +524,21 @@ def main() -> None:
         return worker_main(args)
     if args.clients < 1 or args.processes < 1 or args.rounds < 1:
         p.error("--clients, --processes and --rounds must be at least 1")
-    result = swarm(args)
+    try:
+        tiers = [int(n) for n in args.edges.split(",")]
+    except ValueError:
+        p.error("--edges: a number of edges, or a list such as 0,3")
+    if args.kill_edge_round and 0 in tiers:
+        p.error("--kill-edge-round needs edges (--edges 3)")
+    results = [swarm(argparse.Namespace(**{**vars(args), "edges": n})) for n in tiers]
+    result = results[0] if len(results) == 1 else {
+        "benchmark": "swarm", "configurations": results,
+        "vs_first": {f"{r['edges']} edges": {  # each configuration against the first, as ratios
+            "round_seconds": round(statistics.mean(x["seconds"] for x in r["rounds"]) /
+                                   statistics.mean(x["seconds"] for x in results[0]["rounds"]), 3),
+            "server_cpu_per_update": round(r["server_cpu_ms_per_accepted_update"] /
+                                           results[0]["server_cpu_ms_per_accepted_update"], 3)}
+            for r in results[1:]}}
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import secrets
 import signal
 import socket
@@ -59,6 +60,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: f
         time.sleep(every)
 
 
+def loopback_nginx_conf(workdir: str | Path, port: int, leader_port: int, client_ports: list[int],
+                        web_port: int | None = None) -> Path:
+    """containers/nginx.conf for 127.0.0.1: plain HTTP on `port`, clients spread over `client_ports` (edges, or
+    the leader's own), the rest to the leader; its temporary files and pid under `workdir`; 4 workers, as
+    their open files are capped per process (20,000 on our machines) and a client holds 2."""
+    conf = (ROOT / "containers" / "nginx.conf").read_text()
+    clients = "".join(f"server 127.0.0.1:{p}; " for p in client_ports)
+    conf = re.sub(r"(upstream meshfed_clients \{[^}]*?)server server:5000;", lambda m: m.group(1) + clients, conf)
+    conf = conf.replace("server server:5000;", f"server 127.0.0.1:{leader_port};")
+    conf = conf.replace("server web:5000;", f"server 127.0.0.1:{web_port or leader_port};")
+    conf = conf.replace("listen 8443 ssl;", f"listen 127.0.0.1:{port};")
+    conf = re.sub(r"\n\s*ssl_[a-z_]+ [^;]*;", "", conf).replace("X-Forwarded-Proto https;", "X-Forwarded-Proto http;")
+    conf = conf.replace("/tmp/meshfed-nginx", f"{workdir}/nginx")
+    conf = conf.replace("worker_processes auto;", "worker_processes 4;")  # 4 × the fds a process may open here
+    path = Path(workdir) / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
 class Cluster:
     """A server and clients as real processes on 127.0.0.1, each stopped by PID on exit.
 
@@ -75,6 +95,8 @@ class Cluster:
         self.log_to_files = log_to_files
         self.server: subprocess.Popen | None = None
         self.clients: dict[str, subprocess.Popen] = {}
+        self.edges: dict[str, subprocess.Popen] = {}     # edge servers (--role edge) of this leader
+        self.programs: list[subprocess.Popen] = []        # redis-server, nginx: stopped after the rest
         self._logs: list[Any] = []
 
     def _spawn(self, script: str, args: list[str], log_name: str, prefix: list[str] | None = None) -> subprocess.Popen:
@@ -94,6 +116,22 @@ class Cluster:
         self.server = self._spawn("run_server.py", ["--port", str(self.port), "--state-dir", state_dir, *args],
                                   "server.log")
         return self.server
+
+    def start_edge(self, name: str, port: int, queue: str, *args: str) -> subprocess.Popen:
+        """An edge server (--role edge, app/edge.py) of this cluster's leader, sharing its message queue."""
+        self.edges[name] = self._spawn("run_server.py", ["--role", "edge", "--edge-id", name, "--port", str(port),
+                                                         "--leader-url", self.url, "--message-queue", queue, *args],
+                                       f"{name}.log")
+        return self.edges[name]
+
+    def start_program(self, argv: list[str], log_name: str) -> subprocess.Popen:
+        """Another program the cluster needs (redis-server, nginx), stopped by PID after the rest."""
+        out = open(self.workdir / log_name, "ab")
+        self._logs.append(out)
+        proc = subprocess.Popen(argv, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self.programs.append(proc)
+        return proc
 
     def start_client(self, client_id: str, *args: str) -> subprocess.Popen:
         self.clients[client_id] = self._spawn("run_client.py", [
@@ -137,17 +175,18 @@ class Cluster:
 
     def stop_all(self) -> None:
         """SIGTERM every process we started, then SIGKILL what is left after 10 s."""
-        procs = [p for p in [*self.clients.values(), self.server] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 10
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for procs in ([p for p in [*self.clients.values(), *self.edges.values(), self.server] if p is not None],
+                      self.programs):
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            deadline = time.monotonic() + 10
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         for f in self._logs:
             f.close()
         self._logs.clear()

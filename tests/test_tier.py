@@ -1,0 +1,248 @@
+"""The edge tier (app/tier.py, app/edge.py): the leader's collection combining edges' partial sums (unit), one
+update per client and round across edges (a real redis-server), and whole tiers of real processes behind a real
+nginx: protocol-level clients with an edge SIGKILLed mid-round, and real clients training Fashion-MNIST."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+import requests
+
+from app.collection import Collection, arrival_json
+from app.registry import Registry, Session
+from app.tier import Partial, claim
+from app.verify import OpenRound, Verified
+from shared.accumulator import Buffer, WeightedSum
+from shared.cluster import free_port, loopback_nginx_conf
+from shared.errors import UpdateRefused
+from shared.protocol import UpdateHeader, encode_weights, sha256_hex
+from tests.conftest import ROOT
+
+SPEC = {"w": ((3,), "<f4")}
+
+
+class FakeTier:
+    """The leader tier's seam, without Redis: what the collection announced, and the partials it will gather."""
+
+    def __init__(self, partials: list[Partial]):
+        self.partials, self.announced, self.claimed = partials, [], set()
+
+    def announce(self, r: OpenRound, shardable: bool) -> None:
+        self.announced.append((r.round, shardable))
+
+    def claim(self, header: UpdateHeader) -> None:
+        if header.client_id in self.claimed:
+            raise UpdateRefused("replay", "claimed")
+        self.claimed.add(header.client_id)
+
+    def gather(self, r: OpenRound) -> list[Partial]:
+        return self.partials
+
+
+def _update(client: str, values: list[float], examples: int = 10) -> Verified:
+    payload = encode_weights({"w": np.array(values, np.float32)})
+    header = UpdateHeader(run_id="r", round=1, model_version=0, client_id=client, num_examples=examples,
+                          payload_sha256=sha256_hex(payload))
+    return Verified(header, payload, examples)
+
+
+def test_the_leader_adds_each_edges_partial_sum_like_one_more_update():
+    # the edge's two clients: e1 (10 examples, delta 3) and e2 (30 examples, delta 1): mean 1.5 over 40
+    partial = Partial("edge0", {"w": np.full(3, 1.5, np.float32)}, 40.0, [
+        {"client_id": "e1", "num_examples": 10, "norm": 5.2, "dot": None, "metrics": {"train_seconds": 1.0},
+         "epsilon": 0.0, "age": 0.5},
+        {"client_id": "e2", "num_examples": 30, "norm": 1.7, "dot": 0.0, "metrics": {}, "epsilon": 0.0, "age": 0.1}])
+    tier = FakeTier([partial])
+    collection = Collection(None, tier)
+    r = OpenRound("r", 1, 0, frozenset({"c1", "e1", "e2"}), SPEC, 1 << 20)
+    collection.open(r, WeightedSum(), {})
+    assert tier.announced == [(1, True)]
+    assert collection.offer(_update("c1", [0.0, 0.0, 0.0]), False) == "accepted"  # the leader's own client
+    with pytest.raises(UpdateRefused, match="replay"):  # claimed in the tier: not again, wherever it goes
+        collection.offer(_update("c1", [0.0, 0.0, 0.0]), False)
+    collection.remote_arrived("r", 1, "e1")
+    collection.remote_arrived("r", 1, "e2")
+    collection.remote_arrived("r", 1, "stranger")  # not asked: not counted
+    started = time.monotonic()
+    collection.wait(time.monotonic() + 30, 0, threading.Event())  # every asked client delivered somewhere
+    assert time.monotonic() - started < 5
+    arrivals, accumulator, _ = collection.close(0)
+    assert [a.client_id for a in arrivals] == ["c1", "e1", "e2"]
+    (mean, total), = accumulator.result()
+    assert total == 50 and np.allclose(mean["w"], (10 * 0 + 40 * 1.5) / 50)  # = (0*10 + 3*10 + 1*30) / 50
+    e1 = next(a for a in arrivals if a.client_id == "e1")
+    assert e1.norm == 5.2 and math.isnan(e1.dot) and e1.metrics["train_seconds"] == 1.0
+    assert abs(time.monotonic() - e1.metrics["arrived"] - 0.5) < 5  # its age, on this process's clock
+
+
+def test_an_edge_lost_with_its_updates_is_named_and_a_double_counted_partial_left_out():
+    doubled = Partial("edge1", {"w": np.ones(3, np.float32)}, 10.0, [
+        {"client_id": "c1", "num_examples": 10, "norm": 1.0, "dot": 0.0, "metrics": {}, "age": 0.0}])
+    collection = Collection(None, FakeTier([doubled]))
+    collection.open(OpenRound("r", 1, 0, frozenset({"c1", "e9"}), SPEC, 1 << 20), WeightedSum(), {})
+    collection.offer(_update("c1", [2.0, 2.0, 2.0]), False)
+    collection.remote_arrived("r", 1, "e9")  # its edge took it, then died before handing its sum over
+    arrivals, accumulator, _ = collection.close(0)
+    assert [a.client_id for a in arrivals] == ["c1"]
+    (mean, total), = accumulator.result()
+    assert total == 10 and np.allclose(mean["w"], 2.0)  # edge1's sum claims c1 again: left out, not added twice
+    assert collection.why()["e9"] == "its update was lost with its edge"
+
+
+def test_rules_that_need_every_update_are_announced_as_not_sharded():
+    tier = FakeTier([])
+    Collection(None, tier).open(OpenRound("r", 3, 0, frozenset(), SPEC, 1 << 20), Buffer(), {})
+    assert tier.announced == [(3, False)]
+
+
+def test_arrival_json_carries_its_age_not_a_monotonic_time():
+    from app.collection import Arrival
+    a = Arrival("c", 5, float("nan"), 0.5, {"arrived": time.monotonic() - 2.0, "payload_bytes": 9.0}, 1.5)
+    out = json.loads(json.dumps(arrival_json(a)))
+    assert out["norm"] is None and out["metrics"] == {"payload_bytes": 9.0} and 1.9 < out["age"] < 3
+
+
+def test_a_session_on_a_dead_edge_is_replaced_and_an_edges_sessions_end_with_it():
+    registry = Registry()
+    assert registry.connect(Session("a", "s1", "f", 1, edge="e0"))
+    assert registry.connect(Session("b", "s2", "f", 1, edge="e1"))
+    assert not registry.connect(Session("a", "s3", "f", 1, edge="e1"), stale=lambda old: False)
+    assert registry.connect(Session("a", "s3", "f", 1, edge="e1"), stale=lambda old: old.edge == "e0")
+    assert registry.client_for_sid("s1") is None and registry.get("a").sid == "s3"
+    assert sorted(registry.drop_edge("e1")) == ["a", "b"] and registry.count() == 0
+
+
+@pytest.fixture
+def redis_url(cluster):
+    if shutil.which("redis-server") is None:
+        pytest.fail("Debian's redis-server is required; run `bash .ci/setup.sh`")
+    port = free_port()
+    cluster.start_program(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no"], "redis.log")
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def up() -> bool:
+        try:
+            return redis.Redis.from_url(url).ping()
+        except redis.ConnectionError:
+            return False
+    cluster.wait_until(up, 30, "redis-server")
+    return url
+
+
+def test_one_update_per_client_and_round_across_the_tier(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    header = _update("c1", [0.0, 0.0, 0.0]).header
+    claim(r, header)  # the first edge to take it
+    with pytest.raises(UpdateRefused, match="replay: 'c1' already delivered round 1"):
+        claim(redis.Redis.from_url(redis_url), header)  # another edge (another connection)
+    claim(r, UpdateHeader(**{**header.__dict__, "round": 2}))  # the next round is another matter
+    assert 0 < r.ttl("meshfed:tier:delivered:r:1:c1") <= 600  # marks expire
+
+
+def test_swarm_through_three_edges_with_one_killed_mid_round(tmp_path):
+    """150 protocol-level clients behind nginx, spread over 3 edges; edge0 SIGKILLed once a third of round 2 was
+    answered. Round 2 completes with the other edges' updates (edge0's are lost: nothing else), edge0's clients
+    reconnect through nginx to the others, and round 3 has everybody again."""
+    out = tmp_path / "tier.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "swarm.py"), "--clients", "150", "--edges", "3",
+                           "--rounds", "3", "--kill-edge-round", "2", "--train-seconds", "4", "--round-timeout", "120",
+                           "--idle", "1", "--key-dir", str(tmp_path / "keys"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rounds = {r["round"]: r for r in report["rounds"]}
+    assert sorted(rounds) == [1, 2, 3] and report["lost"] == 0
+    assert (rounds[1]["asked"], rounds[1]["delivered"]) == (150, 150)
+    assert (rounds[3]["asked"], rounds[3]["delivered"]) == (150, 150)  # edge0's clients came back elsewhere
+    killed = report["killed_edge"]
+    assert killed["round"] == 2 and killed["updates_answered_before"] >= 50
+    # what edge0 held when it died is lost; every other update of round 2 reached the model
+    assert 150 - killed["updates_answered_before"] <= rounds[2]["delivered"] < 150
+    assert report["reconnects"] > 0 and report["edge_updates_accepted"]["edge0"] is None
+    assert all(report["edge_updates_accepted"][e] > 100 for e in ("edge1", "edge2"))
+    assert report["mass_disconnect"]["answers_after"]
+
+
+def test_real_clients_train_fashion_mnist_through_two_edges(cluster, redis_url, fmnist, tmp_path):
+    """A leader, two edges and nginx; three real client processes (their own keys, real training) reach the
+    edges through nginx, sticky by client id: two rounds complete with every client, the edges took the updates
+    and served the models, and a run whose rule needs every update (median) is refused with a reason."""
+    edge_ports, port = [free_port(), free_port()], free_port()
+    cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", "2", "--min-clients", "3",
+                         "--eval-limit", "500", "--message-queue", redis_url, "--proxies", "1")
+    cluster.wait_ready()
+    for i, edge_port in enumerate(edge_ports):
+        cluster.start_edge(f"edge{i}", edge_port, redis_url, "--proxies", "1")
+    for edge_port in edge_ports:
+        cluster.wait_until(lambda: requests.get(f"http://127.0.0.1:{edge_port}/readyz", timeout=5).ok, 60, "an edge")
+    conf = loopback_nginx_conf(tmp_path, port, cluster.port, edge_ports)
+    cluster.start_program([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-e",
+                           str(tmp_path / "nginx-error.log"), "-g", "daemon off;"], "nginx.log")
+    front = f"http://127.0.0.1:{port}"
+    cluster.wait_until(lambda: requests.get(front + "/healthz", timeout=5).ok, 30, "nginx")
+    for i in range(3):
+        cluster.clients[f"c{i}"] = cluster._spawn("run_client.py", [
+            "--client-id", f"c{i}", "--server-address", front, "--key-dir", "keys", "--dataset", "fashion-mnist",
+            "--num-clients", "3", "--client-index", str(i), "--max-samples", "300", "--torch-threads", "1"],
+            f"c{i}.log")
+    cluster.wait_until(lambda: cluster.status()["clients_online"] == 3, 120, "3 clients through the edges")
+    cluster.api("POST", "/api/start", admin=True).raise_for_status()
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 300, "2 rounds through the edges")
+    rounds = cluster.rounds()
+    assert [(r["round"], sorted(r["clients"])) for r in rounds] == [(1, ["c0", "c1", "c2"]), (2, ["c0", "c1", "c2"])]
+    assert all(0.3 < r["accuracy"] <= 1 for r in rounds)  # 900 images, 2 rounds: well above chance (0.1)
+
+    def edge_metric(edge_port: int, name: str) -> float:
+        text = requests.get(f"http://127.0.0.1:{edge_port}/metrics", timeout=5).text
+        found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+    accepted = [edge_metric(p, 'meshfed_edge_updates_total{outcome="accepted"}') for p in edge_ports]
+    connected = [edge_metric(p, "meshfed_clients_connected") for p in edge_ports]
+    assert sum(accepted) == 6 and sum(connected) == 3  # every update and every client went through an edge
+    sessions = {c["id"]: c["status"] for c in cluster.api("GET", "/api/clients").json()["clients"]}
+    assert sorted(sessions) == ["c0", "c1", "c2"]  # the leader knows them all, wherever they connected
+    # an edge passes other requests on as they came: never with its own (admin) credentials
+    edge = f"http://127.0.0.1:{edge_ports[0]}"
+    assert requests.get(edge + "/api/runs", timeout=10).json()["runs"][0]["status"] == "finished"
+    assert requests.post(edge + "/api/stop", timeout=10).status_code == 401
+    assert requests.post(edge + "/api/edge/disconnect", json={}, timeout=10).status_code == 401
+
+    # a robust rule does not shard: with every client on an edge, the run finishes at once and says why
+    cluster.api("POST", "/api/config", admin=True, json={"strategy": "median", "num_rounds": 1}).raise_for_status()
+    run_id = cluster.api("POST", "/api/start", admin=True, json={"new_run": True}).json()["run_id"]
+    cluster.wait_until(lambda: cluster.status()["state"] == "finished", 60, "the median run to refuse")
+    run = next(r for r in cluster.api("GET", "/api/runs").json()["runs"] if r["id"] == run_id)
+    assert run["stop_reason"].startswith("not_sharded") and run["completed_round"] == 0
+
+
+def test_a_challenge_from_one_edge_registers_at_another_once(tmp_path):
+    from app.edge import tier_secret
+    from app.enrollment import Enrollment
+    from shared import crypto
+    from shared.errors import RegistrationRefused
+    from shared.protocol import signed_registration
+    redeemed: set[str] = set()
+
+    def once(challenge: str, ttl: float) -> bool:  # Redis's SET NX, as app/edge.py's Bus.redeem
+        fresh = challenge not in redeemed
+        redeemed.add(challenge)
+        return fresh
+    edge_a, edge_b = (Enrollment("enroll", tier_secret("admin"), once) for _ in range(2))
+    key = crypto.load_or_create_key(str(tmp_path), "c1")
+    registration = signed_registration(key, "c1", 10, edge_a.challenge(), "enroll")
+    assert edge_b.admit(registration) == crypto.fingerprint(registration.public_key)
+    with pytest.raises(RegistrationRefused, match="used before"):
+        edge_a.admit(registration)
+    with pytest.raises(RegistrationRefused, match="not this server's"):  # another tier's (admin token's) challenge
+        edge_b.admit(signed_registration(key, "c1", 10, Enrollment("enroll", tier_secret("other")).challenge(),
+                                         "enroll"))
