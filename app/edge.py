@@ -42,10 +42,10 @@ from app.ratelimit import RateLimited, RateLimits
 from app.registry import IDLE, Registry, Session
 from app.tier import CHANNEL, EDGE_TTL, PREFIX, claim, hand_off, open_round
 from app.verify import Verified, check_signature
-from shared import frames, jsonio
+from shared import jsonio
 from shared.accumulator import WeightedSum
 from shared.errors import RegistrationRefused, UpdateRefused
-from shared.protocol import EV_WELCOME, MAX_EXAMPLES, NAMESPACE, Registration, UpdateHeader, unpack_update
+from shared.protocol import EV_WELCOME, MAX_EXAMPLES, NAMESPACE, UpdateHeader, unpack_update
 
 log = logging.getLogger("meshfed.edge")
 
@@ -399,14 +399,7 @@ class EdgeNamespace(Namespace):
     def _admit(self, auth: Any) -> tuple[Session, str | None]:
         edge = self.edge
         edge.limits.hit("connect-per-address", request.remote_addr)
-        try:
-            r = frames.decode(Registration, auth)
-        except UpdateRefused as exc:
-            raise RegistrationRefused("bad_registration", f"{exc.args[0].removeprefix('malformed: ')}; "
-                                      "this client may be older than the server") from None
-        if not 0 < r.num_examples <= MAX_EXAMPLES:
-            raise RegistrationRefused("bad_registration", f"num_examples must be in 1..{MAX_EXAMPLES}")
-        fingerprint = edge.enrollment.admit(r)
+        r, fingerprint = edge.enrollment.admit_auth(auth)
         answer = edge.leader.post("/api/edge/connect", {
             "edge": edge.edge_id, "client_id": r.client_id, "sid": request.sid, "public_key": r.public_key,
             "fingerprint": fingerprint, "num_examples": r.num_examples})

@@ -23,11 +23,11 @@ import hmac
 import secrets
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from shared import crypto
-from shared.errors import RegistrationRefused
-from shared.protocol import PROTOCOL_VERSION, Registration
+from shared import crypto, frames
+from shared.errors import RegistrationRefused, UpdateRefused
+from shared.protocol import MAX_EXAMPLES, PROTOCOL_VERSION, Registration
 
 CHALLENGE_SECONDS = 60.0  # a challenge must be redeemed this soon after it was issued
 
@@ -72,6 +72,18 @@ class Enrollment:
             if challenge in self._redeemed:
                 raise RegistrationRefused("bad_challenge", "the challenge was used before; GET /api/challenge again")
             self._redeemed[challenge] = expires
+
+    def admit_auth(self, auth: Any) -> tuple[Registration, str]:
+        """A Socket.IO connect's auth as a Registration, admitted: (it, its key's fingerprint); RegistrationRefused
+        (bad_registration, or admit()'s reasons) otherwise."""
+        try:
+            registration = frames.decode(Registration, auth)
+        except UpdateRefused as exc:
+            raise RegistrationRefused("bad_registration", f"{exc.args[0].removeprefix('malformed: ')}; "
+                                      "this client may be older than the server") from None
+        if not 0 < registration.num_examples <= MAX_EXAMPLES:
+            raise RegistrationRefused("bad_registration", f"num_examples must be in 1..{MAX_EXAMPLES}")
+        return registration, self.admit(registration)
 
     def admit(self, registration: Registration, now: float | None = None) -> str:
         """Check a registration; returns the key's fingerprint or raises RegistrationRefused."""

@@ -13,10 +13,10 @@ from app.ratelimit import RateLimited, RateLimits
 from app.registry import IDLE, TRAINING, Registry, Session
 from app.runs import Runs
 from app.store import Store
-from shared import frames, jsonio
-from shared.errors import RegistrationRefused, UpdateRefused
+from shared import jsonio
+from shared.errors import RegistrationRefused
 from shared.protocol import (EV_CANCEL, EV_NEW_MODEL, EV_SECAGG, EV_TRAIN, EV_WELCOME, MAX_EXAMPLES, NAMESPACE,
-                             Registration, TrainRequest)
+                             TrainRequest)
 
 log = logging.getLogger("meshfed.fl")
 DASHBOARD_NAMESPACE = "/dashboard"
@@ -137,14 +137,7 @@ class FlNamespace(Namespace):
         """Within its address's rate, a valid Registration signed over a fresh challenge (app/enrollment.py),
         the key pinned to its id, and no other live session for that id."""
         self.limits.hit("connect-per-address", request.remote_addr)
-        try:
-            registration = frames.decode(Registration, auth)
-        except UpdateRefused as exc:
-            raise RegistrationRefused("bad_registration", f"{exc.args[0].removeprefix('malformed: ')}; "
-                                      "this client may be older than the server") from None
-        if not 0 < registration.num_examples <= MAX_EXAMPLES:
-            raise RegistrationRefused("bad_registration", f"num_examples must be in 1..{MAX_EXAMPLES}")
-        fingerprint = self.enrollment.admit(registration)
+        registration, fingerprint = self.enrollment.admit_auth(auth)
         self.store.pin_client(registration.client_id, registration.public_key, fingerprint, registration.num_examples)
         session = Session(client_id=registration.client_id, sid=request.sid, fingerprint=fingerprint,
                           num_examples=registration.num_examples, state=IDLE)

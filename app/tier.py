@@ -120,7 +120,8 @@ class LeaderTier:
                  on_refused: Callable[[dict[str, Any]], None], on_edge_lost: Callable[[str], None]):
         self.redis = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
         self.on_arrived, self.on_refused, self.on_edge_lost = on_arrived, on_refused, on_edge_lost
-        self._known: set[str] = set()
+        self._known: set[str] = set()  # the edges seen alive (and not yet seen dead)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -164,11 +165,19 @@ class LeaderTier:
         pipe.publish(CHANNEL, closed)
         pipe.execute()
         expected, got = self.edges(), {}
+        with self._lock:
+            dead = self._known - expected
+            self._known |= expected  # seen alive: forgotten (its sessions ended) if it dies before handing over
+        for edge in sorted(dead):  # the next round must not select a dead edge's clients
+            self._forget(edge)
         handoff, deadline = f"{PREFIX}handoff:{r.run_id}:{r.round}", time.monotonic() + timeout
         while expected - got.keys() and time.monotonic() < deadline:
             item = self.redis.blpop([handoff], timeout=1)
             if item is None:
-                expected &= self.edges() | got.keys()
+                live = self.edges()
+                for edge in sorted(expected - live - got.keys()):
+                    self._forget(edge)  # before the next round selects its clients
+                expected &= live | got.keys()
                 continue
             edge = item[1].decode()
             if edge in got:  # handed over once already
@@ -218,10 +227,21 @@ class LeaderTier:
             except redis.RedisError as exc:
                 log.warning("cannot read the edges' heartbeats: %s", exc)
                 continue
-            for edge in sorted(self._known - live):
-                log.warning("edge %s stopped (no heartbeat for %.0f s): its sessions end", edge, EDGE_TTL)
-                self.redis.srem(PREFIX + "edges", edge)
-                self.on_edge_lost(edge)
-            for edge in sorted(live - self._known):
-                log.info("edge %s joined", edge)
-            self._known = live
+            with self._lock:
+                dead = self._known - live
+            for edge in sorted(dead):
+                self._forget(edge)
+            with self._lock:
+                for edge in sorted(live - self._known):
+                    log.info("edge %s joined", edge)
+                self._known |= live
+
+    def _forget(self, edge: str) -> None:
+        """A dead edge (its heartbeat lapsed): its sessions end, once, whether the watch or a round's close saw it."""
+        with self._lock:
+            if edge not in self._known:
+                return
+            self._known.discard(edge)
+        log.warning("edge %s stopped (no heartbeat for %.0f s): its sessions end", edge, EDGE_TTL)
+        self.redis.srem(PREFIX + "edges", edge)
+        self.on_edge_lost(edge)

@@ -46,7 +46,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 import psutil
-import redis
 import requests
 import socketio
 
@@ -306,22 +305,6 @@ def mass_disconnect(cluster: Cluster, workers: list[subprocess.Popen], sampler: 
             "answers_after": cluster.api("GET", "/healthz").ok}
 
 
-def start_redis(cluster: Cluster) -> str:
-    """A redis-server on loopback for the tier (Debian's); its URL."""
-    port = free_port()
-    cluster.start_program([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                           "127.0.0.1", "--save", "", "--appendonly", "no", "--maxclients", "10000"], "redis.log")
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def up() -> bool:
-        try:
-            return redis.Redis.from_url(url).ping()
-        except redis.ConnectionError:
-            return False
-    wait_until(up, 30, "redis-server")
-    return url
-
-
 def start_tier(cluster: Cluster, args: argparse.Namespace, queue: str, serving: list[str]) -> str:
     """--edges edge servers of the leader and an nginx in front of them (the shipped nginx.conf, on loopback);
     returns nginx's URL, where the clients go."""
@@ -378,7 +361,7 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
         serving = ["--wsgi", args.wsgi] + (["--threads", str(args.threads or args.clients + 50)]
                                            if args.wsgi == "gunicorn" else [])
         unlimited = ["--rate-limit", "connect-per-address=off", "--rate-limit", "update-per-address=off"]
-        queue = start_redis(cluster) if args.edges else None
+        queue = cluster.start_redis() if args.edges else None
         cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--num-rounds", str(args.rounds),
                              "--min-clients", str(args.clients), "--round-timeout", str(args.round_timeout),
                              "--max-batches", "1", "--eval-limit", "1000", *serving, *unlimited,

@@ -133,6 +133,22 @@ class Cluster:
         self.programs.append(proc)
         return proc
 
+    def start_redis(self) -> str:
+        """Debian's redis-server on a free loopback port, without persistence; returns its URL once it answers."""
+        import redis  # only where a message queue is used
+        port = free_port()
+        self.start_program(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--maxclients", "10000"], "redis.log")
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def up() -> bool:
+            try:
+                return redis.Redis.from_url(url).ping()
+            except redis.ConnectionError:
+                return False
+        wait_until(up, 30, "redis-server")
+        return url
+
     def start_client(self, client_id: str, *args: str) -> subprocess.Popen:
         self.clients[client_id] = self._spawn("run_client.py", [
             "--client-id", client_id, "--server-address", self.url,

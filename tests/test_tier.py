@@ -125,18 +125,7 @@ def test_a_session_on_a_dead_edge_is_replaced_and_an_edges_sessions_end_with_it(
 def redis_url(cluster):
     if shutil.which("redis-server") is None:
         pytest.fail("Debian's redis-server is required; run `bash .ci/setup.sh`")
-    port = free_port()
-    cluster.start_program(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                           "--appendonly", "no"], "redis.log")
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def up() -> bool:
-        try:
-            return redis.Redis.from_url(url).ping()
-        except redis.ConnectionError:
-            return False
-    cluster.wait_until(up, 30, "redis-server")
-    return url
+    return cluster.start_redis()
 
 
 def test_one_update_per_client_and_round_across_the_tier(redis_url):
