@@ -131,6 +131,8 @@ class Bus:
         self.shardable = True
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._beaten = False  # a first beat has been made
+        self.on_forgotten: Any = None  # called when a beat finds the leader had given this edge up
 
     def start(self) -> None:
         self._beat()
@@ -150,7 +152,13 @@ class Bus:
         pipe = self.redis.pipeline()
         pipe.set(f"{PREFIX}edge:{self.edge_id}", int(time.time()), ex=int(EDGE_TTL))
         pipe.sadd(PREFIX + "edges", self.edge_id)
-        pipe.execute()
+        _, added = pipe.execute()
+        if added and self._beaten and self.on_forgotten is not None:
+            # the leader took this edge for dead (it missed its beat) and ended its sessions: its clients must
+            # register again, or they would stay connected here and never be asked
+            log.warning("the leader had given this edge up; its clients reconnect")
+            self.on_forgotten()
+        self._beaten = True
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(1.0):
@@ -243,7 +251,13 @@ class Edge:
         return {"leader_reachable": self.leader.alive(), "message_queue": queue}
 
     def start_background(self) -> None:
+        self.bus.on_forgotten = self.drop_clients
         self.bus.start()
+
+    def drop_clients(self) -> None:
+        """Disconnect every client here: each reconnects (through nginx) and registers with the leader again."""
+        for session in self.registry.online():
+            self.socketio.server.disconnect(session.sid, namespace=NAMESPACE)
 
     def authenticate(self, header: UpdateHeader, payload: bytes) -> Verified:
         """The signature against the client's pinned key (asked of the leader once); UpdateRefused otherwise."""

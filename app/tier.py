@@ -49,7 +49,9 @@ log = logging.getLogger("meshfed.tier")
 
 PREFIX = "meshfed:tier:"
 CHANNEL = "meshfed:tier"
-EDGE_TTL = 3.0         # seconds an edge's heartbeat lives; it renews it every second
+EDGE_TTL = 15.0        # seconds an edge's heartbeat lives; it renews it every second. An edge busy with a round can
+                       # miss its beat for seconds (3 s lost two live edges of 1,333 clients each: their clients,
+                       # still connected, were forgotten); 15 s as the leader lock's TTL
 HANDOFF_SECONDS = 30.0  # how long the leader waits for a live edge's partial sum once a round closes
 KEEP_SECONDS = 600     # partial sums and delivery marks expire after this
 
