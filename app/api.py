@@ -34,7 +34,8 @@ CLIENT_ID_RE = re.compile(CLIENT_ID)
 
 VERSION = re.compile(r"latest|[0-9]{1,15}")  # a model version in the path (SQLite integers hold 15 digits)
 REFUSAL_STATUS = {"too_large": 413, "rate_limited": 429, "stale_round": 409, "no_open_round": 409, "replay": 409,
-                  "wrong_version": 409, "contribution_limit": 409, "not_sharded": 409, "leader_unreachable": 503}
+                  "wrong_version": 409, "contribution_limit": 409, "not_sharded": 409, "leader_unreachable": 503,
+                  "queue_unreachable": 503}
 
 
 def _meshfed() -> Any:
@@ -390,8 +391,9 @@ def edge_connect() -> Any:
         return error(409, exc.reason, str(exc), reason=exc.reason)
     session = Session(client_id=body["client_id"], sid=body["sid"], fingerprint=body["fingerprint"],
                       num_examples=body["num_examples"], state=IDLE, edge=body["edge"])
-    if not meshfed.registry.connect(session, stale=lambda old: old.edge is not None and
-                                    not meshfed.tier.alive(old.edge)):
+    old = meshfed.registry.get(body["client_id"])  # its edge's liveness asked of Redis outside the registry's lock
+    dead = old.sid if old is not None and old.edge is not None and not meshfed.tier.alive(old.edge) else None
+    if not meshfed.registry.connect(session, replace=dead):
         return error(409, "already_connected", f"{body['client_id']!r} has a live session; a client id connects "
                                                "once at a time", reason="already_connected")
     log.info("client %s connected through edge %s (%s)", body["client_id"], body["edge"], body["fingerprint"][:19])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 # Client states shown to operators.
 ONLINE, TRAINING, IDLE, OFFLINE = "online", "training", "idle", "offline"
@@ -38,12 +38,12 @@ class Registry:
         self._by_id: dict[str, Session] = {}
         self._by_sid: dict[str, str] = {}  # sid -> client id
 
-    def connect(self, session: Session, stale: Callable[[Session], bool] | None = None) -> bool:
-        """Add a session; False (and nothing changes) if its client id already has a live one. A session that
-        `stale` says is dead (its edge stopped: app/tier.py) is replaced."""
+    def connect(self, session: Session, replace: str | None = None) -> bool:
+        """Add a session; False (and nothing changes) if its client id already has a live one, unless that one's
+        sid is `replace` (a session the caller found dead: its edge stopped, app/tier.py)."""
         with self._lock:
             old = self._by_id.get(session.client_id)
-            if old is not None and not (stale is not None and stale(old)):
+            if old is not None and old.sid != replace:
                 return False
             if old is not None:
                 self._by_sid.pop(old.sid, None)

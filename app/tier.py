@@ -77,7 +77,12 @@ def delivered_key(run_id: str, round_no: int, client_id: str) -> str:
 
 def claim(r: redis.Redis, header: Any) -> None:
     """Mark header's client as having delivered its round; UpdateRefused('replay') if it already had."""
-    if not r.set(delivered_key(header.run_id, header.round, header.client_id), 1, nx=True, ex=KEEP_SECONDS):
+    try:
+        fresh = r.set(delivered_key(header.run_id, header.round, header.client_id), 1, nx=True, ex=KEEP_SECONDS)
+    except redis.RedisError as exc:  # not the sender's fault: it may send again
+        raise UpdateRefused("queue_unreachable", f"the tier's Redis did not answer ({type(exc).__name__}); "
+                                                 "send it again") from None
+    if not fresh:
         raise UpdateRefused("replay", f"{header.client_id!r} already delivered round {header.round}")
 
 

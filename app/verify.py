@@ -18,6 +18,8 @@
   dtype_mismatch    array dtypes differ from what the run's compression sends (the model's for 'none')
   non_finite        NaN or infinity in the update
   bad_indices       a top-k update's indices are out of range, unsorted, repeated or not as many as its values
+  not_sharded       (an edge) this run's rule needs every update at the leader (app/tier.py)
+  leader_unreachable, queue_unreachable  (an edge, or a tier's Redis) not the sender's fault: send it again (503)
 """
 from __future__ import annotations
 

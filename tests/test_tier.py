@@ -115,8 +115,9 @@ def test_a_session_on_a_dead_edge_is_replaced_and_an_edges_sessions_end_with_it(
     registry = Registry()
     assert registry.connect(Session("a", "s1", "f", 1, edge="e0"))
     assert registry.connect(Session("b", "s2", "f", 1, edge="e1"))
-    assert not registry.connect(Session("a", "s3", "f", 1, edge="e1"), stale=lambda old: False)
-    assert registry.connect(Session("a", "s3", "f", 1, edge="e1"), stale=lambda old: old.edge == "e0")
+    assert not registry.connect(Session("a", "s3", "f", 1, edge="e1"))
+    assert not registry.connect(Session("a", "s3", "f", 1, edge="e1"), replace="s2")  # not a's session
+    assert registry.connect(Session("a", "s3", "f", 1, edge="e1"), replace="s1")
     assert registry.client_for_sid("s1") is None and registry.get("a").sid == "s3"
     assert sorted(registry.drop_edge("e1")) == ["a", "b"] and registry.count() == 0
 
@@ -136,6 +137,8 @@ def test_one_update_per_client_and_round_across_the_tier(redis_url):
         claim(redis.Redis.from_url(redis_url), header)  # another edge (another connection)
     claim(r, UpdateHeader(**{**header.__dict__, "round": 2}))  # the next round is another matter
     assert 0 < r.ttl("meshfed:tier:delivered:r:1:c1") <= 600  # marks expire
+    with pytest.raises(UpdateRefused, match="queue_unreachable"):  # Redis gone: a 503 to send again, not a 500
+        claim(redis.Redis(port=free_port(), socket_timeout=1), header)
 
 
 def test_swarm_through_three_edges_with_one_killed_mid_round(tmp_path):
