@@ -90,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"track each run in MLflow, in ./{DEFAULT_MLFLOW_DIR} (a SQLite store; no server needed)")
     p.add_argument("--mlflow-uri", default=None, metavar="URI",
                    help="track each run in this MLflow tracking server or store, e.g. http://mlflow:5000")
-    p.add_argument("--wsgi", default="werkzeug", choices=["werkzeug", "gunicorn"],
-                   help="werkzeug: development server; gunicorn: production (1 worker, --threads threads)")
+    p.add_argument("--wsgi", default="werkzeug", choices=["werkzeug", "gunicorn", "gevent"],
+                   help="werkzeug: development server; gunicorn: production (1 worker, --threads threads); gevent: "
+                        "gunicorn with gevent's greenlets, for --role edge (a greenlet per client, not a thread)")
     p.add_argument("--threads", type=int, default=100,
-                   help="gunicorn threads; each connected client or browser holds one")
+                   help="gunicorn threads; each connected client or browser holds one (gevent: the most "
+                        "connections at once)")
     return p
 
 
@@ -106,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--role {args.role} needs --leader-url and --message-queue")
     if args.role != "leader" and args.start:
         p.error("--start is for the leader; a follower forwards Start from its dashboards")
+    if args.wsgi == "gevent" and args.role != "edge":
+        p.error("--wsgi gevent is for --role edge: the leader's torch work (evaluation, aggregation) would stall "
+                "every connection of a cooperative server; use --wsgi gunicorn")
+    if args.wsgi == "gevent" and importlib.util.find_spec("gevent") is None:
+        p.error("--wsgi gevent needs gevent: pip install -r requirements.txt")
     if args.proxies < 0:
         p.error("--proxies must be 0 (clients connect directly) or the number of proxies in front")
     for rule in args.rate_limit:
@@ -154,6 +161,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         resume=not args.no_resume, run=run, role=args.role, leader_url=args.leader_url, edge_id=args.edge_id,
         message_queue=args.message_queue, mlflow_uri=mlflow_uri, mlflow_artifacts=mlflow_artifacts,
         allowed_origins=tuple(args.allowed_origin), proxies=args.proxies,
+        async_mode="gevent" if args.wsgi == "gevent" else "threading",
         rate_limits=tuple(tuple(rule.split("=", 1)) for rule in args.rate_limit))
 
 
@@ -205,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     redact(config.admin_token, config.enrollment_token)
     announce(args, config)
     from app import wsgi
-    if args.wsgi == "gunicorn":
-        wsgi.Gunicorn(lambda: build_app(args, config), config, args.threads, args.log_format == "json").run()
+    if args.wsgi in ("gunicorn", "gevent"):
+        worker = "gevent" if args.wsgi == "gevent" else "gthread"
+        wsgi.Gunicorn(lambda: build_app(args, config), config, args.threads, args.log_format == "json",
+                      worker).run()
         return
     app = build_app(args, config)
     # SIGTERM (docker stop, kill) exits like Ctrl-C, so exit handlers run (the leader lock is released)

@@ -361,11 +361,11 @@ EDGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _edge_body(*fields: str) -> dict[str, Any]:
+def _edge_body(*fields: str, optional: tuple[str, ...] = ()) -> dict[str, Any]:
     """An edge's JSON body with its fields checked (BadBody naming the first that is off); NoTier without a tier."""
     if _meshfed().tier is None:
         raise NoTier()
-    body = _json_object(*fields)
+    body = _json_object(*fields, *optional)
     checks = {"edge": lambda v: isinstance(v, str) and EDGE_ID.fullmatch(v),
               "client_id": lambda v: isinstance(v, str) and CLIENT_ID_RE.fullmatch(v),
               "sid": lambda v: isinstance(v, str) and SID.fullmatch(v),
@@ -373,9 +373,13 @@ def _edge_body(*fields: str) -> dict[str, Any]:
               "fingerprint": lambda v: isinstance(v, str) and 0 < len(v) <= 256,
               "num_examples": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_EXAMPLES,
               "status": lambda v: isinstance(v, dict)}
+    checks["replace"] = checks["sid"]
     for name in fields:
         if name not in body or not checks[name](body[name]):
             raise BadBody(f"{name} is missing or malformed")
+    for name in optional:
+        if name in body and not checks[name](body[name]):
+            raise BadBody(f"{name} is malformed")
     return body
 
 
@@ -384,7 +388,7 @@ def _edge_body(*fields: str) -> dict[str, Any]:
 def edge_connect() -> Any:
     """An edge admitted a client's signed registration: pin its key and record its session here (or refuse)."""
     meshfed = _meshfed()
-    body = _edge_body("edge", "client_id", "sid", "public_key", "fingerprint", "num_examples")
+    body = _edge_body("edge", "client_id", "sid", "public_key", "fingerprint", "num_examples", optional=("replace",))
     try:
         meshfed.store.pin_client(body["client_id"], body["public_key"], body["fingerprint"], body["num_examples"])
     except RegistrationRefused as exc:
@@ -393,9 +397,13 @@ def edge_connect() -> Any:
                       num_examples=body["num_examples"], state=IDLE, edge=body["edge"])
     old = meshfed.registry.get(body["client_id"])  # its edge's liveness asked of Redis outside the registry's lock
     dead = old.sid if old is not None and old.edge is not None and not meshfed.tier.alive(old.edge) else None
+    if old is not None and old.edge == body["edge"] and body.get("replace") == old.sid:
+        dead = old.sid  # the edge holding it says that socket is closed (a disconnect whose notice was lost)
     if not meshfed.registry.connect(session, replace=dead):
+        # the edge that holds the old session is told its sid, to check it and ask again with replace=<sid>
+        held = {"held_sid": old.sid} if old is not None and old.edge == body["edge"] else {}
         return error(409, "already_connected", f"{body['client_id']!r} has a live session; a client id connects "
-                                               "once at a time", reason="already_connected")
+                                               "once at a time", reason="already_connected", **held)
     log.info("client %s connected through edge %s (%s)", body["client_id"], body["edge"], body["fingerprint"][:19])
     _runs().notify()
     return jsonify({"run_id": _runs().run_id})

@@ -244,6 +244,7 @@ class ServerConfig:
     leader_url: str | None = None       # followers and edges: the leader's address (http://host:port)
     edge_id: str | None = None          # an edge's name in the tier; None = host:port
     message_queue: str | None = None    # e.g. redis://127.0.0.1:6379/0; None = a single process
+    async_mode: str = "threading"       # Flask-SocketIO's; 'gevent' for edges (run_server.py --wsgi gevent)
     mlflow_uri: str | None = None       # MLflow tracking URI (app/tracking.py); None = no tracking
     mlflow_artifacts: str | None = None  # where a local MLflow store keeps artifacts (the model); None = its server's
     # Security (README "Security model").

@@ -36,11 +36,12 @@ from app.api import REFUSAL_STATUS, VERSION, error, read_signed_body
 from app.collection import Collection, arrival_json
 from app.config import ServerConfig
 from app.enrollment import CHALLENGE_SECONDS, Enrollment
+from app.fl import socket_open, sweep_closed
 from app.ops import Traffic, make_registry, rate_limit_metrics
 from app.ops import bp as ops_bp
 from app.ratelimit import RateLimited, RateLimits
 from app.registry import IDLE, Registry, Session
-from app.tier import CHANNEL, EDGE_TTL, PREFIX, claim, hand_off, open_round
+from app.tier import CHANNEL, EDGE_TTL, PREFIX, claim, connect_redis, hand_off, open_round
 from app.verify import Verified, check_signature
 from shared import jsonio
 from shared.accumulator import WeightedSum
@@ -59,6 +60,13 @@ PASSED_ON = ("Content-Type", "X-Model-Version", "X-Model-SHA256", "X-Delta-From"
              "Retry-After")
 
 
+# Updates an edge checks and adds at once (their bodies are read first); the others wait for a turn off the CPU,
+# so that a gevent edge's loop does not go round every update in hand before it gets back to a socket's ping or
+# its heartbeat.
+UPDATES_AT_ONCE = 4
+LEADER_CONNECTIONS = 256  # an edge's connections to its leader, for its own calls and again for passed-on requests
+
+
 class Leader:
     """The leader's REST API as an edge calls it: its own calls carry the admin token; requests passed on for a
     client (pass_on) carry only what the client sent."""
@@ -66,9 +74,12 @@ class Leader:
     def __init__(self, url: str, admin_token: str):
         self.url = url.rstrip("/")
         self.http, self.plain = requests.Session(), requests.Session()
-        for session in (self.http, self.plain):  # one connection per concurrent request, kept alive
-            session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=256))
-            session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=256))
+        # One connection per concurrent request, kept alive, at most LEADER_CONNECTIONS: past that a request waits
+        # for one (a gevent edge has thousands of greenlets; unbounded, each would open and drop its own).
+        for session in (self.http, self.plain):
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, HTTPAdapter(pool_connections=4, pool_maxsize=LEADER_CONNECTIONS,
+                                                  pool_block=True))
         self.http.headers["Authorization"] = f"Bearer {admin_token}"
 
     def post(self, path: str, body: dict[str, Any]) -> requests.Response:
@@ -124,10 +135,11 @@ class Bus:
     and closed in this edge's collection, its partial sum handed over at close), arrivals and refusals out."""
 
     def __init__(self, url: str, edge_id: str, collection: Collection):
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
+        self.redis = connect_redis(url)  # for requests: claims, challenges, arrivals and refusals
+        self.control = connect_redis(url, connections=8)  # heartbeat, channel, handoffs: never behind those
         self.edge_id, self.collection = edge_id, collection
-        self.current: tuple[str, int] | None = None  # the (run, round) open here
-        self.closed: tuple[str, int] | None = None   # the last one closed (and handed over) here
+        self.current: tuple[str, int, str] | None = None  # the (run, round, opening) open here
+        self.closed: tuple[str, int, str] | None = None   # the last one closed (and handed over) here
         self.shardable = True
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -144,12 +156,12 @@ class Bus:
         """A clean exit: the leader ends this edge's sessions now, not after its heartbeat lapses."""
         self._stop.set()
         try:
-            self.redis.delete(f"{PREFIX}edge:{self.edge_id}")
+            self.control.delete(f"{PREFIX}edge:{self.edge_id}")
         except redis.RedisError:
             pass
 
     def _beat(self) -> None:
-        pipe = self.redis.pipeline()
+        pipe = self.control.pipeline()
         pipe.set(f"{PREFIX}edge:{self.edge_id}", int(time.time()), ex=int(EDGE_TTL))
         pipe.sadd(PREFIX + "edges", self.edge_id)
         _, added = pipe.execute()
@@ -170,7 +182,7 @@ class Bus:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub = self.control.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
                 self.sync()  # what was said before we listened
                 for item in pubsub.listen():
@@ -183,12 +195,12 @@ class Bus:
 
     def sync(self) -> None:
         """Catch up with the leader's last round message (at start, and when an update is for a newer round)."""
-        raw = self.redis.get(PREFIX + "round")
+        raw = self.control.get(PREFIX + "round")
         if raw:
             self.apply(jsonio.loads(raw, max_bytes=16 << 20))
 
     def apply(self, message: dict[str, Any]) -> None:
-        key = (message["run_id"], int(message["round"]))
+        key = (message["run_id"], int(message["round"]), str(message.get("opening", "")))
         with self._lock:
             if message["type"] == "round" and key not in (self.current, self.closed):
                 if self.current is not None:  # its close never reached us: hand it over now
@@ -199,18 +211,19 @@ class Bus:
                 if key == self.current:
                     self._close(*key)
                 elif self.current is None:  # not open here (this edge started after): nothing of it is lost
-                    hand_off(self.redis, self.edge_id, *key, [], [])
+                    hand_off(self.control, self.edge_id, *key, [], [])
                     self.closed = key
 
-    def _close(self, run_id: str, round_no: int) -> None:
+    def _close(self, run_id: str, round_no: int, opening: str) -> None:
         arrivals, accumulator, _ = self.collection.close(0)
-        self.current, self.closed = None, (run_id, round_no)
-        hand_off(self.redis, self.edge_id, run_id, round_no, accumulator.result() if accumulator else [],
-                 [arrival_json(a) for a in arrivals])
+        self.current, self.closed = None, (run_id, round_no, opening)
+        hand_off(self.control, self.edge_id, run_id, round_no, opening,
+                 accumulator.result() if accumulator else [], [arrival_json(a) for a in arrivals])
         log.info("round %d closed: %d updates handed to the leader", round_no, len(arrivals))
 
     def claim(self, header: UpdateHeader) -> None:
-        claim(self.redis, header)
+        current = self.current  # the collection checked the header's round against it
+        claim(self.redis, header, current[2] if current else "")
 
     def redeem(self, challenge: str, ttl: float) -> bool:
         """True the first time `challenge` is redeemed anywhere in the tier."""
@@ -242,6 +255,8 @@ class Edge:
     traffic: Traffic = field(default_factory=Traffic)
     metrics_registry: Any = None
     models: Models | None = None
+    unsent: dict[str, str] = field(default_factory=dict)  # sid -> client id of disconnects the leader has not heard
+    working: Any = field(default_factory=lambda: threading.BoundedSemaphore(UPDATES_AT_ONCE))  # updates in hand
 
     def readiness(self) -> dict[str, bool]:
         try:
@@ -253,6 +268,30 @@ class Edge:
     def start_background(self) -> None:
         self.bus.on_forgotten = self.drop_clients
         self.bus.start()
+        threading.Thread(target=self._resend_disconnects, name="edge-disconnects", daemon=True).start()
+        threading.Thread(target=sweep_closed, args=(self.registry, self.socketio.server, self.tell_gone,
+                                                    self.edge_id), name="edge-sweep", daemon=True).start()
+
+    def tell_gone(self, client_id: str, sid: str) -> bool:
+        """Tell the leader a client left this edge; False (kept, and sent again every 5 s) if it did not hear:
+        else it would keep the session, ask the client in rounds, and wait for it each time."""
+        try:
+            answer = self.leader.post("/api/edge/disconnect", {"edge": self.edge_id, "client_id": client_id,
+                                                                "sid": sid})
+            if answer.status_code >= 500:
+                raise requests.HTTPError(f"{answer.status_code}: {answer.text[:200]}")
+            return True
+        except requests.RequestException as exc:
+            log.warning("cannot tell the leader that %s left: %s; telling it again in 5 s", client_id, exc)
+            self.unsent[sid] = client_id
+            return False
+
+    def _resend_disconnects(self) -> None:
+        while True:
+            time.sleep(5.0)
+            for sid, client_id in list(self.unsent.items()):
+                if self.unsent.pop(sid, None) is not None and not self.tell_gone(client_id, sid):
+                    break  # the leader is still unreachable: the rest wait for the next try
 
     def drop_clients(self) -> None:
         """Disconnect every client here: each reconnects (through nginx) and registers with the leader again."""
@@ -348,13 +387,22 @@ def update() -> Any:
     """As the leader's POST /api/update, into this edge's running sum of the open round."""
     edge = _edge()
     try:
-        header, payload = unpack_update(read_signed_body("update-per-address"))
+        body = read_signed_body("update-per-address")  # read at once: nginx waits for it to be taken (60 s)
+    except UpdateRefused as exc:
+        return edge.refuse(exc)
+    with edge.working:  # checked and added a few at a time: the rest wait off the CPU, pings keep their turn
+        return _take_update(edge, body)
+
+
+def _take_update(edge: Edge, body: bytes) -> Any:
+    try:
+        header, payload = unpack_update(body)
         verified = edge.authenticate(header, payload)
     except UpdateRefused as exc:  # nobody's signature vouches for this request: the address answers for it
         return edge.refuse(exc)
     try:
         edge.limits.hit("update-per-client", header.client_id)
-        if edge.bus.current != (header.run_id, header.round):
+        if (edge.bus.current or ())[:2] != (header.run_id, header.round):
             edge.bus.sync()  # the leader's round message may still be on its way
         if not edge.bus.shardable:
             raise UpdateRefused("not_sharded", "this run's aggregation needs every update at the leader "
@@ -414,9 +462,15 @@ class EdgeNamespace(Namespace):
         edge = self.edge
         edge.limits.hit("connect-per-address", request.remote_addr)
         r, fingerprint = edge.enrollment.admit_auth(auth)
-        answer = edge.leader.post("/api/edge/connect", {
-            "edge": edge.edge_id, "client_id": r.client_id, "sid": request.sid, "public_key": r.public_key,
-            "fingerprint": fingerprint, "num_examples": r.num_examples})
+        body = {"edge": edge.edge_id, "client_id": r.client_id, "sid": request.sid, "public_key": r.public_key,
+                "fingerprint": fingerprint, "num_examples": r.num_examples}
+        answer = edge.leader.post("/api/edge/connect", body)
+        held = answer.json().get("held_sid") if answer.status_code == 409 else None
+        if isinstance(held, str) and not self._live(held):
+            # the leader holds a session of this client on this edge whose socket is closed: the notice of its
+            # disconnect was lost. Only this edge can tell; a live socket is never pushed aside.
+            log.info("client %s: its old session %s here is closed; replacing it", r.client_id, held)
+            answer = edge.leader.post("/api/edge/connect", {**body, "replace": held})
         if answer.status_code == 409:
             body = answer.json()
             raise RegistrationRefused(body.get("reason", "refused"), body.get("message", "").split(": ", 1)[-1])
@@ -431,16 +485,16 @@ class EdgeNamespace(Namespace):
         log.info("client %s connected (%s)", r.client_id, fingerprint[:19])
         return session, answer.json().get("run_id")
 
+    def _live(self, sid: str) -> bool:
+        """Whether `sid` is a session of this edge whose socket is still open."""
+        return self.edge.registry.client_for_sid(sid) is not None and socket_open(self.socketio.server, sid)
+
     def on_disconnect(self, *_: Any) -> None:
         client_id = self.edge.registry.disconnect(request.sid)
         if client_id is None:
             return
         log.info("client %s disconnected", client_id)
-        try:
-            self.edge.leader.post("/api/edge/disconnect", {"edge": self.edge.edge_id, "client_id": client_id,
-                                                           "sid": request.sid})
-        except requests.RequestException as exc:
-            log.warning("cannot tell the leader that %s left: %s", client_id, exc)
+        self.edge.tell_gone(client_id, request.sid)
 
     def on_client_status(self, data: Any = None) -> None:  # EV_CLIENT_STATUS
         client_id = self.edge.registry.client_for_sid(request.sid)

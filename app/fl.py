@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any, Callable
 
 from flask import request
@@ -104,6 +105,48 @@ def apply_status(client_id: str, data: Any, store: Store, registry: Registry, co
         store.set_examples(client_id, examples)
         changes["num_examples"] = examples
     registry.update(client_id, **changes)
+
+
+SWEEP_SECONDS = 15.0  # how often sessions whose socket closed unseen are looked for
+
+
+def closed_sessions(registry: Registry, server: Any, edge: str | None = None) -> list[str]:
+    """The sids of this process's sessions (those of `edge`; None: the leader's own) whose Engine.IO socket is
+    gone. python-socketio does not call the
+    disconnect handler for a socket that closes while its connect handler is still running: it drops the event
+    (the session is only "connecting"), and once the handler returns it holds the session as connected for good.
+    Measured at 4,000 clients on busy edges, whose connect handlers wait for the leader: 13 such sessions,
+    asked every round and waited for until the deadline."""
+    gone = []
+    for session in registry.online():
+        if session.edge != edge:  # another process's session: it sweeps its own
+            continue
+        if not socket_open(server, session.sid):
+            gone.append(session.sid)
+    return gone
+
+
+def socket_open(server: Any, sid: str) -> bool:
+    """Whether the Engine.IO socket under Socket.IO session `sid` (of /fl) is open."""
+    eio_sid = server.manager.eio_sid_from_sid(sid, NAMESPACE)
+    socket = server.eio.sockets.get(eio_sid) if eio_sid is not None else None
+    return socket is not None and not socket.closed
+
+
+def sweep_closed(registry: Registry, server: Any, on_gone: Callable[[str, str], None], edge: str | None = None,
+                 every: float = SWEEP_SECONDS, stop: threading.Event | None = None) -> None:
+    """Until `stop`: end the sessions closed_sessions() finds, as a disconnect would; on_gone(client_id, sid)."""
+    stop = stop or threading.Event()
+    while not stop.wait(every):
+        try:
+            for sid in closed_sessions(registry, server, edge):
+                client_id = registry.disconnect(sid)
+                server.manager.disconnect(sid, NAMESPACE, ignore_queue=True)  # python-socketio's record of it
+                if client_id is not None:
+                    log.warning("client %s: its socket closed while it registered; its session ends", client_id)
+                    on_gone(client_id, sid)
+        except Exception:  # never let the sweep die
+            log.exception("sweeping closed sessions failed")
 
 
 class FlNamespace(Namespace):

@@ -216,17 +216,20 @@ def _edge_operations(admin: list[dict[str, Any]], ok: Any) -> dict[str, dict[str
                                                                     "maxLength": 8192},
               "fingerprint": {"type": "string", "minLength": 1, "maxLength": 256},
               "num_examples": {"type": "integer", "minimum": 1, "maximum": MAX_EXAMPLES}, "status": {"type": "object"}}
+    fields["replace"] = fields["sid"]
 
-    def post(summary: str, names: list[str], answer: str) -> dict[str, Any]:
+    def post(summary: str, names: list[str], answer: str, optional: tuple[str, ...] = ()) -> dict[str, Any]:
         return {"post": {"summary": summary, "security": admin, "requestBody": {"required": True, "content": {
             JSON: {"schema": {"type": "object", "required": names, "additionalProperties": False,
-                              "properties": {n: fields[n] for n in names}}}}},
+                              "properties": {n: fields[n] for n in [*names, *optional]}}}}},
             "responses": {**ok({"type": "object"}, answer), **_errors(400, 401, 404, 409)}}}
     return {
         "/api/edge/connect": post("An edge admitted a client's signed registration: pin its key, record its session "
-                                  "(409 key_mismatch or already_connected)",
+                                  "(409 key_mismatch or already_connected; already_connected names held_sid when the "
+                                  "live session is on the asking edge, which may then ask again with replace=held_sid "
+                                  "if that socket is closed there)",
                                   ["edge", "client_id", "sid", "public_key", "fingerprint", "num_examples"],
-                                  "recorded: the run id"),
+                                  "recorded: the run id", optional=("replace",)),
         "/api/edge/disconnect": post("A client left its edge", ["edge", "client_id", "sid"], "forgotten"),
         "/api/edge/status": post("A client's status report, forwarded by its edge",
                                  ["edge", "client_id", "sid", "status"], "applied"),

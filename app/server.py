@@ -31,7 +31,7 @@ from app.evaluator import Evaluator, ProcessEvaluator
 from app.rooms import IndexedManager, IndexedRedisManager
 from app.ops import FollowerCollector, MeshfedCollector, Traffic, make_registry
 from app.ops import bp as ops_bp
-from app.fl import DASHBOARD_NAMESPACE, FlNamespace, SocketTransport
+from app.fl import DASHBOARD_NAMESPACE, FlNamespace, SocketTransport, sweep_closed
 from app.ratelimit import RateLimited, RateLimits
 from app.refusals import Refusal
 from app.registry import Registry
@@ -119,6 +119,8 @@ class Meshfed:
         from run_server.py."""
         self.socketio.start_background_task(feed, self.socketio, self, self.monitor)
         self.socketio.start_background_task(self.rounds.refusals.run, threading.Event())
+        self.socketio.start_background_task(sweep_closed, self.registry, self.socketio.server,
+                                            lambda cid, _: self.rounds.collection.gone({cid}, "disconnected"))
         if self.tier is not None:
             self.tier.start()
 
@@ -186,12 +188,13 @@ def create_app(config: ServerConfig) -> Flask:
     csrf.init_app(app)
     # An update body may be up to max_update_bytes plus its header frame; Werkzeug enforces this too.
     app.config["MAX_CONTENT_LENGTH"] = config.max_update_bytes + (1 << 20)
-    # threading, not eventlet: eventlet froze the server for seconds during torch work (FACTS.md).
+    # threading, not eventlet: eventlet froze the server for seconds during torch work (FACTS.md). Edges, which
+    # do no torch work, may run on gevent (run_server.py --wsgi gevent): a greenlet per websocket, not a thread.
     # Socket.IO carries only control messages; weights go over HTTP, so 1 MB suffices.
     # cors_allowed_origins=None is python-engineio's same-origin check (an empty list would turn it off).
     rooms = IndexedRedisManager(config.message_queue, channel="meshfed") if config.message_queue \
         else IndexedManager()  # app/rooms.py: a disconnect in O(1), not O(clients)
-    socketio = SocketIO(app, async_mode="threading", max_http_buffer_size=1 << 20,
+    socketio = SocketIO(app, async_mode=config.async_mode, max_http_buffer_size=1 << 20,
                         cors_allowed_origins=list(config.allowed_origins) or None, json=_SocketJSON,
                         client_manager=rooms)
     if config.proxies:  # outermost, so Socket.IO's origin check and the rate limits see the client's address

@@ -20,6 +20,10 @@ federation, as with the message queue itself):
     delivered:<run>:<round>:<c>  SET NX: one update per client and round, whichever edge it reaches
     partial:<run>:<round>:<e>    an edge's sum (safetensors) and its arrivals (JSON), with handoff:<run>:<round>
 
+<round> is the round's number and its opening (`3.9f1c...`): a round that failed is played again under the same
+number, and its second opening must neither be taken for the first at the edges nor refuse as replays the
+updates of clients that delivered in the first (measured: every update of a replayed round was refused).
+
 A killed edge loses the updates it held for the open round, nothing else: the leader stops waiting for them
 once its heartbeat lapses, combines the other edges' sums, and its clients reconnect through nginx to another.
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -56,9 +61,10 @@ HANDOFF_SECONDS = 30.0  # how long the leader waits for a live edge's partial su
 KEEP_SECONDS = 600     # partial sums and delivery marks expire after this
 
 
-def round_message(r: OpenRound, shardable: bool) -> dict[str, Any]:
-    """The open round as the edges need it (JSON)."""
-    return {"type": "round", "run_id": r.run_id, "round": r.round, "model_version": r.model_version,
+def round_message(r: OpenRound, shardable: bool, opening: str = "") -> dict[str, Any]:
+    """The open round as the edges need it (JSON); `opening` tells this opening of its number from another."""
+    return {"type": "round", "run_id": r.run_id, "round": r.round, "opening": opening,
+            "model_version": r.model_version,
             "selected": sorted(r.selected), "spec": {k: [list(shape), dtype] for k, (shape, dtype) in r.spec.items()},
             "max_bytes": r.max_bytes, "compression": r.compression, "topk_ratio": r.topk_ratio,
             "shardable": shardable}
@@ -71,14 +77,30 @@ def open_round(message: dict[str, Any]) -> OpenRound:
                      int(message["max_bytes"]), message["compression"], float(message["topk_ratio"]))
 
 
-def delivered_key(run_id: str, round_no: int, client_id: str) -> str:
-    return f"{PREFIX}delivered:{run_id}:{round_no}:{client_id}"
+def delivered_key(run_id: str, round_no: int, client_id: str, opening: str = "") -> str:
+    return f"{PREFIX}delivered:{run_id}:{round_no}.{opening}:{client_id}"
 
 
-def claim(r: redis.Redis, header: Any) -> None:
-    """Mark header's client as having delivered its round; UpdateRefused('replay') if it already had."""
+REDIS_CONNECTIONS = 512  # a server process's connections to the tier's Redis for its requests; more callers wait
+
+
+def connect_redis(url: str, connections: int = REDIS_CONNECTIONS) -> redis.Redis:
+    """A client of the tier's Redis that waits (up to 30 s) for a free connection rather than failing: redis-py's
+    default pool fails past 100 connections in use ("Too many connections"). Measured at 4,000 clients: thousands
+    of greenlets on a gevent edge, or hundreds of threads at the leader, ask at once; on a busy edge a connection
+    is held until its greenlet's turn comes again. The heartbeat, the channel and the handoffs use a pool of their
+    own (connections=4), so requests waiting for Redis never hold up the heartbeat."""
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=connections, timeout=30,
+                                                 socket_timeout=10, health_check_interval=30)
+    return redis.Redis(connection_pool=pool)
+
+
+def claim(r: redis.Redis, header: Any, opening: str = "") -> None:
+    """Mark header's client as having delivered its round (this opening of it); UpdateRefused('replay') if it
+    already had."""
     try:
-        fresh = r.set(delivered_key(header.run_id, header.round, header.client_id), 1, nx=True, ex=KEEP_SECONDS)
+        fresh = r.set(delivered_key(header.run_id, header.round, header.client_id, opening), 1, nx=True,
+                      ex=KEEP_SECONDS)
     except redis.RedisError as exc:  # not the sender's fault: it may send again
         raise UpdateRefused("queue_unreachable", f"the tier's Redis did not answer ({type(exc).__name__}); "
                                                  "send it again") from None
@@ -97,10 +119,10 @@ class Partial:
     arrivals: list[dict[str, Any]]
 
 
-def hand_off(r: redis.Redis, edge: str, run_id: str, round_no: int, result: list[tuple[dict, float]],
+def hand_off(r: redis.Redis, edge: str, run_id: str, round_no: int, opening: str, result: list[tuple[dict, float]],
              arrivals: list[dict[str, Any]]) -> None:
     """An edge's side of a closed round: its sum and arrivals under partial:..., then its id on handoff:..."""
-    key = f"{PREFIX}partial:{run_id}:{round_no}:{edge}"
+    key = f"{PREFIX}partial:{run_id}:{round_no}.{opening}:{edge}"
     pipe = r.pipeline()
     if result:
         (mean, total), = result
@@ -108,8 +130,8 @@ def hand_off(r: redis.Redis, edge: str, run_id: str, round_no: int, result: list
     else:
         total = 0.0
     pipe.set(key + ":arrivals", jsonio.dumps({"total": total, "arrivals": arrivals}), ex=KEEP_SECONDS)
-    pipe.rpush(f"{PREFIX}handoff:{run_id}:{round_no}", edge)
-    pipe.expire(f"{PREFIX}handoff:{run_id}:{round_no}", KEEP_SECONDS)
+    pipe.rpush(f"{PREFIX}handoff:{run_id}:{round_no}.{opening}", edge)
+    pipe.expire(f"{PREFIX}handoff:{run_id}:{round_no}.{opening}", KEEP_SECONDS)
     pipe.execute()
 
 
@@ -125,9 +147,11 @@ class LeaderTier:
 
     def __init__(self, url: str, on_arrived: Callable[[str, int, str], None],
                  on_refused: Callable[[dict[str, Any]], None], on_edge_lost: Callable[[str], None]):
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
+        self.redis = connect_redis(url)  # for requests: alive, claim
+        self.control = connect_redis(url, connections=8)  # rounds, heartbeats, the channel: never behind those
         self.on_arrived, self.on_refused, self.on_edge_lost = on_arrived, on_refused, on_edge_lost
         self._known: set[str] = set()  # the edges seen alive (and not yet seen dead)
+        self.opening = ""  # the open round's opening (announce)
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -137,10 +161,10 @@ class LeaderTier:
 
     def edges(self) -> set[str]:
         """The edges whose heartbeat is alive."""
-        members = sorted(m.decode() for m in self.redis.smembers(PREFIX + "edges"))
+        members = sorted(m.decode() for m in self.control.smembers(PREFIX + "edges"))
         if not members:
             return set()
-        alive = self.redis.pipeline()
+        alive = self.control.pipeline()
         for edge in members:
             alive.exists(f"{PREFIX}edge:{edge}")
         return {edge for edge, up in zip(members, alive.execute()) if up}
@@ -153,12 +177,13 @@ class LeaderTier:
 
     def claim(self, header: Any) -> None:
         """Refuse ('replay') an update whose client already delivered this round at any edge (or the leader)."""
-        claim(self.redis, header)
+        claim(self.redis, header, self.opening)
 
     def announce(self, r: OpenRound, shardable: bool) -> None:
         """Tell the edges a round is open (and keep it for edges that start later)."""
-        message = jsonio.dumps(round_message(r, shardable))
-        pipe = self.redis.pipeline()
+        self.opening = secrets.token_hex(8)  # this opening of round r.round (a failed round opens again)
+        message = jsonio.dumps(round_message(r, shardable, self.opening))
+        pipe = self.control.pipeline()
         pipe.set(PREFIX + "round", message)
         pipe.publish(CHANNEL, message)
         pipe.execute()
@@ -166,8 +191,8 @@ class LeaderTier:
     def gather(self, r: OpenRound, timeout: float = HANDOFF_SECONDS) -> list[Partial]:
         """Close `r` at the edges and collect the partial sum of every edge alive at its close (one that dies
         before handing its sum over is not waited for)."""
-        closed = jsonio.dumps({"type": "close", "run_id": r.run_id, "round": r.round})
-        pipe = self.redis.pipeline()
+        closed = jsonio.dumps({"type": "close", "run_id": r.run_id, "round": r.round, "opening": self.opening})
+        pipe = self.control.pipeline()
         pipe.set(PREFIX + "round", closed)
         pipe.publish(CHANNEL, closed)
         pipe.execute()
@@ -177,9 +202,9 @@ class LeaderTier:
             self._known |= expected  # seen alive: forgotten (its sessions ended) if it dies before handing over
         for edge in sorted(dead):  # the next round must not select a dead edge's clients
             self._forget(edge)
-        handoff, deadline = f"{PREFIX}handoff:{r.run_id}:{r.round}", time.monotonic() + timeout
+        handoff, deadline = f"{PREFIX}handoff:{r.run_id}:{r.round}.{self.opening}", time.monotonic() + timeout
         while expected - got.keys() and time.monotonic() < deadline:
-            item = self.redis.blpop([handoff], timeout=1)
+            item = self.control.blpop([handoff], timeout=1)
             if item is None:
                 live = self.edges()
                 for edge in sorted(expected - live - got.keys()):
@@ -200,8 +225,8 @@ class LeaderTier:
         return [got[e] for e in sorted(got)]
 
     def _partial(self, r: OpenRound, edge: str) -> Partial:
-        key = f"{PREFIX}partial:{r.run_id}:{r.round}:{edge}"
-        pipe = self.redis.pipeline()
+        key = f"{PREFIX}partial:{r.run_id}:{r.round}.{self.opening}:{edge}"
+        pipe = self.control.pipeline()
         pipe.get(key)
         pipe.get(key + ":arrivals")
         data, meta = pipe.execute()
@@ -214,7 +239,7 @@ class LeaderTier:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub = self.control.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
                 for item in pubsub.listen():
                     message = jsonio.loads(item["data"], max_bytes=1 << 20)
@@ -250,5 +275,5 @@ class LeaderTier:
                 return
             self._known.discard(edge)
         log.warning("edge %s stopped (no heartbeat for %.0f s): its sessions end", edge, EDGE_TTL)
-        self.redis.srem(PREFIX + "edges", edge)
+        self.control.srem(PREFIX + "edges", edge)
         self.on_edge_lost(edge)

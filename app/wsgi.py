@@ -1,4 +1,5 @@
-"""The two ways run_server.py serves the app: werkzeug's threaded server, or gunicorn in-process.
+"""The ways run_server.py serves the app: werkzeug's threaded server, or gunicorn in-process with threads (the
+production default) or with gevent's greenlets (edges only: --wsgi gevent).
 
 Imported only once the flags are parsed (Flask, gunicorn and werkzeug take a while to load).
 """
@@ -72,15 +73,23 @@ class Gunicorn(BaseApplication):
     One worker with many threads: Flask-SocketIO's threading mode holds a thread per websocket, and
     the round loop must live in exactly one process. load() runs in the worker, after the fork, so
     the loop's threads start there.
+
+    With `worker_class="gevent"` (an edge's --wsgi gevent) the worker holds a greenlet per connection instead,
+    and `threads` caps the connections. gunicorn's gevent worker monkey-patches the standard library before
+    load(), so the edge's threads, locks, sockets and Redis client are gevent's. Nothing an edge does holds the
+    interpreter for long (a signature check, a hash and a sum per update: about 1 ms); the leader's torch work
+    would stall every connection, so the leader stays on threads.
     """
 
-    def __init__(self, load: Callable[[], Flask], config: ServerConfig, threads: int, json_logs: bool):
+    def __init__(self, load: Callable[[], Flask], config: ServerConfig, threads: int, json_logs: bool,
+                 worker_class: str = "gthread"):
         self._load, self.config, self.threads, self.json_logs = load, config, threads, json_logs
+        self.worker_class = worker_class
         super().__init__()
 
     def load_config(self) -> None:
         for key, value in {"bind": f"{self.config.host}:{self.config.port}", "workers": 1,
-                           "worker_class": "gthread", "threads": self.threads,
+                           "worker_class": self.worker_class, "threads": self.threads,
                            "worker_connections": worker_connections(self.threads), "graceful_timeout": 5,
                            "timeout": 120, "control_socket_disable": True, "accesslog": None,
                            "on_exit": self.on_exit}.items():

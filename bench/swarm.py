@@ -94,10 +94,10 @@ class SwarmClient:
     async def on_connect(self) -> None:
         self.worker.say("connected", client=self.client_id, seconds=round(time.monotonic() - self.tried, 4))
 
-    async def on_disconnect(self, *_: Any) -> None:
+    async def on_disconnect(self, reason: Any = None) -> None:
         self.tried = time.monotonic()  # a reconnect's time counts from here
-        if not self.worker.stopping:
-            self.worker.say("disconnected", client=self.client_id)
+        if not self.worker.stopping:  # python-socketio's reason: server disconnect, ping timeout, transport error
+            self.worker.say("disconnected", client=self.client_id, reason=str(reason))
 
     async def on_train(self, data: dict[str, Any]) -> None:
         asyncio.get_running_loop().create_task(self.answer(TrainRequest.from_dict(data)))
@@ -257,7 +257,7 @@ class Events:
         self.lock = threading.Lock()
         self.connect_seconds: dict[str, float] = {}
         self.connects = Counter()
-        self.disconnects = 0
+        self.disconnects = Counter()  # by python-socketio's reason
         self.connect_errors = Counter()
         self.ready = 0
         self.asked: dict[int, set[str]] = defaultdict(set)
@@ -274,7 +274,7 @@ class Events:
                     self.connects[e["client"]] += 1
                     self.connect_seconds.setdefault(e["client"], e["seconds"])
                 elif kind == "disconnected":
-                    self.disconnects += 1
+                    self.disconnects[e.get("reason", "?")] += 1
                 elif kind == "connect_error":
                     self.connect_errors[e["reason"]] += 1
                 elif kind == "asked":
@@ -369,7 +369,9 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
         cluster.wait_ready()
         url, watched = cluster.url, [cluster.server]
         if args.edges:  # the tier: clients reach the edges through nginx, sticky by client id
-            url, watched = start_tier(cluster, args, queue, serving + unlimited), \
+            edge_serving = serving if args.edge_wsgi == args.wsgi else ["--wsgi", args.edge_wsgi] + (
+                ["--threads", str(args.threads or args.clients + 50)] if args.edge_wsgi != "werkzeug" else [])
+            url, watched = start_tier(cluster, args, queue, edge_serving + unlimited), \
                 [cluster.server, *cluster.edges.values(), *cluster.programs]
         key_dir = args.key_dir or str(Path.home() / ".cache" / "meshfed-swarm-keys")
         events, workers, readers = Events(), [], []
@@ -452,11 +454,13 @@ def swarm(args: argparse.Namespace) -> dict[str, Any]:
                           "refusals": dict(Counter(v for v in verdicts.values() if v != "accepted").most_common(5))})
     accepted = sum(r["accepted"] for r in per_round)
     return {"benchmark": "swarm", "clients": args.clients, "processes": args.processes, "wsgi": args.wsgi,
-            "edges": args.edges, "killed_edge": killed_edge, "edge_updates_accepted": edge_updates,
+            "edges": args.edges, "edge_wsgi": args.edge_wsgi if args.edges else None, "killed_edge": killed_edge,
+            "edge_updates_accepted": edge_updates,
             "threads": args.threads or (args.clients + 50 if args.wsgi == "gunicorn" else None),
             "download": not args.no_download, "rounds_asked": args.rounds, "rounds": per_round,
             "connected_in_s": round(connected_in, 2), "connect_s": spread(list(events.connect_seconds.values())),
-            "reconnects": sum(n - 1 for n in events.connects.values()), "disconnects": events.disconnects,
+            "reconnects": sum(n - 1 for n in events.connects.values()), "disconnects": sum(events.disconnects.values()),
+            "disconnect_reasons": dict(events.disconnects),
             "connect_errors": dict(events.connect_errors.most_common(5)),
             "run_s": round(run_seconds, 2), "accepted": accepted,
             "lost": sum(r["lost"] for r in per_round), "refused": sum(r["refused"] for r in per_round),
@@ -487,6 +491,8 @@ def main() -> None:
     p.add_argument("--edges", default="0", help="edge servers (--role edge) in front of the leader, with Redis and "
                                                 "nginx; 0: clients connect to the leader; a list (0,3) runs each, "
                                                 "side by side in one invocation")
+    p.add_argument("--edge-wsgi", default="", help="the edges' --wsgi (default: --wsgi); gevent holds a greenlet per "
+                                                    "client, not a thread; a list (gunicorn,gevent) runs each")
     p.add_argument("--kill-edge-round", type=int, default=0, help="SIGKILL edge0 while this round collects")
     p.add_argument("--connect-rate", type=float, default=200.0,
                    help="new connections a second, over all workers (faster than the servers admit them, connects "
@@ -513,10 +519,15 @@ def main() -> None:
         p.error("--edges: a number of edges, or a list such as 0,3")
     if args.kill_edge_round and 0 in tiers:
         p.error("--kill-edge-round needs edges (--edges 3)")
-    results = [swarm(argparse.Namespace(**{**vars(args), "edges": n})) for n in tiers]
+    servings = args.edge_wsgi.split(",") if args.edge_wsgi else [args.wsgi]
+    if any(w not in ("werkzeug", "gunicorn", "gevent") for w in servings):
+        p.error("--edge-wsgi: werkzeug, gunicorn or gevent, or a list such as gunicorn,gevent")
+    configurations = [(n, w) for n in tiers for w in (servings if n else [args.wsgi])]
+    results = [swarm(argparse.Namespace(**{**vars(args), "edges": n, "edge_wsgi": w})) for n, w in configurations]
+    label = lambda r: f"{r['edges']} edges ({r['edge_wsgi']})" if r["edges"] else "one process"  # noqa: E731
     result = results[0] if len(results) == 1 else {
         "benchmark": "swarm", "configurations": results,
-        "vs_first": {f"{r['edges']} edges": {  # each configuration against the first, as ratios
+        "vs_first": {label(r): {  # each configuration against the first, as ratios
             "round_seconds": round(statistics.mean(x["seconds"] for x in r["rounds"]) /
                                    statistics.mean(x["seconds"] for x in results[0]["rounds"]), 3),
             "server_cpu_per_update": round(r["server_cpu_ms_per_accepted_update"] /

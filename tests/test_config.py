@@ -41,6 +41,18 @@ def test_server_threads_default_to_one_per_core_and_refuse_negatives(capsys):
     assert "--torch-threads must be 0 (one per core) or a number of threads" in capsys.readouterr().err
 
 
+def test_gevent_serves_edges_only(capsys, tmp_path):
+    """The leader's torch work would stall a cooperative server: --wsgi gevent is refused for it in one line."""
+    edge = ["--role", "edge", "--leader-url", "http://leader:5000", "--message-queue", "redis://q:6379/0",
+            "--state-dir", str(tmp_path)]
+    args = run_server.parse_args([*edge, "--wsgi", "gevent"])
+    assert run_server.build_config(args).async_mode == "gevent"
+    assert run_server.build_config(run_server.parse_args(edge)).async_mode == "threading"
+    with pytest.raises(SystemExit):
+        run_server.parse_args(["--wsgi", "gevent"])
+    assert "--wsgi gevent is for --role edge" in capsys.readouterr().err
+
+
 def test_the_schema_the_flags_and_the_checks_come_from_one_definition():
     """Every RunConfig field is a run_server.py flag with the field's default, a property of the JSON Schema
     with its bounds or choices, and checked with the same bounds: adding a field is one line."""

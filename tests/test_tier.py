@@ -122,6 +122,38 @@ def test_a_session_on_a_dead_edge_is_replaced_and_an_edges_sessions_end_with_it(
     assert sorted(registry.drop_edge("e1")) == ["a", "b"] and registry.count() == 0
 
 
+def test_sessions_whose_socket_closed_unseen_are_found_and_ended():
+    """python-socketio drops the disconnect of a socket that closes while its connect handler runs; the sweep
+    finds such sessions by their Engine.IO socket (gone, or closed) and ends them as a disconnect would. Each
+    process sweeps only its own sessions."""
+    import types
+
+    from app.fl import closed_sessions, sweep_closed
+    registry = Registry()
+    for cid, sid, edge in [("a", "s1", None), ("b", "s2", None), ("c", "s3", None), ("d", "s4", "e1")]:
+        registry.connect(Session(cid, sid, "f", 1, edge=edge))
+    engineio = {"s1": "x1", "s2": "x2", "s3": "x3", "s4": "x4"}  # socketio sid -> Engine.IO sid
+    sockets = {"x1": types.SimpleNamespace(closed=False), "x2": types.SimpleNamespace(closed=True)}  # x3, x4 gone
+    dropped: list[str] = []
+    server = types.SimpleNamespace(eio=types.SimpleNamespace(sockets=sockets), manager=types.SimpleNamespace(
+        eio_sid_from_sid=lambda sid, ns: engineio.get(sid), disconnect=lambda sid, ns, **_: dropped.append(sid)))
+    assert closed_sessions(registry, server) == ["s2", "s3"]  # the leader's own; d is edge e1's
+    assert closed_sessions(registry, server, edge="e1") == ["s4"]
+    gone: list[tuple[str, str]] = []
+    stop = threading.Event()
+    sweeper = threading.Thread(target=sweep_closed, args=(registry, server, lambda *a: gone.append(a)),
+                               kwargs={"every": 0.05, "stop": stop}, daemon=True)
+    sweeper.start()
+    wait_until = time.monotonic() + 10
+    while len(gone) < 2 and time.monotonic() < wait_until:
+        time.sleep(0.05)
+    stop.set()
+    sweeper.join(5)
+    assert not sweeper.is_alive()
+    assert sorted(gone) == [("b", "s2"), ("c", "s3")] and sorted(dropped) == ["s2", "s3"]
+    assert sorted(s.client_id for s in registry.online()) == ["a", "d"]
+
+
 @pytest.fixture
 def redis_url(cluster):
     if shutil.which("redis-server") is None:
@@ -136,9 +168,32 @@ def test_one_update_per_client_and_round_across_the_tier(redis_url):
     with pytest.raises(UpdateRefused, match="replay: 'c1' already delivered round 1"):
         claim(redis.Redis.from_url(redis_url), header)  # another edge (another connection)
     claim(r, UpdateHeader(**{**header.__dict__, "round": 2}))  # the next round is another matter
-    assert 0 < r.ttl("meshfed:tier:delivered:r:1:c1") <= 600  # marks expire
+    assert 0 < r.ttl("meshfed:tier:delivered:r:1.:c1") <= 600  # marks expire
     with pytest.raises(UpdateRefused, match="queue_unreachable"):  # Redis gone: a 503 to send again, not a 500
         claim(redis.Redis(port=free_port(), socket_timeout=1), header)
+
+
+def test_a_round_played_again_opens_again_at_an_edge_and_takes_its_clients_again(redis_url):
+    """A failed round is played again under its number. Its second opening is a new round at the edges (not
+    taken for the one they closed) and a client that delivered in the first may deliver again, once."""
+    from app.edge import Bus
+    from app.tier import LeaderTier
+    leader = LeaderTier(redis_url, lambda *a: None, lambda m: None, lambda e: None)
+    collection = Collection(None)  # the edge's
+    bus = Bus(redis_url, "e0", collection)
+    collection.claim = bus.claim
+    bus._beat()  # alive: the leader waits for its sum
+    r = OpenRound("r", 1, 0, frozenset({"c1"}), SPEC, 1 << 20)
+    for opening in range(2):  # the first opening failed elsewhere (too few replied): round 1 again
+        leader.announce(r, shardable=True)
+        bus.sync()  # the round message, as the edge's listener applies it
+        assert collection.offer(_update("c1", [1.0, 2.0, 3.0 + opening]), False) == "accepted"
+        with pytest.raises(UpdateRefused, match="replay"):
+            collection.offer(_update("c1", [1.0, 2.0, 3.0]), False)
+        threading.Timer(0.5, bus.sync).start()  # the close message, once the leader has sent it
+        partial, = leader.gather(r, timeout=10)
+        assert [a["client_id"] for a in partial.arrivals] == ["c1"]
+        assert np.allclose(partial.mean["w"], [1.0, 2.0, 3.0 + opening])  # this opening's update, not the last
 
 
 def test_swarm_through_three_edges_with_one_killed_mid_round(tmp_path):
@@ -166,15 +221,16 @@ def test_swarm_through_three_edges_with_one_killed_mid_round(tmp_path):
 
 
 def test_real_clients_train_fashion_mnist_through_two_edges(cluster, redis_url, fmnist, tmp_path):
-    """A leader, two edges and nginx; three real client processes (their own keys, real training) reach the
-    edges through nginx, sticky by client id: two rounds complete with every client, the edges took the updates
-    and served the models, and a run whose rule needs every update (median) is refused with a reason."""
+    """A leader, two edges on gevent (--wsgi gevent, as the README deploys them) and nginx; three real client
+    processes (their own keys, real training) reach the edges through nginx, sticky by client id: two rounds
+    complete with every client, the edges took the updates and served the models, and a run whose rule needs
+    every update (median) is refused with a reason."""
     edge_ports, port = [free_port(), free_port()], free_port()
     cluster.start_server("--dataset", "fashion-mnist", "--num-rounds", "2", "--min-clients", "3",
                          "--eval-limit", "500", "--message-queue", redis_url, "--proxies", "1")
     cluster.wait_ready()
     for i, edge_port in enumerate(edge_ports):
-        cluster.start_edge(f"edge{i}", edge_port, redis_url, "--proxies", "1")
+        cluster.start_edge(f"edge{i}", edge_port, redis_url, "--proxies", "1", "--wsgi", "gevent")
     for edge_port in edge_ports:
         cluster.wait_until(lambda: requests.get(f"http://127.0.0.1:{edge_port}/readyz", timeout=5).ok, 60, "an edge")
     conf = loopback_nginx_conf(tmp_path, port, cluster.port, edge_ports)
@@ -238,3 +294,78 @@ def test_a_challenge_from_one_edge_registers_at_another_once(tmp_path):
     with pytest.raises(RegistrationRefused, match="not this server's"):  # another tier's (admin token's) challenge
         edge_b.admit(signed_registration(key, "c1", 10, Enrollment("enroll", tier_secret("other")).challenge(),
                                          "enroll"))
+
+
+def test_an_edge_replaces_its_own_closed_session_never_a_live_one(cluster, redis_url, tmp_path):
+    """A disconnect whose notice never reached the leader leaves it a session on an edge where that socket is
+    closed. The client's next connection through that edge replaces it: the leader names the sid it holds, the
+    edge finds it closed and asks again. A second connection while the first is open is refused, as before."""
+    import socketio
+
+    from shared import crypto
+    from shared.protocol import NAMESPACE
+    from tests.rawclient import auth_for
+    cluster.start_server("--dataset", "synthetic", "--model", "mlp", "--message-queue", redis_url)
+    cluster.wait_ready()
+    edge_port = free_port()
+    cluster.start_edge("e1", edge_port, redis_url, "--wsgi", "gevent")
+    edge = f"http://127.0.0.1:{edge_port}"
+    cluster.wait_until(lambda: requests.get(edge + "/readyz", timeout=5).ok, 60, "the edge")
+    key = crypto.load_or_create_key(str(tmp_path), "c1")
+    pem = crypto.public_pem(key)
+    lost = {"edge": "e1", "client_id": "c1", "sid": "closedlongago", "public_key": pem,
+            "fingerprint": crypto.fingerprint(pem), "num_examples": 10}
+    assert cluster.api("POST", "/api/edge/connect", admin=True, json=lost).ok  # what e1 said before the loss
+
+    assert cluster.status()["clients_online"] == 1
+    first, second = socketio.Client(reconnection=False), socketio.Client(reconnection=False)
+    try:
+        first.connect(edge, namespaces=[NAMESPACE], transports=["websocket"],
+                      auth=auth_for(edge, key, "c1", cluster.enrollment_token), wait_timeout=30)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            second.connect(edge, namespaces=[NAMESPACE], transports=["websocket"],
+                           auth=auth_for(edge, key, "c1", cluster.enrollment_token), wait_timeout=30)
+        assert "refused a connection as c1 from 127.0.0.1: already_connected" in \
+            (cluster.workdir / "e1.log").read_text()
+        assert first.connected and cluster.status()["clients_online"] == 1
+    finally:
+        first.disconnect()
+        second.disconnect()
+    # the leader's session is the new one: its disconnect (matched by sid) ends it
+    cluster.wait_until(lambda: cluster.status()["clients_online"] == 0, 30, "the leader to hear c1 left")
+
+
+def test_a_disconnect_the_leader_did_not_hear_is_told_again():
+    """An edge that cannot tell the leader a client left keeps the notice (else the leader would keep the session
+    and ask that client every round); a 5xx answer counts as not heard."""
+    import http.server
+    import types
+
+    from app.edge import Edge, Leader
+    heard: list[dict] = []
+
+    class LeaderStandIn(http.server.BaseHTTPRequestHandler):
+        status = 503
+
+        def do_POST(self) -> None:
+            heard.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(LeaderStandIn.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+    closed = types.SimpleNamespace(edge_id="e1", unsent={}, leader=Leader(f"http://127.0.0.1:{free_port()}", "t"))
+    assert not Edge.tell_gone(closed, "c1", "sid1") and closed.unsent == {"sid1": "c1"}  # nobody listens
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LeaderStandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        edge = types.SimpleNamespace(edge_id="e1", unsent={},
+                                     leader=Leader(f"http://127.0.0.1:{server.server_port}", "t"))
+        assert not Edge.tell_gone(edge, "c1", "sid1") and edge.unsent == {"sid1": "c1"}  # 503: not heard
+        LeaderStandIn.status = 200
+        assert Edge.tell_gone(edge, "c1", "sid1")
+        assert heard[-1] == {"edge": "e1", "client_id": "c1", "sid": "sid1"}
+    finally:
+        server.shutdown()
+        server.server_close()
