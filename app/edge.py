@@ -60,10 +60,12 @@ PASSED_ON = ("Content-Type", "X-Model-Version", "X-Model-SHA256", "X-Delta-From"
              "Retry-After")
 
 
-# Updates an edge checks and adds at once (their bodies are read first); the others wait for a turn off the CPU,
-# so that a gevent edge's loop does not go round every update in hand before it gets back to a socket's ping or
-# its heartbeat.
-UPDATES_AT_ONCE = 4
+# Updates an edge reads, checks and adds at once. The others wait for a turn with their bodies unread (nginx
+# waits for them: proxy_send_timeout), so that memory does not grow with the queue: read first, 3,333 clients'
+# updates took 3.6 GB an edge and the machine's memory ran out. Too few at once starves the edge instead: on
+# gevent a body's read yields at each chunk, and with 4 at a time an edge took 35 updates in minutes
+# (bench/RESULTS.md "Edges"). 64 bodies are about 50 MB.
+UPDATES_AT_ONCE = 64
 LEADER_CONNECTIONS = 256  # an edge's connections to its leader, for its own calls and again for passed-on requests
 
 
@@ -386,17 +388,13 @@ def model(version: str) -> Any:
 def update() -> Any:
     """As the leader's POST /api/update, into this edge's running sum of the open round."""
     edge = _edge()
-    try:
-        body = read_signed_body("update-per-address")  # read at once: nginx waits for it to be taken (60 s)
-    except UpdateRefused as exc:
-        return edge.refuse(exc)
-    with edge.working:  # checked and added a few at a time: the rest wait off the CPU, pings keep their turn
-        return _take_update(edge, body)
+    with edge.working:  # a few at a time: the rest wait off the CPU with their bodies unread (in their sockets)
+        return _take_update(edge)
 
 
-def _take_update(edge: Edge, body: bytes) -> Any:
+def _take_update(edge: Edge) -> Any:
     try:
-        header, payload = unpack_update(body)
+        header, payload = unpack_update(read_signed_body("update-per-address"))
         verified = edge.authenticate(header, payload)
     except UpdateRefused as exc:  # nobody's signature vouches for this request: the address answers for it
         return edge.refuse(exc)
