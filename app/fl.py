@@ -112,9 +112,9 @@ SWEEP_SECONDS = 15.0  # how often sessions whose socket closed unseen are looked
 
 def closed_sessions(registry: Registry, server: Any, edge: str | None = None) -> list[str]:
     """The sids of this process's sessions (those of `edge`; None: the leader's own) whose Engine.IO socket is
-    gone. python-socketio does not call the
-    disconnect handler for a socket that closes while its connect handler is still running: it drops the event
-    (the session is only "connecting"), and once the handler returns it holds the session as connected for good.
+    gone. python-socketio does not call the disconnect handler for a socket that closes while its connect handler
+    is still running: it drops the event (the session is only "connecting"), and once the handler returns it
+    holds the session as connected for good.
     Measured at 4,000 clients on busy edges, whose connect handlers wait for the leader: 13 such sessions,
     asked every round and waited for until the deadline."""
     gone = []

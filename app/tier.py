@@ -89,7 +89,7 @@ def connect_redis(url: str, connections: int = REDIS_CONNECTIONS) -> redis.Redis
     default pool fails past 100 connections in use ("Too many connections"). Measured at 4,000 clients: thousands
     of greenlets on a gevent edge, or hundreds of threads at the leader, ask at once; on a busy edge a connection
     is held until its greenlet's turn comes again. The heartbeat, the channel and the handoffs use a pool of their
-    own (connections=4), so requests waiting for Redis never hold up the heartbeat."""
+    own (connections=8), so requests waiting for Redis never hold up the heartbeat."""
     pool = redis.BlockingConnectionPool.from_url(url, max_connections=connections, timeout=30,
                                                  socket_timeout=10, health_check_interval=30)
     return redis.Redis(connection_pool=pool)
